@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd")
     p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
     p.add_argument("--on-bad-record", choices=["skip", "fail"], default="skip", help="what a malformed record does")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
+    p.add_argument("--txt-split", choices=["document", "paragraph", "line"], default="document",
+                   help="what one document is in .txt inputs (a whole file by default)")
+    p.add_argument("--chunk-mb", type=float, default=64.0,
+                   help="MB of text per chunk, the unit a rerun after an interruption skips when done")
 
     p = _add(sub, "train", "trainer.loop:main", "Train from a YAML config, in this process or under a launcher.")
     p.add_argument("config", help="YAML config")

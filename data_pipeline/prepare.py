@@ -1,0 +1,398 @@
+"""`cptrain data prepare`: local files -> tokenized, packed MDS shards + manifest.json.
+
+Layout written (docs/data.md has the details):
+    DIR/manifest.json            written last: its presence means the directory is complete
+    DIR/tokenizer.model | DIR/tokenizer/
+    DIR/{train,val}/index.json   merged index over the chunk subdirectories
+    DIR/{train,val}/chunk-NNNNN/ one MDS folder per input chunk
+    DIR/.work/                   plan, per-chunk completion markers, scratch (kept for reruns)
+
+Idempotence: the input is cut into deterministic chunks (consecutive documents, ~--chunk-mb of
+text each). A chunk is written into scratch, moved into place, then marked done by an atomic
+rename of its stats file. A rerun with the same settings skips chunks marked done, redoes any
+half-written one, then merges the indexes and writes the manifest.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import tokenizer as tokenizers
+from launch.errors import UserError
+
+MANIFEST_VERSION = 1
+SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+MAX_EXAMPLES = 100  # bad-record locations kept per run (counts are always complete)
+TOKENIZE_BATCH = 64
+
+
+# ---------------------------------------------------------------- reading inputs
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files, directories (recursive) and globs -> a sorted, de-duplicated list of input files."""
+    files: list[Path] = []
+    for pat in patterns:
+        matches = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
+        if not matches:
+            raise UserError(f"{pat}: no file matches this pattern; check the --input path")
+        for m in map(Path, matches):
+            if m.is_dir():
+                files += sorted(p for p in m.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            elif m.is_file():
+                if m.suffix not in SUFFIXES:
+                    raise UserError(f"{m}: unsupported file type; use .jsonl, .json, .parquet or .txt")
+                files.append(m)
+            else:
+                raise UserError(f"{m}: no such file or directory; check the --input path")
+    files = list(dict.fromkeys(p.resolve() for p in files))
+    if not files or all(p.stat().st_size == 0 for p in files):
+        raise UserError(f"{' '.join(patterns)}: no input text found (no supported files, or all "
+                        "empty); pass .jsonl/.json/.parquet/.txt files, folders or globs")
+    return files
+
+
+@dataclass
+class Record:
+    text: str | None      # None for a bad record
+    where: str            # "file:line N" / "file:record N"
+    problem: str | None = None
+
+
+def _check_text(value, where: str, field_name: str) -> Record:
+    if value is None:
+        return Record(None, where, f"missing text field '{field_name}'")
+    if not isinstance(value, str):
+        return Record(None, where, f"text field '{field_name}' is {type(value).__name__}, not a string")
+    if "\ufffd" in value:  # inputs are decoded with errors="replace": U+FFFD marks invalid UTF-8
+        return Record(None, where, "invalid UTF-8")
+    if not value.strip():
+        return Record(None, where, "empty document")
+    return Record(value, where)
+
+
+def _load(builder: str, path: Path, **kw):
+    import datasets
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kw)
+
+
+def iter_records(path: Path, text_field: str, txt_split: str):
+    """Yield a Record per document of one input file, in file order."""
+    kind = SUFFIXES[path.suffix]
+    if kind == "jsonl":  # read as lines so a malformed line is reported, not fatal to the file
+        for i, row in enumerate(_load("text", path, encoding_errors="replace")):
+            where, line = f"{path}:line {i + 1}", row["text"]
+            if not line.strip():
+                continue  # blank lines separate nothing in jsonl
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield Record(None, where, "invalid UTF-8" if "\ufffd" in line else f"malformed JSON ({e.msg})")
+                continue
+            yield _check_text(obj.get(text_field) if isinstance(obj, dict) else None, where, text_field)
+    elif kind == "text":
+        ds = _load("text", path, sample_by=txt_split, keep_linebreaks=txt_split != "line",
+                   encoding_errors="replace")
+        unit = "line" if txt_split == "line" else txt_split
+        for i, row in enumerate(ds):
+            yield _check_text(row["text"], f"{path}:{unit} {i + 1}", "text")
+    else:
+        try:
+            ds = _load(kind, path)
+            for i, row in enumerate(ds):
+                yield _check_text(row.get(text_field), f"{path}:record {i + 1}", text_field)
+        except Exception as e:  # a file the builder cannot parse at all is one bad record
+            if isinstance(e, UserError):
+                raise
+            yield Record(None, f"{path}:record ?", f"unreadable {kind} file ({type(e).__name__}: {e})")
+
+
+@dataclass
+class BadRecords:
+    policy: str
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+
+    def add(self, rec: Record) -> None:
+        if self.policy == "fail":
+            raise UserError(f"{rec.where}: {rec.problem}; fix the record or pass --on-bad-record skip")
+        self.counts[rec.problem] = self.counts.get(rec.problem, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append({"where": rec.where, "problem": rec.problem})
+
+    def as_dict(self) -> dict:
+        return {"total": sum(self.counts.values()), "by_problem": self.counts, "examples": self.examples}
+
+
+def iter_chunks(files: list[Path], text_field: str, txt_split: str, chunk_chars: int, bad: BadRecords):
+    """Group the good documents of all files, in order, into chunks of ~chunk_chars characters."""
+    chunk, size = [], 0
+    for path in files:
+        for rec in iter_records(path, text_field, txt_split):
+            if rec.text is None:
+                bad.add(rec)
+                continue
+            chunk.append(rec.text)
+            size += len(rec.text)
+            if size >= chunk_chars:
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------- tokenizing and packing
+
+_worker_tok = None
+
+
+def _init_worker(tok_path: str) -> None:
+    global _worker_tok
+    _worker_tok = tokenizers.load_tokenizer(tok_path)
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    eos = _worker_tok.eos_id
+    return [np.asarray(ids + [eos], dtype=np.uint32) for ids in _worker_tok.encode_batch(texts)]
+
+
+def pack(docs: list[np.ndarray], seq_len: int):
+    """Yield (tokens[seq_len+1], doc_starts) samples from documents laid end to end.
+
+    Sample i covers stream positions [i*S, i*S + S]: consecutive samples share one token, so every
+    token after the first is a target exactly once. The tail that does not fill a sample is
+    dropped (its size is returned by `packed_sizes` and reported in the manifest).
+    """
+    if not docs:
+        return
+    stream = np.concatenate(docs)
+    starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+    for i in range((len(stream) - 1) // seq_len):
+        lo = i * seq_len
+        inside = starts[np.searchsorted(starts, lo, "left"):np.searchsorted(starts, lo + seq_len, "right")] - lo
+        doc_starts = np.union1d([0], inside).astype(np.uint32)
+        yield stream[lo:lo + seq_len + 1], doc_starts
+
+
+def packed_sizes(n_tokens: int, seq_len: int) -> tuple[int, int]:
+    """(samples, dropped tail tokens) for a split of n_tokens: samples cover samples*S + 1 tokens."""
+    samples = max(n_tokens - 1, 0) // seq_len
+    return samples, (n_tokens - samples * seq_len - 1 if samples else n_tokens)
+
+
+def write_split(docs: list[np.ndarray], out: Path, seq_len: int, dtype: str, compression: str | None) -> dict:
+    from data_pipeline.streaming_compat import streaming
+    n_tokens = int(sum(len(d) for d in docs))
+    samples, dropped = packed_sizes(n_tokens, seq_len)
+    if samples:
+        columns = {"tokens": f"ndarray:{dtype}", "doc_starts": "ndarray:uint32"}
+        with streaming.MDSWriter(out=str(out), columns=columns, compression=compression,
+                                 hashes=["xxh64"], size_limit=1 << 26, progress_bar=False) as w:
+            for tokens, starts in pack(docs, seq_len):
+                w.write({"tokens": tokens.astype(dtype), "doc_starts": starts})
+    return {"documents": len(docs), "tokens": n_tokens, "samples": samples, "dropped_tokens": dropped}
+
+
+def process_chunk(cid: int, texts: list[str], pool, tok, args, dtype: str, out: Path) -> dict:
+    """Tokenize one chunk, split its documents into train/val, write both splits, mark it done."""
+    batches = [texts[i:i + TOKENIZE_BATCH] for i in range(0, len(texts), TOKENIZE_BATCH)]
+    docs = [d for b in (pool.imap(_encode, batches) if pool else map(_encode, batches)) for d in b]
+    # Per-chunk seeded draw: deterministic for a given plan, independent of --num-proc.
+    is_val = np.random.default_rng([args.seed, cid]).random(len(docs)) < args.val_fraction
+    name, scratch = f"chunk-{cid:05d}", out / ".work" / f"tmp-chunk-{cid:05d}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    stats = {}
+    for split, mask in (("train", ~is_val), ("val", is_val)):
+        shutil.rmtree(out / split / name, ignore_errors=True)
+        stats[split] = write_split([d for d, m in zip(docs, mask) if m], scratch / split,
+                                   args.seq_len, dtype, args.compression)
+        if stats[split]["samples"]:
+            (out / split).mkdir(exist_ok=True)
+            os.replace(scratch / split, out / split / name)
+    marker = out / ".work" / "done" / f"{name}.json"
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "stats.json").write_text(json.dumps(stats))
+    os.replace(scratch / "stats.json", marker)  # the atomic step that makes the chunk count
+    shutil.rmtree(scratch, ignore_errors=True)
+    return stats
+
+
+# ---------------------------------------------------------------- plan, tokenizer, merge, manifest
+
+def _file_entry(p: Path) -> dict:
+    st = p.stat()
+    return {"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def make_plan(args, files: list[Path]) -> dict:
+    """Everything that decides the output: a rerun may resume only under an identical plan."""
+    if args.tokenizer:
+        tok_src = {"path": str(Path(args.tokenizer).resolve()),
+                   "identity": tokenizers.load_tokenizer(args.tokenizer).identity()}
+    else:
+        tok_src = {"train_vocab": args.train_tokenizer, "type": args.tokenizer_type}
+    return {"version": MANIFEST_VERSION, "inputs": [_file_entry(p) for p in files], "tokenizer": tok_src,
+            "seq_len": args.seq_len, "text_field": args.text_field, "txt_split": args.txt_split,
+            "val_fraction": args.val_fraction, "seed": args.seed, "chunk_mb": args.chunk_mb,
+            "compression": args.compression, "on_bad_record": args.on_bad_record}
+
+
+def check_plan(out: Path, plan: dict) -> bool:
+    """Record the plan in DIR/.work; True when DIR is already complete under this same plan."""
+    work = out / ".work"
+    plan_file = work / "plan.json"
+    if plan_file.exists():
+        if json.loads(plan_file.read_text()) == plan:
+            return (out / "manifest.json").exists()
+        if (out / "manifest.json").exists():
+            raise UserError(f"{out}: holds a preparation with different inputs or settings; "
+                            "delete the directory or choose another --out")
+        # An unfinished run of ours under other settings (e.g. the input was fixed after
+        # --on-bad-record fail): its partial output is useless, start over.
+        print(f"{out}: discarding an unfinished preparation made with other settings", file=sys.stderr)
+        for name in ("train", "val", "tokenizer", ".work"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "tokenizer.model").unlink(missing_ok=True)
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: directory is not empty and holds no unfinished `data prepare` run "
+                        "(no .work/plan.json); choose an empty or new --out")
+    (work / "done").mkdir(parents=True, exist_ok=True)
+    tmp = work / "plan.json.tmp"
+    tmp.write_text(json.dumps(plan, indent=1))
+    os.replace(tmp, plan_file)
+    return False
+
+
+def get_tokenizer(args, files: list[Path], out: Path):
+    """Load the given tokenizer, or train one on the inputs (once: a rerun reuses it)."""
+    if args.tokenizer:
+        return tokenizers.load_tokenizer(args.tokenizer)
+    model = out / "tokenizer.model"
+    if model.exists():
+        return tokenizers.SentencePieceTokenizer(model)
+    sample, budget = out / ".work" / "tokenizer_train.txt", 200_000_000  # chars sentencepiece sees
+    with open(sample, "w", encoding="utf-8") as f:
+        for chunk in iter_chunks(files, args.text_field, args.txt_split, 1 << 22, BadRecords("skip")):
+            for text in chunk:
+                f.write(text.replace("\r", "") + "\n")
+            budget -= sum(len(t) for t in chunk)
+            if budget <= 0:
+                break
+    tmp = out / ".work" / "tokenizer.model"
+    tok = tokenizers.train_sentencepiece(sample, tmp, args.train_tokenizer, args.tokenizer_type,
+                                         num_threads=max(args.num_proc, 2))
+    os.replace(tmp, model)
+    sample.unlink()
+    return tokenizers.SentencePieceTokenizer(model)
+
+
+def merge_split(out: Path, split: str, n_chunks: int) -> None:
+    """Write DIR/split/index.json over the chunk folders, in chunk order (sample ids follow it)."""
+    import logging
+    from data_pipeline.streaming_compat import merge_index
+    parts = [out / split / f"chunk-{c:05d}" / "index.json" for c in range(n_chunks)]
+    parts = [str(p) for p in parts if p.exists()]
+    if not parts:
+        return
+    logging.disable(logging.WARNING)  # merge_index logs a temp-folder warning on the root logger
+    try:
+        merge_index(parts, str(out / split))
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _sum_stats(done: list[dict]) -> dict:
+    keys = ("documents", "tokens", "samples", "dropped_tokens")
+    return {split: {k: sum(d[split][k] for d in done) for k in keys} for split in ("train", "val")}
+
+
+def format_report(manifest: dict) -> str:
+    lines = [f"prepared {manifest['out']}"]
+    for split, s in manifest["splits"].items():
+        lines.append(f"  {split}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
+                     f"{s['samples']:,} samples of {manifest['seq_len']}+1 "
+                     f"({s['dropped_tokens']:,} tail tokens dropped)")
+    bad = manifest["bad_records"]
+    lines.append(f"  bad records skipped: {bad['total']:,}")
+    for problem, n in sorted(bad["by_problem"].items(), key=lambda kv: -kv[1]):
+        where = [e["where"] for e in bad["examples"] if e["problem"] == problem][:3]
+        lines.append(f"    {n:,} x {problem}: e.g. {', '.join(where)}")
+    if len(bad["examples"]) < bad["total"]:
+        lines.append(f"    (first {len(bad['examples'])} locations listed in manifest.json)")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    """The whole preparation; returns the manifest (also written to DIR/manifest.json)."""
+    if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0:
+        raise UserError("--seq-len must be >= 1, --val-fraction in [0, 1), --chunk-mb > 0")
+    files = expand_inputs(args.input)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(args, files)
+    if check_plan(out, plan):
+        manifest = json.loads((out / "manifest.json").read_text())
+        print(f"{out}: already prepared with these settings; nothing to do", file=sys.stderr)
+        return manifest
+    tok = get_tokenizer(args, files, out)
+    tok_file = tok.save_to(out)
+    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    t0, done, bad = time.time(), [], BadRecords(args.on_bad_record)
+    pool = Pool(args.num_proc, _init_worker, (str(out / tok_file),)) if args.num_proc > 1 else None
+    if pool is None:
+        _init_worker(str(out / tok_file))
+    from tqdm import tqdm
+    bar = tqdm(desc="prepare", unit="chunk", disable=None, file=sys.stderr)
+    try:
+        chunks = iter_chunks(files, args.text_field, args.txt_split, int(args.chunk_mb * 1e6), bad)
+        for cid, texts in enumerate(chunks):
+            marker = out / ".work" / "done" / f"chunk-{cid:05d}.json"
+            if marker.exists():
+                done.append(json.loads(marker.read_text()))
+            else:
+                done.append(process_chunk(cid, texts, pool, tok, args, dtype, out))
+            bar.update(1)
+            bar.set_postfix(tokens=f"{sum(d['train']['tokens'] + d['val']['tokens'] for d in done):,}")
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if not done:
+        raise UserError(f"{' '.join(args.input)}: no usable document (all {bad.as_dict()['total']} "
+                        "records were bad); see the problems above and fix the input")
+    totals = _sum_stats(done)
+    if not totals["train"]["samples"]:
+        raise UserError(f"{' '.join(args.input)}: {totals['train']['tokens']} training tokens cannot fill one "
+                        f"sample of {args.seq_len}+1 tokens; use a smaller --seq-len or more text")
+    for split in ("train", "val"):
+        merge_split(out, split, len(done))
+    manifest = {
+        "version": MANIFEST_VERSION, "out": str(out), "seq_len": args.seq_len, "dtype": dtype,
+        "columns": {"tokens": f"ndarray:{dtype}", "doc_starts": "ndarray:uint32"},
+        "tokenizer": {**tok.identity(), "file": tok_file}, "splits": totals,
+        "chunks": len(done), "inputs": plan["inputs"], "bad_records": bad.as_dict(),
+        "settings": {k: plan[k] for k in ("text_field", "txt_split", "val_fraction", "seed",
+                                           "chunk_mb", "compression", "on_bad_record")},
+        "seconds": round(time.time() - t0, 2),
+    }
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+def main(args) -> int:
+    manifest = run(args)
+    print(format_report(manifest))
+    return 0

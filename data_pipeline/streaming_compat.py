@@ -1,0 +1,71 @@
+"""The one place the project imports mosaicml-streaming.
+
+`import streaming` imports `streaming.vision`, which imports torchvision at module load. We use
+none of the vision code, and torchvision is absent (or CUDA-linked and unimportable) on our CPU
+machines. When - and only when - torchvision cannot be found, register a stand-in module that
+provides the two names streaming.vision imports, with a ModuleSpec so `importlib.util.find_spec`
+and other import machinery treat it as a real module. Everything else imports streaming from here:
+
+    from data_pipeline.streaming_compat import streaming
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+
+def _install_torchvision_stub() -> None:
+    names = {
+        "torchvision": {},
+        "torchvision.datasets": {"VisionDataset": type("VisionDataset", (), {}),
+                                 "CIFAR10": type("CIFAR10", (), {})},
+        "torchvision.transforms": {},
+        "torchvision.transforms.functional": {"to_tensor": _unavailable},
+    }
+    for name, attrs in names.items():
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
+        mod.__path__ = []
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+    sys.modules["torchvision"].datasets = sys.modules["torchvision.datasets"]
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+
+
+def _unavailable(*args, **kwargs):
+    raise ImportError("torchvision is not installed; cptrain's stand-in only lets `import streaming` work")
+
+
+def _torchvision_importable() -> bool:
+    if "torchvision" in sys.modules:
+        return True
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:  # present but broken (e.g. a CUDA build on a CPU machine)
+        import torchvision  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+_stubbed = not _torchvision_importable()
+if _stubbed:
+    _install_torchvision_stub()
+
+import streaming  # noqa: E402
+from streaming.base.util import clean_stale_shared_memory, merge_index  # noqa: E402
+
+if _stubbed:
+    # streaming.vision holds what it needs; drop the stand-in so that later availability checks
+    # (transformers probes for torchvision) see the truth, not a module with no code behind it.
+    for _name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[_name]
+    _utils = sys.modules.get("transformers.utils.import_utils")
+    _probe = getattr(_utils, "is_torchvision_available", None)
+    if hasattr(_probe, "cache_clear"):  # an lru_cache that may have seen the stand-in
+        _probe.cache_clear()
+
+__all__ = ["streaming", "clean_stale_shared_memory", "merge_index"]

@@ -1,0 +1,164 @@
+"""Attention backends (sdpa, flash_attn, flex) and document masking.
+
+A forward pass builds one `AttentionContext` (RoPE cos/sin plus whatever the backend needs to
+mask) and hands it to every block, so a block is self-contained for FSDP, activation
+checkpointing and torch.compile. A "document" is a maximal run of equal `doc_ids` in a row: a
+token attends to earlier tokens of its own document only, and RoPE positions restart at each run.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from launch.errors import UserError
+
+try:  # flash-attn has no CPU build (platform-notes); without it flash_attn falls back to sdpa
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+except ImportError:
+    flash_attn_func = flash_attn_varlen_func = None
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+@dataclass
+class VarlenInfo:
+    """Packed-document layout for flash_attn_varlen_func over the flattened [B*S] tokens."""
+    cu_seqlens: torch.Tensor  # [n_docs + 1] int32 offsets of document starts, ending at B*S
+    max_seqlen: int  # longest document, in tokens
+
+
+@dataclass
+class AttentionContext:
+    """What every block needs besides its hidden states; built once per forward."""
+    cos: torch.Tensor  # [B, S, head_dim] float32 (B may be 1 when positions are shared)
+    sin: torch.Tensor  # [B, S, head_dim] float32
+    backend: str  # the backend actually used: "sdpa", "flash_attn" or "flex"
+    # None: plain causal. sdpa: bool [B, 1, S, S] (True = may attend). flash_attn: VarlenInfo.
+    # flex: a BlockMask (document-causal or causal).
+    mask: Any = None
+
+
+def doc_segments(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, segments) of doc_ids [B, S]: starts [B, S] bool marks a document's first token;
+    segments [B, S] int64 numbers the documents of a row 0, 1, 2, ..."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts, starts.long().cumsum(dim=1) - 1
+
+
+def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, S] int64 that restart at 0 at each document start."""
+    starts, _ = doc_segments(doc_ids)
+    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [B, S]
+    return idx - last_start
+
+
+def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Dense bool mask [B, 1, S, S]: query i may attend key j iff j <= i in the same document."""
+    _, seg = doc_segments(doc_ids)
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def _varlen_info(doc_ids: torch.Tensor) -> VarlenInfo:
+    starts, _ = doc_segments(doc_ids)
+    flat = starts.flatten().nonzero().flatten()  # every row's first token is a start
+    total = torch.tensor([starts.numel()], device=doc_ids.device)
+    cu = torch.cat([flat, total]).to(torch.int32)
+    return VarlenInfo(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+
+
+def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if doc_ids is None:
+        def mask_mod(b, h, q, kv):
+            return q >= kv
+        return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+    _, seg = doc_segments(doc_ids)
+
+    def doc_mask_mod(b, h, q, kv):
+        return (seg[b, q] == seg[b, kv]) & (q >= kv)
+    return create_block_mask(doc_mask_mod, batch, None, seq_len, seq_len, device=device)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend that will run `name` on `device`, warning once about each fallback."""
+    if name == "flash_attn" and (flash_attn_func is None or device.type != "cuda"):
+        why = "the flash-attn package is not installed" if flash_attn_func is None else f"device is {device.type}"
+        _warn_once(f"attention 'flash_attn' unavailable ({why}); using sdpa (same result)")
+        return "sdpa"
+    if name == "flex" and device.type != "cuda":
+        # FlexAttention has no CPU backward (platform-notes); SDPA with the same dense mask is exact.
+        _warn_once(f"attention 'flex' runs on CUDA only; on {device.type} using sdpa with an explicit mask")
+        return "sdpa"
+    return name
+
+
+def build_context(backend: str, doc_ids: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  batch: int, seq_len: int, device: torch.device) -> AttentionContext:
+    """The per-forward context; `doc_ids` None means plain causal attention."""
+    backend = resolve_backend(backend, device)
+    if backend == "flex":
+        return AttentionContext(cos, sin, backend, _flex_block_mask(doc_ids, batch, seq_len, device))
+    if doc_ids is None:
+        return AttentionContext(cos, sin, backend, None)
+    if backend == "flash_attn":
+        return AttentionContext(cos, sin, backend, _varlen_info(doc_ids))
+    return AttentionContext(cos, sin, backend, doc_causal_mask(doc_ids))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """q [B, S, H, hd], k/v [B, S, KV, hd] -> [B, S, H, hd] with the context's backend and mask."""
+    if ctx.backend == "flash_attn":
+        return _flash(q, k, v, ctx.mask)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, heads, S, hd]
+    gqa = q.shape[1] != k.shape[1]
+    if ctx.backend == "flex":
+        return _compiled_flex()(q, k, v, block_mask=ctx.mask, enable_gqa=gqa).transpose(1, 2)
+    # SDPA's CUDA flash/memory-efficient kernels take enable_gqa only without a mask and with
+    # head_dim <= 256; otherwise it silently runs the O(S^2)-memory math kernel (the same rule as
+    # transformers' `use_gqa_in_sdpa`), so there kv heads are repeated instead.
+    if gqa and (ctx.mask is not None or q.shape[-1] > 256):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, enable_gqa=gqa)
+    return out.transpose(1, 2)  # -> [B, S, H, hd]
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: VarlenInfo | None) -> torch.Tensor:
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise UserError(f"attention 'flash_attn' needs bf16/fp16 activations, got {q.dtype}; "
+                        "train with bf16 mixed precision or set model.attention: sdpa")
+    if varlen is None:
+        return flash_attn_func(q, k, v, causal=True)  # GQA is native in flash-attn
+    b, s, h, hd = q.shape
+    out = flash_attn_varlen_func(
+        q.reshape(b * s, h, hd), k.reshape(b * s, -1, hd), v.reshape(b * s, -1, hd),
+        varlen.cu_seqlens, varlen.cu_seqlens, varlen.max_seqlen, varlen.max_seqlen, causal=True)
+    return out.reshape(b, s, h, hd)
+
+
+_flex_fn = None
+
+
+def _compiled_flex():
+    # Uncompiled flex_attention runs a slow reference path; compiled once, it generates a fused kernel.
+    global _flex_fn
+    if _flex_fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _flex_fn = torch.compile(flex_attention, dynamic=False)
+    return _flex_fn

@@ -1,0 +1,205 @@
+"""HF safetensors folders (sharded too) <-> our state dict, lossless both ways; our own model-only
+weights format; the `cptrain convert hf-to-cptrain` command."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from launch.errors import UserError
+from model.config import LlamaConfig, from_hf_config, to_hf_config
+from model.llama import Llama
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
+HF_INDEX_FILE = "model.safetensors.index.json"
+# save_pretrained's default shard size: big enough that most models are one file.
+MAX_SHARD_BYTES = 5 * 1024**3
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+# Per-block names: ours (Meta's naming) -> HF's, under `layers.{i}.` and `model.layers.{i}.`.
+_BLOCK_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def name_map(cfg: LlamaConfig) -> dict[str, str]:
+    """Our parameter name -> HF LlamaForCausalLM name, for every tensor of our state dict."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    for i in range(cfg.n_layers):
+        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in _BLOCK_NAMES.items()})
+    if not cfg.tie_embeddings:
+        names["output.weight"] = "lm_head.weight"
+    return names
+
+
+def _check_tensors(sd: dict[str, torch.Tensor], cfg: LlamaConfig, source: str, names: dict[str, str] | None = None) -> None:
+    """Names and shapes of `sd` against those of Llama(cfg); `names` maps our names to sd's."""
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in Llama(cfg).state_dict().items()}
+    if names is not None:
+        want = {names[k]: shape for k, shape in want.items()}
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise UserError(f"{source}: tensors do not match the config (missing {missing[:4]}, unexpected "
+                        f"{unexpected[:4]}{', ...' if len(missing) + len(unexpected) > 8 else ''}); "
+                        "is the config from the same model?")
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(shape)}" for k, shape in want.items() if sd[k].shape != shape]
+    if wrong:
+        raise UserError(f"{source}: tensor shapes do not match the config ({'; '.join(wrong[:3])}); "
+                        "is the config from the same model?")
+
+
+def hf_to_cptrain(cfg: LlamaConfig, hf_sd: dict[str, torch.Tensor], source: str = "HF state dict") -> dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM tensors -> ours. A stored lm_head.weight of a tied model is dropped (HF
+    ties it to the embedding on load); stale `rotary_emb.inv_freq` buffers of old checkpoints too."""
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings:
+        hf_sd.pop("lm_head.weight", None)
+    names = name_map(cfg)
+    _check_tensors(hf_sd, cfg, source, names)
+    return {ours: hf_sd[hf] for ours, hf in names.items()}
+
+
+def cptrain_to_hf(cfg: LlamaConfig, sd: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Our tensors -> HF LlamaForCausalLM names (no lm_head.weight when tied, as save_pretrained does)."""
+    _check_tensors(sd, cfg, source)
+    return {hf: sd[ours] for ours, hf in name_map(cfg).items()}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: not found; {what}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); re-save or re-download it") from e
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: not found; the folder is incomplete, re-download or re-save it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable safetensors file ({e}); re-download or re-save it") from e
+
+
+def load_hf_dir(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """An HF Llama folder (config.json + model.safetensors, or a sharded index) -> (config, our
+    state dict). Tensors keep their stored dtype."""
+    path = Path(path)
+    hf_cfg = _read_json(path / "config.json", "point to a Hugging Face Llama folder (config.json + model.safetensors)")
+    cfg = from_hf_config(hf_cfg, source=str(path / "config.json"))
+    index = path / HF_INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index, "").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: has no 'weight_map'; re-save the model with save_pretrained")
+        hf_sd, source = {}, str(index)
+        for shard in sorted(set(weight_map.values())):
+            hf_sd.update(_load_safetensors(path / shard))
+    elif (path / "pytorch_model.bin").is_file() and not (path / WEIGHTS_FILE).is_file():
+        raise UserError(f"{path}: holds pytorch_model.bin only; re-save it as safetensors "
+                        "(save_pretrained(..., safe_serialization=True))")
+    else:
+        hf_sd, source = _load_safetensors(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE)
+    return cfg, hf_to_cptrain(cfg, hf_sd, source)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise UserError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
+def _shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, max_bytes: int) -> list[list[str]]:
+    """Greedy split of names, in order, into groups of at most max_bytes (a bigger tensor goes alone)."""
+    groups, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * (dtype or t.dtype).itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def save_hf_dir(cfg: LlamaConfig, state_dict: dict[str, torch.Tensor], out: str | Path,
+                dtype: torch.dtype | str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+                extra_config: dict | None = None, generation_config: dict | None = None) -> Path:
+    """Write an HF LlamaForCausalLM folder that `AutoModelForCausalLM.from_pretrained(out)` loads.
+    dtype None keeps each tensor's dtype; extra_config adds config.json keys (e.g. bos/eos token ids);
+    generation_config, when given, is written as generation_config.json. Returns `out`."""
+    out, dtype = Path(out), _as_dtype(dtype)
+    hf_sd = cptrain_to_hf(cfg, state_dict)
+    groups = _shards(hf_sd, dtype, max_shard_bytes)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [WEIGHTS_FILE] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map, total = {}, 0
+    for fname, names in zip(files, groups):
+        # Cast one shard at a time, so an 8B export never holds a second full copy in memory.
+        shard = {n: hf_sd[n].detach().to("cpu", dtype or hf_sd[n].dtype).contiguous() for n in names}
+        save_file(shard, str(out / fname), metadata={"format": "pt"})  # transformers checks "format"
+        weight_map.update({n: fname for n in names})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / HF_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    stored = dtype or next(iter(hf_sd.values())).dtype
+    hf_config = {**to_hf_config(cfg), "dtype": str(stored).removeprefix("torch."), **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if generation_config is not None:
+        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    return out
+
+
+def save_weights(dir: str | Path, cfg: LlamaConfig, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Our model-only checkpoint: dir/model.safetensors (our names, dtypes kept) + dir/model_config.json."""
+    dir = Path(dir)
+    _check_tensors(state_dict, cfg, "state dict")
+    dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    (dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return dir
+
+
+def load_weights(dir: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) from a folder written by save_weights."""
+    dir = Path(dir)
+    cfg_path = dir / CONFIG_FILE
+    cfg = LlamaConfig.from_dict(_read_json(cfg_path, "point to a cptrain weights folder "
+                                           "(model_config.json + model.safetensors)"), source=str(cfg_path))
+    sd = _load_safetensors(dir / WEIGHTS_FILE)
+    _check_tensors(sd, cfg, str(dir / WEIGHTS_FILE))
+    return cfg, sd
+
+
+def cli_hf_to_cptrain(args) -> int:
+    """`cptrain convert hf-to-cptrain SRC OUT`: an HF Llama folder -> our weights + its tokenizer files."""
+    src, out = Path(args.src), Path(args.out)
+    cfg, sd = load_hf_dir(src)
+    save_weights(out, cfg, sd)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, out / name)
+    n_params = sum(t.numel() for t in sd.values())
+    print(f"wrote {out / WEIGHTS_FILE} and {CONFIG_FILE} ({n_params / 1e6:.1f}M parameters, "
+          f"{next(iter(sd.values())).dtype}) from {src}; tokenizer files: {', '.join(copied) or 'none found'}")
+    return 0

@@ -1,0 +1,279 @@
+"""The one config schema: nested dataclasses loaded from YAML plus `--section.key=value` overrides.
+
+Every key is checked at load time - unknown keys (with a did-you-mean), wrong types, bad values -
+so a typo fails in a second with the key path, not an hour into a run. Each section's dataclass
+lives with the code that owns it (LlamaConfig in model/, DataConfig in data_pipeline/,
+ScheduleConfig in trainer/schedule.py); this file composes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from data_pipeline.loader import DataConfig
+from launch.errors import UserError
+from model.config import LlamaConfig, preset
+from trainer.schedule import ScheduleConfig
+
+_SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # a named shape from model.config.PRESETS; ignored when init_from gives one
+    init_from: str = ""  # HF Llama folder or cptrain checkpoint/weights folder to start from
+    load: Literal["weights", "weights+optimizer", "all"] = "weights"  # what init_from restores (cptrain checkpoints)
+    reset_optimizer: bool = False  # with load=weights+optimizer/all: zero the Adam moments anyway
+    arch: LlamaConfig | None = None  # resolved shape: preset (or init_from) plus the keys given in YAML
+
+
+@dataclass
+class TrainSection:
+    engine: Literal["local", "deepspeed", "fsdp2"] = "local"  # how the model is parallelized (local = 1 process or DDP)
+    max_tokens: int = 10_000_000  # training budget; steps = max_tokens / global_batch_tokens
+    global_batch_tokens: int = 65536  # tokens per optimizer step, fixed whatever the world size
+    micro_batch_size: int = 8  # sequences per rank per forward/backward; accumulation fills the rest
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    loss_chunk_tokens: int = 0  # >0: cross-entropy in chunks of this many tokens (full logits never materialized)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device (H100/H200: 989 bf16 dense)
+
+
+@dataclass
+class OptimSection:
+    weight_decay: float = 0.1  # AdamW decoupled decay on matrices; norms and embeddings are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernel (auto: on for CUDA)
+
+
+@dataclass
+class EvalSection:
+    interval_tokens: int = 0  # evaluate every this many tokens (0: only at the end)
+    max_samples: int = 64  # validation samples per domain per evaluation
+    at_start: bool = True  # evaluate before the first step (the baseline for forgetting)
+
+
+@dataclass
+class CheckpointSection:
+    interval_tokens: int = 0  # save every this many tokens (0: only at the end)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a newer one is complete
+    at_end: bool = True
+
+
+@dataclass
+class LogSection:
+    interval_steps: int = 1  # write metrics.jsonl every this many steps
+    tensorboard: bool = False  # also write tensorboard event files under RUN_DIR/tb
+    progress: bool = True  # progress bar with loss, tokens/s and ETA
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"  # where config.yaml, metrics.jsonl and checkpoints/ go
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+
+# ---------------------------------------------------------------- generic dataclass <- dict
+
+def _parse_int(value: Any, path: str, src: str) -> int:
+    if isinstance(value, bool):
+        raise UserError(f"{src}: {path} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([KMBT]?)\s*", value, re.IGNORECASE)
+        if m:
+            number = float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1)
+            if number.is_integer():
+                return int(number)
+    raise UserError(f"{src}: {path} must be an integer (suffixes K/M/B/T allowed), got {value!r}")
+
+
+def _coerce(tp: Any, value: Any, path: str, src: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, src)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise UserError(f"{src}: {path} must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{src}: {path} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item, v, f"{path}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{src}: {path} must be a mapping, got {value!r}")
+        _, item = typing.get_args(tp) or (str, Any)
+        return {str(k): _coerce(item, v, f"{path}.{k}", src) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path, src)
+    if tp is Any:
+        return value
+    if tp is int:
+        return _parse_int(value, path, src)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{src}: {path} must be a number, got {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{src}: {path} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{src}: {path} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config type {tp!r} at {path} is not supported by the loader")
+
+
+def from_dict(cls: type, data: Any, path: str = "", src: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type; `path` names the key in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{src}: {path or 'the config'} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise UserError(f"{src}: unknown key '{key_path}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, key_path, src)
+    try:
+        return cls(**kwargs)
+    except UserError as e:
+        raise UserError(f"{src}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------- loading
+
+def _apply_override(raw: dict, override: str, src: str) -> None:
+    m = re.fullmatch(r"--([A-Za-z_][\w.]*)=(.*)", override, re.DOTALL)
+    if not m:
+        raise UserError(f"override {override!r} must look like --section.key=value (e.g. --train.max_tokens=10M)")
+    keys, value = m.group(1).split("."), yaml.safe_load(m.group(2)) if m.group(2) != "" else ""
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {override!r}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _resolve_model(raw: dict, src: str) -> ModelSection:
+    """The model section is flat in YAML (preset, init_from and any LlamaConfig key); the shape is
+    the preset's (or init_from's) with the given keys replaced."""
+    raw = dict(raw or {})
+    if "arch" in raw:  # a resolved config written by a previous run
+        raw.update(raw.pop("arch") or {})
+    section = from_dict(ModelSection, {k: raw.pop(k) for k in ("preset", "init_from", "load", "reset_optimizer") if k in raw}, "model", src)
+    if section.init_from:
+        from trainer.checkpoint import model_config_of
+
+        base = model_config_of(section.init_from)
+        shape_keys = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings"}
+        clash = sorted(shape_keys & raw.keys())
+        if clash and any(raw[k] != getattr(base, k) for k in clash):
+            raise UserError(f"{src}: model.{clash[0]} conflicts with the shape of {section.init_from}; remove it (the checkpoint sets the shape)")
+    else:
+        base = preset(section.preset)
+    arch = from_dict(LlamaConfig, {**to_dict(base), **raw}, "model", src)
+    arch.validate()
+    section.arch = arch
+    return section
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (or None for defaults) + `--a.b=value` overrides -> a validated TrainConfig."""
+    src = str(path) if path else "config"
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found; pass the path of a YAML config (see trainer/configs/)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{p}: the top level must be a mapping of sections")
+    for o in overrides or []:
+        _apply_override(raw, o, src)
+    model_raw = raw.pop("model", {})
+    if model_raw is not None and not isinstance(model_raw, dict):
+        raise UserError(f"{src}: model must be a mapping of keys")
+    cfg = from_dict(TrainConfig, raw, "", src)
+    cfg.model = _resolve_model(model_raw, src)
+    _check(cfg, src)
+    return cfg
+
+
+def _check(cfg: TrainConfig, src: str) -> None:
+    t = cfg.train
+    seq = cfg.data.seq_len
+    if t.micro_batch_size <= 0 or t.max_tokens <= 0 or t.global_batch_tokens <= 0:
+        raise UserError(f"{src}: train.micro_batch_size, train.max_tokens and train.global_batch_tokens must be positive")
+    if t.global_batch_tokens % (seq * t.micro_batch_size):
+        raise UserError(
+            f"{src}: train.global_batch_tokens={t.global_batch_tokens} is not a multiple of data.seq_len * "
+            f"train.micro_batch_size = {seq * t.micro_batch_size}; pick a multiple")
+    if seq > cfg.model.arch.max_seq_len:
+        raise UserError(f"{src}: data.seq_len={seq} exceeds model.max_seq_len={cfg.model.arch.max_seq_len}; raise model.max_seq_len")
+    if cfg.checkpoint.keep_last < 1:
+        raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    d = to_dict(cfg)
+    d["model"] = {k: v for k, v in d["model"].items() if k != "arch"} | d["model"]["arch"]
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(yaml.safe_dump(d, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,150 @@
+"""The interface between the training loop and the parallelism, and its single-process/DDP
+implementation. DeepSpeed (deepspeed_engine.py) and FSDP2 (fsdp_engine.py) implement the same
+interface; the loop never branches on the engine."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.llama import Llama
+
+LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict]"]
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str) -> DistContext:
+    """Join the process group a launcher (torchrun/deepspeed/slurm) set up through env vars."""
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return DistContext(rank, world, local_rank, device)
+
+
+class Engine(Protocol):
+    model: nn.Module  # what evaluation calls (may be wrapped)
+
+    def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
+        """Forward and backward one micro-batch; `sync` is False on all but the last of a step."""
+
+    def step(self, lr: float, grad_clip: float) -> float:
+        """Clip, apply the optimizer with this LR, zero the gradients; returns the global grad norm."""
+
+    def save(self, path: Path) -> None:
+        """Every rank writes its part of model + optimizer state into the folder `path`."""
+
+    def load(self, path: Path, optimizer: bool) -> None:
+        """Restore from a folder written by save(); optimizer=False loads the weights only."""
+
+    def full_state_dict(self) -> dict:
+        """The full, unsharded model weights (on CPU), for export; on rank 0 at least."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the matrices of attention and MLP; norms and embeddings stay undecayed (their scale is
+    meaningful, and decaying rarely-seen token embeddings only shrinks them)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "tok_embeddings" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
+    fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
+    return torch.optim.AdamW(params, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+
+
+def wrap_blocks(model: Llama, activation_checkpointing: bool, compile_blocks: bool) -> None:
+    """Per-block activation checkpointing and torch.compile, applied in place before sharding.
+    Both are hook-based, so parameter names (and checkpoints) stay those of the plain model."""
+    from torch.distributed._composable import checkpoint as checkpoint_block
+
+    for block in model.layers:
+        if activation_checkpointing:
+            checkpoint_block(block)
+        if compile_blocks:
+            block.compile()
+
+
+class LocalEngine:
+    """One process, or plain data parallelism (DDP) over a launched process group."""
+
+    def __init__(self, model: Llama, cfg, ctx: DistContext, initial_state: dict | None):
+        self.ctx, self.cfg = ctx, cfg
+        model.to_empty(device=ctx.device)
+        model.init_weights()
+        if initial_state is not None:
+            model.load_state_dict(initial_state, strict=True)
+        wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
+        self.inner = model
+        self.model = nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
+        self.optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, ctx.device)
+        self.autocast = lambda: autocast_for(ctx.device, cfg.train.precision)
+
+    def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
+        no_sync = self.model.no_sync if (not sync and isinstance(self.model, nn.parallel.DistributedDataParallel)) else contextlib.nullcontext
+        with no_sync():
+            with self.autocast():
+                loss, stats = loss_fn(self.model, batch)
+            loss.backward()
+        return stats
+
+    def step(self, lr: float, grad_clip: float) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, path: Path) -> None:
+        if self.ctx.is_main:
+            from model.hf import save_weights
+
+            save_weights(path, self.inner.cfg, self.full_state_dict())
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+
+    def load(self, path: Path, optimizer: bool) -> None:
+        from model.hf import load_weights
+
+        _, state = load_weights(path)
+        self.inner.load_state_dict(state, strict=True)
+        if optimizer:
+            opt_file = path / "optimizer.pt"
+            self.optimizer.load_state_dict(torch.load(opt_file, map_location=self.ctx.device, weights_only=True))
+
+    def full_state_dict(self) -> dict:
+        return {k: v.detach().to("cpu") for k, v in self.inner.state_dict().items()}

@@ -1,0 +1,280 @@
+"""`cptrain train`: the build order and the one training loop, whatever the engine.
+
+config -> data checks -> model on the meta device -> engine (parallelize, then initialize) ->
+optimizer -> schedule -> data -> loop. The loop's side effects (logging, evaluation,
+checkpointing) are small functions called after each step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.loader import build_train_loader, build_val_loaders, validate_data
+from launch.errors import UserError
+from model.config import flops_per_token, param_counts
+from model.llama import Llama
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig, load_config, save_config
+from trainer.engine import DistContext, LocalEngine, init_distributed
+from trainer.loss import lm_loss
+from trainer.metrics import MetricsLogger, Throughput, device_peak_tflops, truncate_after
+from trainer.schedule import build_schedule
+
+
+@dataclass
+class Progress:
+    """Counters saved in every checkpoint; with the data and schedule state they continue a run exactly."""
+    step: int = 0
+    tokens: int = 0
+    last_lr: float = 0.0
+    data: dict = field(default_factory=dict)
+    schedule: dict = field(default_factory=dict)
+
+
+def build_engine(cfg: TrainConfig, model: Llama, ctx: DistContext, initial_state: dict | None):
+    if cfg.train.engine == "deepspeed":
+        from trainer.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, ctx, initial_state)
+    if cfg.train.engine == "fsdp2":
+        from trainer.fsdp_engine import FSDPEngine
+
+        return FSDPEngine(model, cfg, ctx, initial_state)
+    return LocalEngine(model, cfg, ctx, initial_state)
+
+
+def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
+    per_pass = cfg.data.seq_len * cfg.train.micro_batch_size * world_size
+    if cfg.train.global_batch_tokens % per_pass:
+        raise UserError(
+            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not divisible by seq_len * micro_batch_size * "
+            f"world_size = {per_pass}; change train.micro_batch_size or the number of processes")
+    return cfg.train.global_batch_tokens // per_pass
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+# Model fields that may differ between a checkpoint and the run that loads it.
+_RUNTIME_FIELDS = {"attention", "doc_masking", "max_seq_len", "init_std"}
+
+
+def _check_shape(folder: Path, cfg: TrainConfig) -> None:
+    saved, now = dataclasses.asdict(ckpt.model_config_of(folder)), dataclasses.asdict(cfg.model.arch)
+    diff = [k for k in saved if k not in _RUNTIME_FIELDS and saved[k] != now.get(k)]
+    if diff:
+        raise UserError(f"{folder}: checkpoint model differs from the config in {', '.join(diff)}; "
+                        f"resume with the run's own config ({folder / 'config.yaml'}) or use a new run_dir")
+
+
+def _initial_state(cfg: TrainConfig) -> dict | None:
+    """Full weights to start from (HF folder or cptrain checkpoint), or None for a fresh init."""
+    src = cfg.model.init_from
+    if not src:
+        return None
+    if (Path(src) / "config.json").is_file() and not (Path(src) / "model_config.json").is_file():
+        from model.hf import load_hf_dir
+
+        return load_hf_dir(src)[1]
+    return ckpt.load_full_weights(src)[1]
+
+
+def evaluate(engine, val_loaders: dict, ctx: DistContext, cfg: TrainConfig) -> dict:
+    """Mean token loss per validation domain, over all ranks."""
+    from trainer.engine import autocast_for
+    from trainer.loss import token_losses
+
+    out = {}
+    engine.model.eval()
+    with torch.no_grad(), autocast_for(ctx.device, cfg.train.precision):
+        for name, batches in val_loaders.items():
+            acc = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+            for batch in batches():
+                losses = token_losses(engine.model, _to_device(batch, ctx.device), cfg.train.loss_chunk_tokens)
+                acc += torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64, device=ctx.device)])
+            _all_reduce(acc)
+            out[f"val/{name}"] = (acc[0] / acc[1].clamp(min=1)).item()
+    engine.model.train()
+    return out
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _crossed(before: int, after: int, interval: int) -> bool:
+    return interval > 0 and before // interval != after // interval
+
+
+class Trainer:
+    """Holds what one run needs; `train()` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.ctx = init_distributed(cfg.train.device)
+        self.run_dir = Path(cfg.run_dir)
+        arch = cfg.model.arch
+        self.manifest = validate_data(cfg.data, arch.vocab_size)  # before any expensive work
+        self.accum = grad_accumulation(cfg, self.ctx.world_size)
+        self.total_steps = cfg.train.max_tokens // cfg.train.global_batch_tokens
+        resume_from = ckpt.find_resume(self.run_dir, log=self._say) if resume else None
+        if resume and resume_from is None:
+            self._say(f"no complete checkpoint in {self.run_dir}; starting from the beginning")
+        if resume_from is not None:
+            _check_shape(resume_from, cfg)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        with torch.device("meta"):
+            model = Llama(arch)
+        self.engine = build_engine(cfg, model, self.ctx, None if resume_from else _initial_state(cfg))
+        self.progress = Progress()
+        if resume_from is not None:
+            self.engine.load(resume_from, optimizer=True)
+            self.progress = Progress(**ckpt.read_state(resume_from)["progress"])
+            ckpt.restore_rng(resume_from, self.ctx.rank)
+            self._say(f"resumed from {resume_from} at step {self.progress.step} ({self.progress.tokens:,} tokens)")
+        elif cfg.model.init_from and cfg.model.load != "weights":
+            self._continue_from(Path(cfg.model.init_from))
+
+        self.schedule = build_schedule(cfg.schedule, cfg.train.max_tokens, cfg.train.global_batch_tokens)
+        if self.progress.schedule:
+            self.schedule.load_state_dict(self.progress.schedule)
+        if self.progress.tokens or self.progress.last_lr:
+            # Keeps the LR continuous when the schedule changed at resume, and gives a rewarm its
+            # starting LR (the checkpoint's) when continuing from another run.
+            self.schedule.on_resume(self.progress.tokens, None if self.progress.schedule else (self.progress.last_lr or None))
+        self.loader = build_train_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
+                                         world_size=self.ctx.world_size, seed=cfg.seed, state=self.progress.data or None)
+        self.val_loaders = build_val_loaders(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
+                                             world_size=self.ctx.world_size, max_samples=cfg.eval.max_samples)
+        self.domains = [d.name for d in cfg.data.domains]
+        self._write_run_info()
+
+    def _say(self, text: str) -> None:
+        if self.ctx.is_main:
+            print(text, flush=True)
+
+    def _continue_from(self, src: Path) -> None:
+        """Continual pretraining from a cptrain checkpoint, restoring what `model.load` asks for."""
+        folder = ckpt.resolve_checkpoint(src)
+        with_optimizer = not self.cfg.model.reset_optimizer
+        self.engine.load(folder, optimizer=with_optimizer)
+        saved = Progress(**ckpt.read_state(folder)["progress"])
+        self.progress.last_lr = saved.last_lr
+        if self.cfg.model.load == "all":
+            self.progress.data = saved.data
+        self._say(f"continuing from {folder}: weights{' + optimizer' if with_optimizer else ''}"
+                  f"{' + data position' if self.cfg.model.load == 'all' else ''}")
+
+    def _write_run_info(self) -> None:
+        total, non_emb = param_counts(self.cfg.model.arch)
+        self.flops_per_token = flops_per_token(self.cfg.model.arch, self.cfg.data.seq_len)
+        self.peak = device_peak_tflops(self.ctx.device, self.cfg.train.peak_tflops) * 1e12
+        if self.ctx.is_main:
+            info = {"params": total, "params_non_embedding": non_emb, "flops_per_token": self.flops_per_token,
+                    "world_size": self.ctx.world_size, "grad_accumulation": self.accum, "engine": self.cfg.train.engine,
+                    "device": str(self.ctx.device), "data_manifest": self.manifest.get("tokenizer")}
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+
+    def _loss_fn(self):
+        scale = self.ctx.world_size / self.cfg.train.global_batch_tokens
+        chunk = self.cfg.train.loss_chunk_tokens
+        return lambda model, batch: lm_loss(model, batch, scale, chunk)
+
+    def train_step(self, data_iter) -> dict:
+        """One optimizer step over `accum` micro-batches; returns the step's metrics."""
+        n_dom = len(self.domains)
+        acc = torch.zeros(1 + 2 * n_dom, dtype=torch.float64, device=self.ctx.device)
+        loss_fn = self._loss_fn()
+        for i in range(self.accum):
+            batch = _to_device(next(data_iter), self.ctx.device)
+            stats = self.engine.forward_backward(batch, loss_fn, sync=i == self.accum - 1)
+            acc[0] += stats["loss_sum"].double()
+            dom = batch["domain"]
+            acc[1:1 + n_dom] += torch.bincount(dom, weights=stats["sample_loss"].double(), minlength=n_dom)[:n_dom]
+            acc[1 + n_dom:] += torch.bincount(dom, minlength=n_dom)[:n_dom].double()
+        # The LR of a step is the schedule's value at the tokens seen once the step is done: the first
+        # step already learns, and the last one lands exactly on the schedule's final LR.
+        lr = self.schedule.lr(self.progress.tokens + self.cfg.train.global_batch_tokens)
+        grad_norm = self.engine.step(lr, self.cfg.optim.grad_clip)
+        _all_reduce(acc)
+        row = {"loss": (acc[0] / self.cfg.train.global_batch_tokens).item(), "lr": lr, "grad_norm": grad_norm}
+        for d, name in enumerate(self.domains):
+            if n_dom > 1 and acc[1 + n_dom + d] > 0:
+                row[f"train/{name}"] = (acc[1 + d] / acc[1 + n_dom + d]).item()
+        return row
+
+    def save(self) -> Path:
+        self.progress.data = self.loader.state_dict()
+        self.progress.schedule = self.schedule.state_dict()
+        state = {"progress": dataclasses.asdict(self.progress), "engine": self.cfg.train.engine,
+                 "world_size": self.ctx.world_size, "time": time.time()}
+        cfg_text = (self.run_dir / "config.yaml").read_text() if self.ctx.is_main else ""
+        model_json = json.dumps(dataclasses.asdict(self.cfg.model.arch))
+        return ckpt.save_checkpoint(self.run_dir, self.progress.step, self.engine, state, cfg_text, model_json,
+                                    self.ctx.rank, self.cfg.checkpoint.keep_last)
+
+    def train(self) -> list[dict]:
+        cfg, p = self.cfg, self.progress
+        if self.ctx.is_main:
+            truncate_after(self.run_dir / "metrics.jsonl", p.step)
+        log = MetricsLogger(self.run_dir, self.ctx.is_main, cfg.log.tensorboard, cfg.log.progress, self.total_steps, p.step)
+        rows = []
+        if p.step == 0 and cfg.eval.at_start and self.val_loaders:
+            row = {"step": 0, "tokens": 0, **evaluate(self.engine, self.val_loaders, self.ctx, cfg)}
+            log.log(row)
+            rows.append(row)
+        speed = Throughput()
+        data_iter = iter(self.loader)
+        while p.step < self.total_steps:
+            row = self.train_step(data_iter)
+            before = p.tokens
+            p.step, p.tokens, p.last_lr = p.step + 1, p.tokens + cfg.train.global_batch_tokens, row["lr"]
+            speed.add(cfg.train.global_batch_tokens)
+            last = p.step == self.total_steps
+            if p.step % cfg.log.interval_steps == 0 or last:
+                tps = speed.read()
+                row = {"step": p.step, "tokens": p.tokens, **row, "tokens_per_s": tps}
+                if self.peak:
+                    row["mfu"] = self.flops_per_token * tps / (self.peak * self.ctx.world_size)
+                log.progress(p.step, row["loss"], tps)
+            else:
+                row = {"step": p.step, "tokens": p.tokens, **row}
+            t0 = time.perf_counter()
+            if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and self.val_loaders):
+                row.update(evaluate(self.engine, self.val_loaders, self.ctx, cfg))
+            if p.step % cfg.log.interval_steps == 0 or last or any(k.startswith("val/") for k in row):
+                log.log(row)
+            rows.append(row)
+            if _crossed(before, p.tokens, cfg.checkpoint.interval_tokens) or (last and cfg.checkpoint.at_end):
+                saved = self.save()
+                log.message(f"saved checkpoint {saved}")
+            speed.pause(time.perf_counter() - t0)
+        log.close()
+        return rows
+
+
+def main(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    Trainer(cfg, resume=args.resume).train()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
+    """Programmatic entry (tests, demo): train one config in this process."""
+    return Trainer(cfg, resume=resume).train()
+
