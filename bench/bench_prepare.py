@@ -1,6 +1,6 @@
-"""Throughput of `cptrain data prepare` on real text: tokens/s and tokens/s per process.
+"""Throughput of `cptrain data prepare` on real text: tokens/s, and tokens per CPU-second (per core).
 
-    python bench/bench_prepare.py [--input FILE...] [--procs 1 2] [--seq-len 2048] [--vocab 8000]
+    python bench/bench_prepare.py [--input FILE...] [--rows 1x1 1x0 2x1] [--seq-len 2048] [--vocab 8000]
 
 Defaults to the shipped demo corpus (Austen + Reina-Valera, 2.5 MB). The tokenizer is trained
 once beforehand and excluded from the timing; each row is a full, fresh `prepare` (reading,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -29,10 +30,18 @@ def _args(inputs, out, *extra):
                                       "--txt-split", "paragraph", *map(str, extra)])
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and its reaped children (the tokenizer pool): tokens per
+    CPU-second is the per-core rate, and unlike wall time it holds on a shared, busy machine."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", nargs="+", default=[str(DEMO / "austen.txt"), str(DEMO / "rv1909_nt.txt")])
-    ap.add_argument("--procs", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--rows", nargs="+", default=["1x1", "1x0", "2x1"],
+                    help="PROCSxTHREADS per row (threads 0: sentencepiece uses all cores)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--repeat", type=int, default=2, help="runs per row; the best is reported")
@@ -46,18 +55,21 @@ def main() -> None:
         model = Path(tmp) / "tok" / "tokenizer.model"
         print(f"input: {mb:.1f} MB of text; sentencepiece BPE {a.vocab} trained in {train_s:.1f} s "
               f"(incl. one prepare); {os.cpu_count()} cores")
-        print(f"| procs | tokens | seconds | tokens/s | tokens/s per process |\n|---|---|---|---|---|")
-        for procs in a.procs:
-            best, tokens = float("inf"), 0
+        print("| processes x threads | tokens | wall s | tokens/s | CPU s | tokens per CPU-second |\n"
+              "|---|---|---|---|---|---|")
+        for row in a.rows:
+            procs, threads = map(int, row.split("x"))
+            best, cpu, tokens = float("inf"), float("inf"), 0
             for r in range(a.repeat):
-                out = Path(tmp) / f"p{procs}-{r}"
-                t0 = time.perf_counter()
+                out = Path(tmp) / f"{row}-{r}"
+                t0, c0 = time.perf_counter(), _cpu_seconds()
                 m = prepare.run(_args(a.input, out, "--tokenizer", model, "--seq-len", a.seq_len,
-                                      "--num-proc", procs, "--chunk-mb", mb / (2 * procs)))
-                best = min(best, time.perf_counter() - t0)
+                                      "--num-proc", procs, "--tokenizer-threads", threads))
+                best, cpu = min(best, time.perf_counter() - t0), min(cpu, _cpu_seconds() - c0)
                 tokens = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
                 shutil.rmtree(out)
-            print(f"| {procs} | {tokens:,} | {best:.2f} | {tokens / best:,.0f} | {tokens / best / procs:,.0f} |")
+            print(f"| {procs} x {threads or 'all'} | {tokens:,} | {best:.2f} | {tokens / best:,.0f} | "
+                  f"{cpu:.2f} | {tokens / cpu:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ half-written one, then merges the indexes and writes the manifest.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -156,9 +155,9 @@ def iter_chunks(files: list[Path], text_field: str, txt_split: str, chunk_chars:
 _worker_tok = None
 
 
-def _init_worker(tok_path: str) -> None:
+def _init_worker(tok_path: str, num_threads: int) -> None:
     global _worker_tok
-    _worker_tok = tokenizers.load_tokenizer(tok_path)
+    _worker_tok = tokenizers.load_tokenizer(tok_path, num_threads)
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
@@ -203,7 +202,7 @@ def write_split(docs: list[np.ndarray], out: Path, seq_len: int, dtype: str, com
     return {"documents": len(docs), "tokens": n_tokens, "samples": samples, "dropped_tokens": dropped}
 
 
-def process_chunk(cid: int, texts: list[str], pool, tok, args, dtype: str, out: Path) -> dict:
+def process_chunk(cid: int, texts: list[str], pool, args, dtype: str, out: Path) -> dict:
     """Tokenize one chunk, split its documents into train/val, write both splits, mark it done."""
     batches = [texts[i:i + TOKENIZE_BATCH] for i in range(0, len(texts), TOKENIZE_BATCH)]
     docs = [d for b in (pool.imap(_encode, batches) if pool else map(_encode, batches)) for d in b]
@@ -289,9 +288,9 @@ def get_tokenizer(args, files: list[Path], out: Path):
             if budget <= 0:
                 break
     tmp = out / ".work" / "tokenizer.model"
-    tok = tokenizers.train_sentencepiece(sample, tmp, args.train_tokenizer, args.tokenizer_type,
-                                         num_threads=max(args.num_proc, 2))
-    os.replace(tmp, model)
+    tokenizers.train_sentencepiece(sample, tmp, args.train_tokenizer, args.tokenizer_type,
+                                   num_threads=os.cpu_count() or 1)
+    os.replace(tmp, model)  # in place only once complete: a rerun never sees half a model
     sample.unlink()
     return tokenizers.SentencePieceTokenizer(model)
 
@@ -332,6 +331,34 @@ def format_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, bad: BadRecords) -> list[dict]:
+    """Every chunk in order: skipped when marked done, else tokenized and written. Per-chunk stats."""
+    # Default threads: all cores in one process, one per process when there are several.
+    threads = args.tokenizer_threads or (-1 if args.num_proc == 1 else 1)
+    pool = Pool(args.num_proc, _init_worker, (str(tok_path), threads)) if args.num_proc > 1 else None
+    if pool is None:
+        _init_worker(str(tok_path), threads)
+    from tqdm import tqdm
+    bar = tqdm(desc="prepare", unit="chunk", disable=None, file=sys.stderr)
+    done = []
+    try:
+        chunks = iter_chunks(files, args.text_field, args.txt_split, int(args.chunk_mb * 1e6), bad)
+        for cid, texts in enumerate(chunks):
+            marker = out / ".work" / "done" / f"chunk-{cid:05d}.json"
+            if marker.exists():
+                done.append(json.loads(marker.read_text()))
+            else:
+                done.append(process_chunk(cid, texts, pool, args, dtype, out))
+            bar.update(1)
+            bar.set_postfix(tokens=f"{sum(d['train']['tokens'] + d['val']['tokens'] for d in done):,}")
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return done
+
+
 def run(args) -> dict:
     """The whole preparation; returns the manifest (also written to DIR/manifest.json)."""
     if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0:
@@ -341,33 +368,14 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(args, files)
     if check_plan(out, plan):
-        manifest = json.loads((out / "manifest.json").read_text())
         print(f"{out}: already prepared with these settings; nothing to do", file=sys.stderr)
-        return manifest
+        return json.loads((out / "manifest.json").read_text())
+    t0 = time.time()
     tok = get_tokenizer(args, files, out)
     tok_file = tok.save_to(out)
     dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
-    t0, done, bad = time.time(), [], BadRecords(args.on_bad_record)
-    pool = Pool(args.num_proc, _init_worker, (str(out / tok_file),)) if args.num_proc > 1 else None
-    if pool is None:
-        _init_worker(str(out / tok_file))
-    from tqdm import tqdm
-    bar = tqdm(desc="prepare", unit="chunk", disable=None, file=sys.stderr)
-    try:
-        chunks = iter_chunks(files, args.text_field, args.txt_split, int(args.chunk_mb * 1e6), bad)
-        for cid, texts in enumerate(chunks):
-            marker = out / ".work" / "done" / f"chunk-{cid:05d}.json"
-            if marker.exists():
-                done.append(json.loads(marker.read_text()))
-            else:
-                done.append(process_chunk(cid, texts, pool, tok, args, dtype, out))
-            bar.update(1)
-            bar.set_postfix(tokens=f"{sum(d['train']['tokens'] + d['val']['tokens'] for d in done):,}")
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
+    bad = BadRecords(args.on_bad_record)
+    done = process_all(args, files, out, out / tok_file, dtype, bad)
     if not done:
         raise UserError(f"{' '.join(args.input)}: no usable document (all {bad.as_dict()['total']} "
                         "records were bad); see the problems above and fix the input")

@@ -31,10 +31,11 @@ def _sha256(paths: list[Path]) -> str:
 class SentencePieceTokenizer:
     kind = "sentencepiece"
 
-    def __init__(self, model_file: str | os.PathLike):
+    def __init__(self, model_file: str | os.PathLike, num_threads: int = -1):
         import sentencepiece as spm
         self.path = Path(model_file)
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        # encode_batch runs on num_threads threads (-1: all cores).
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path), num_threads=num_threads)
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
         if self.eos_id < 0:
@@ -103,15 +104,17 @@ class HFTokenizer:
 Tokenizer = SentencePieceTokenizer | HFTokenizer
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A sentencepiece `.model` file, or a folder with `tokenizer.json` (HF) or `tokenizer.model`."""
+def load_tokenizer(path: str | os.PathLike, num_threads: int = -1) -> Tokenizer:
+    """A sentencepiece `.model` file, or a folder with `tokenizer.json` (HF) or `tokenizer.model`.
+    num_threads bounds sentencepiece's encoding threads (-1: all cores); HF tokenizers follow
+    TOKENIZERS_PARALLELISM / RAYON_NUM_THREADS instead."""
     p = Path(path)
     if p.is_file():
-        return SentencePieceTokenizer(p)
+        return SentencePieceTokenizer(p, num_threads)
     if (p / "tokenizer.json").exists():
         return HFTokenizer(p)
     if (p / "tokenizer.model").exists():
-        return SentencePieceTokenizer(p / "tokenizer.model")
+        return SentencePieceTokenizer(p / "tokenizer.model", num_threads)
     raise UserError(f"{p}: not a tokenizer; pass a sentencepiece .model file or a folder "
                     "with tokenizer.json (HF) or tokenizer.model")
 

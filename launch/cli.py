@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
     p.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd")
     p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--tokenizer-threads", type=int, default=0,
+                   help="sentencepiece threads per process (0: all cores with --num-proc 1, else 1)")
     p.add_argument("--on-bad-record", choices=["skip", "fail"], default="skip", help="what a malformed record does")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
     p.add_argument("--txt-split", choices=["document", "paragraph", "line"], default="document",

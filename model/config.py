@@ -44,16 +44,23 @@ class LlamaConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"{source}: {name} must be a positive integer, got {value!r}")
         if self.dim % self.n_heads:
-            raise UserError(f"{source}: dim {self.dim} is not divisible by n_heads {self.n_heads}; pick n_heads dividing dim")
+            raise UserError(f"{source}: dim {self.dim} is not divisible by n_heads {self.n_heads}; "
+                            "pick n_heads dividing dim")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"{source}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}; "
                             "pick n_kv_heads dividing n_heads")
         if self.head_dim % 2:
             raise UserError(f"{source}: head_dim {self.head_dim} (dim / n_heads) must be even for RoPE")
         if self.attention not in ATTENTION_BACKENDS:
-            raise UserError(f"{source}: attention {self.attention!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}")
-        if not (self.norm_eps > 0 and self.rope_theta > 0 and self.init_std > 0):
-            raise UserError(f"{source}: norm_eps, rope_theta and init_std must be > 0")
+            raise UserError(f"{source}: attention {self.attention!r} is unknown; "
+                            f"use one of {', '.join(ATTENTION_BACKENDS)}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"{source}: {name} must be a positive number, got {value!r}")
+        for name in ("tie_embeddings", "doc_masking"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{source}: {name} must be true or false, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
             _validate_rope_scaling(self.rope_scaling, source)
         return self

@@ -44,7 +44,8 @@ def name_map(cfg: LlamaConfig) -> dict[str, str]:
     return names
 
 
-def _check_tensors(sd: dict[str, torch.Tensor], cfg: LlamaConfig, source: str, names: dict[str, str] | None = None) -> None:
+def _check_tensors(sd: dict[str, torch.Tensor], cfg: LlamaConfig, source: str,
+                   names: dict[str, str] | None = None) -> None:
     """Names and shapes of `sd` against those of Llama(cfg); `names` maps our names to sd's."""
     with torch.device("meta"):
         want = {k: v.shape for k, v in Llama(cfg).state_dict().items()}
@@ -61,7 +62,8 @@ def _check_tensors(sd: dict[str, torch.Tensor], cfg: LlamaConfig, source: str, n
                         "is the config from the same model?")
 
 
-def hf_to_cptrain(cfg: LlamaConfig, hf_sd: dict[str, torch.Tensor], source: str = "HF state dict") -> dict[str, torch.Tensor]:
+def hf_to_cptrain(cfg: LlamaConfig, hf_sd: dict[str, torch.Tensor],
+                  source: str = "HF state dict") -> dict[str, torch.Tensor]:
     """HF LlamaForCausalLM tensors -> ours. A stored lm_head.weight of a tied model is dropped (HF
     ties it to the embedding on load); stale `rotary_emb.inv_freq` buffers of old checkpoints too."""
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -72,7 +74,8 @@ def hf_to_cptrain(cfg: LlamaConfig, hf_sd: dict[str, torch.Tensor], source: str 
     return {ours: hf_sd[hf] for ours, hf in names.items()}
 
 
-def cptrain_to_hf(cfg: LlamaConfig, sd: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+def cptrain_to_hf(cfg: LlamaConfig, sd: dict[str, torch.Tensor],
+                  source: str = "state dict") -> dict[str, torch.Tensor]:
     """Our tensors -> HF LlamaForCausalLM names (no lm_head.weight when tied, as save_pretrained does)."""
     _check_tensors(sd, cfg, source)
     return {hf: sd[ours] for ours, hf in name_map(cfg).items()}
@@ -104,7 +107,7 @@ def load_hf_dir(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]
     cfg = from_hf_config(hf_cfg, source=str(path / "config.json"))
     index = path / HF_INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index, "").get("weight_map")
+        weight_map = _read_json(index, "re-save the model with save_pretrained").get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: has no 'weight_map'; re-save the model with save_pretrained")
         hf_sd, source = {}, str(index)

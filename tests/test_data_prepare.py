@@ -2,7 +2,6 @@
 the manifest, idempotent reruns after an interruption, and bad-record reporting."""
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from data_pipeline.loader import open_split
 from data_pipeline.prepare import pack
 from launch.cli import main as cli_main
 from launch.errors import UserError
-from test_data_support import AUSTEN, FIXTURES, SPANISH, prepare_args, run_prepare
+from test_data_support import AUSTEN, FIXTURES, SPANISH, run_prepare
 
 pytestmark = pytest.mark.data
 

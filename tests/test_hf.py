@@ -142,7 +142,8 @@ def test_bad_folders_raise_user_errors(tmp_path):
         "pytorch_model.bin only": lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
         "not a LlamaForCausalLM": lambda d: _edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"]),
         "attention_bias=True is not supported": lambda d: _edit_config(d, attention_bias=True),
-        "RoPE type 'yarn' is not supported": lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0}),
+        "RoPE type 'yarn' is not supported":
+            lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0}),
         "tensor shapes do not match": lambda d: _edit_config(d, intermediate_size=128),
         "tensors do not match the config": lambda d: _edit_config(d, num_hidden_layers=3),
         "config.json: not valid JSON": lambda d: (d / "config.json").write_text("{"),
@@ -197,7 +198,8 @@ def smollm2(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2")
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out, gguf.eval(), [tokenizer(t).input_ids for t in TEXTS]
+    yield out, gguf.eval(), [tokenizer(t).input_ids for t in TEXTS]
+    shutil.rmtree(out)  # 540 MB of fp32 weights
 
 
 @torch.no_grad()
@@ -234,3 +236,4 @@ def test_smollm2_cli_and_export_round_trip(smollm2, tmp_path, capsys):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     t = torch.tensor([token_lists[0]])
     assert torch.equal(reloaded(t).logits, hf(t).logits)
+    shutil.rmtree(tmp_path)  # 1 GB of fp32 weights that pytest would otherwise keep

@@ -202,7 +202,8 @@ def test_config_errors():
         preset("13B")
     cases = [({"dim": 66}, "not divisible by n_heads"), ({"n_kv_heads": 3}, "multiple of n_kv_heads"),
              ({"attention": "xformers"}, "use one of sdpa, flash_attn, flex"),
-             ({"rope_scaling": {"factor": 8.0}}, "rope_scaling lacks")]
+             ({"rope_scaling": {"factor": 8.0}}, "rope_scaling lacks"),
+             ({"rope_theta": "1e4"}, "rope_theta must be a positive number")]
     for change, message in cases:
         with pytest.raises(UserError, match=message):
             dataclasses.replace(preset("tiny"), **change).validate()

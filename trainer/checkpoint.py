@@ -73,15 +73,18 @@ def verify(folder: Path) -> str | None:
         return "no manifest (incomplete write)"
     try:
         entries = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+        checks = [(str(rel), int(meta["size"]), str(meta["xxh3"])) for rel, meta in entries.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):  # a damaged manifest, whatever the damage
         return "manifest unreadable"
-    for rel, meta in entries.items():
+    if not checks:
+        return "manifest lists no files"
+    for rel, size, digest in checks:
         p = folder / rel
         if not p.is_file():
             return f"{rel} missing"
-        if p.stat().st_size != meta["size"]:
-            return f"{rel} has {p.stat().st_size} bytes, manifest says {meta['size']} (truncated?)"
-        if _file_hash(p) != meta["xxh3"]:
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, manifest says {size} (truncated?)"
+        if _file_hash(p) != digest:
             return f"{rel} checksum mismatch (corrupted)"
     return None
 
@@ -130,24 +133,28 @@ def restore_rng(folder: Path, rank: int) -> bool:
     return True
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Delete the oldest checkpoints beyond keep_last, never one that is the only verified one."""
+def _prune(root: Path, keep_last: int, fresh: Path) -> None:
+    """Delete the oldest checkpoints beyond keep_last, but only while a kept one is good: `fresh`
+    (just written and hashed, so not hashed again) or another that verifies. The newest by step
+    can be a damaged one, e.g. when a resume skipped it."""
     ckpts = list_checkpoints(root)
     keep = ckpts[:keep_last]
-    if not any(verify(c) is None for c in keep):
+    if fresh not in keep and not any(verify(c) is None for c in keep):
         return
     for old in ckpts[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, state: dict, config_text: str, model_cfg_json: str,
-                    rank: int, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+                    rank: int, keep_last: int, before_publish=None) -> Path:
+    """Collective: every rank calls it. Returns the final folder. `before_publish` (a debugging
+    hook, faults.debug_checkpoint_delay_s) runs on rank 0 between writing the files and the rename."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-*") if root.is_dir() else ():  # left by a killed save; never visible
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     engine.save(tmp)
@@ -157,13 +164,17 @@ def save_checkpoint(run_dir: Path, step: int, engine, state: dict, config_text: 
         (tmp / STATE).write_text(json.dumps(state, indent=1))
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "model_config.json").write_text(model_cfg_json)
+        if before_publish is not None:
+            before_publish()
         write_manifest(tmp)
-        if final.exists():  # the same step saved again (e.g. after a rollback): replace it atomically enough
-            shutil.rmtree(final)
+        replaced = root / f".tmp-replaced-{name}"
+        if final.exists():  # the same step saved again: hide the old one first, so a crash leaves a good one
+            final.rename(replaced)
         tmp.rename(final)
+        shutil.rmtree(replaced, ignore_errors=True)
         _fsync(root)
         _atomic_write(root / "latest", name + "\n")
-        _prune(root, keep_last)
+        _prune(root, keep_last, final)
     _barrier()
     return final
 

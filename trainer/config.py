@@ -21,7 +21,11 @@ import yaml
 from data_pipeline.loader import DataConfig
 from launch.errors import UserError
 from model.config import LlamaConfig, preset
+from trainer.deepspeed_engine import DeepSpeedSection
+from trainer.faults import FaultsSection
+from trainer.fsdp_engine import FSDPSection
 from trainer.schedule import ScheduleConfig
+from trainer.sparsity import SparsityConfig
 
 _SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
@@ -92,6 +96,10 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # with train.engine=deepspeed (trainer/deepspeed_engine.py)
+    fsdp: FSDPSection = field(default_factory=FSDPSection)  # with train.engine=fsdp2 (trainer/fsdp_engine.py)
+    faults: FaultsSection = field(default_factory=FaultsSection)  # signals, NaNs, loss spikes (trainer/faults.py)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # pruning and sparse-then-dense (trainer/sparsity.py)
 
 
 # ---------------------------------------------------------------- generic dataclass <- dict
@@ -269,6 +277,7 @@ def _check(cfg: TrainConfig, src: str) -> None:
         raise UserError(f"{src}: data.seq_len={seq} exceeds model.max_seq_len={cfg.model.arch.max_seq_len}; raise model.max_seq_len")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
+    cfg.sparsity.check(t.max_tokens, cfg.model.arch, src)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

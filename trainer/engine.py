@@ -52,7 +52,11 @@ class Engine(Protocol):
         """Forward and backward one micro-batch; `sync` is False on all but the last of a step."""
 
     def step(self, lr: float, grad_clip: float) -> float:
-        """Clip, apply the optimizer with this LR, zero the gradients; returns the global grad norm."""
+        """Clip, apply the optimizer with this LR, zero the gradients; returns the global grad norm.
+        A non-finite global norm (NaN/inf on any rank) skips the update on every rank (trainer/faults.py)."""
+
+    def zero_grad(self) -> None:
+        """Discard the accumulated gradients without an update (a step the loop decided to skip)."""
 
     def save(self, path: Path) -> None:
         """Every rank writes its part of model + optimizer state into the folder `path`."""
@@ -75,10 +79,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_for(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if uses_bf16(precision, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def full_initial_state(model: Llama, initial_state: dict | None, ctx: DistContext) -> dict | None:
+    """The full weights a sharded engine starts from, on rank 0 only (None elsewhere): `initial_state`,
+    or init_weights() run on a CPU copy - the same call on the same RNG stream as LocalEngine's, so
+    every engine starts from identical weights. Rank 0's host memory holds one fp32 copy (4 bytes a
+    parameter, 32 GB for 8B); devices only ever hold their shards."""
+    if not ctx.is_main:
+        return None
+    if initial_state is not None:
+        return initial_state
+    with torch.device("meta"):
+        cpu_model = Llama(model.cfg)
+    cpu_model.to_empty(device="cpu")
+    cpu_model.init_weights()
+    return cpu_model.state_dict()
 
 
 def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
@@ -124,11 +148,15 @@ class LocalEngine:
     def step(self, lr: float, grad_clip: float) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(norm):  # DDP averaged the gradients: every rank sees the same norm and agrees
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+        self.zero_grad()
         return float(norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, path: Path) -> None:
         if self.ctx.is_main:

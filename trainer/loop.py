@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,11 @@ from model.llama import Llama
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_config, save_config
 from trainer.engine import DistContext, LocalEngine, init_distributed
+from trainer.faults import FaultMonitor, GracefulStop
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger, Throughput, device_peak_tflops, truncate_after
 from trainer.schedule import build_schedule
+from trainer.sparsity import Pruner, WithMasks
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Progress:
     last_lr: float = 0.0
     data: dict = field(default_factory=dict)
     schedule: dict = field(default_factory=dict)
+    faults: dict = field(default_factory=dict)
 
 
 def build_engine(cfg: TrainConfig, model: Llama, ctx: DistContext, initial_state: dict | None):
@@ -118,8 +122,9 @@ def _crossed(before: int, after: int, interval: int) -> bool:
 class Trainer:
     """Holds what one run needs; `train()` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, stop: GracefulStop | None = None):
         self.cfg = cfg
+        self.stop = stop or GracefulStop()  # installed by main()/run(); a bare one is never signalled
         self.ctx = init_distributed(cfg.train.device)
         self.run_dir = Path(cfg.run_dir)
         arch = cfg.model.arch
@@ -147,7 +152,11 @@ class Trainer:
             self._say(f"resumed from {resume_from} at step {self.progress.step} ({self.progress.tokens:,} tokens)")
         elif cfg.model.init_from and cfg.model.load != "weights":
             self._continue_from(Path(cfg.model.init_from))
+        self.pruner = Pruner(cfg.sparsity, cfg.train.max_tokens, param_counts(arch)[0], self.engine, self._say)
+        if resume_from is not None or cfg.model.init_from:  # masks of a sparse checkpoint (kept or, if disabled, dropped)
+            self.pruner.load(resume_from or ckpt.resolve_checkpoint(cfg.model.init_from), resume=resume_from is not None)
 
+        self.faults = FaultMonitor(cfg.faults, self.progress.faults)
         self.schedule = build_schedule(cfg.schedule, cfg.train.max_tokens, cfg.train.global_batch_tokens)
         if self.progress.schedule:
             self.schedule.load_state_dict(self.progress.schedule)
@@ -197,7 +206,7 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns the step's metrics."""
         n_dom = len(self.domains)
         acc = torch.zeros(1 + 2 * n_dom, dtype=torch.float64, device=self.ctx.device)
-        loss_fn = self._loss_fn()
+        loss_fn = self.faults.inject(self._loss_fn(), self.progress.step + 1, self.ctx.rank)
         for i in range(self.accum):
             batch = _to_device(next(data_iter), self.ctx.device)
             stats = self.engine.forward_backward(batch, loss_fn, sync=i == self.accum - 1)
@@ -208,9 +217,19 @@ class Trainer:
         # The LR of a step is the schedule's value at the tokens seen once the step is done: the first
         # step already learns, and the last one lands exactly on the schedule's final LR.
         lr = self.schedule.lr(self.progress.tokens + self.cfg.train.global_batch_tokens)
-        grad_norm = self.engine.step(lr, self.cfg.optim.grad_clip)
-        _all_reduce(acc)
-        row = {"loss": (acc[0] / self.cfg.train.global_batch_tokens).item(), "lr": lr, "grad_norm": grad_norm}
+        _all_reduce(acc)  # before the update: every rank judges the same loss (trainer/faults.py)
+        loss = (acc[0] / self.cfg.train.global_batch_tokens).item()
+        verdict, note = self.faults.judge(loss, self.progress.step + 1)
+        grad_norm = math.nan
+        if verdict == "update":
+            grad_norm = self.engine.step(lr, self.cfg.optim.grad_clip)
+            skipped = self.faults.after_update(grad_norm, self.progress.step + 1)
+            verdict, note = ("skip", skipped) if skipped else (verdict, note)
+        else:
+            self.engine.zero_grad()
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **self.faults.row()}
+        if note:
+            row.update(fault=note, fault_action=verdict)
         for d, name in enumerate(self.domains):
             if n_dom > 1 and acc[1 + n_dom + d] > 0:
                 row[f"train/{name}"] = (acc[1 + d] / acc[1 + n_dom + d]).item()
@@ -219,12 +238,33 @@ class Trainer:
     def save(self) -> Path:
         self.progress.data = self.loader.state_dict()
         self.progress.schedule = self.schedule.state_dict()
+        self.progress.faults = self.faults.state_dict()
         state = {"progress": dataclasses.asdict(self.progress), "engine": self.cfg.train.engine,
                  "world_size": self.ctx.world_size, "time": time.time()}
         cfg_text = (self.run_dir / "config.yaml").read_text() if self.ctx.is_main else ""
         model_json = json.dumps(dataclasses.asdict(self.cfg.model.arch))
-        return ckpt.save_checkpoint(self.run_dir, self.progress.step, self.engine, state, cfg_text, model_json,
-                                    self.ctx.rank, self.cfg.checkpoint.keep_last)
+        engine = WithMasks(self.engine, self.pruner, self.ctx.rank)  # the masks go into the same checkpoint
+        return ckpt.save_checkpoint(self.run_dir, self.progress.step, engine, state, cfg_text, model_json,
+                                    self.ctx.rank, self.cfg.checkpoint.keep_last, self.faults.before_publish)
+
+    def _rollback(self, log: MetricsLogger, note: str) -> bool:
+        """Back to the newest good checkpoint's weights, optimizer and counters. The loader is not
+        rewound: the batches since the checkpoint, which led to the spike, are skipped."""
+        folder = ckpt.find_resume(self.run_dir, log=log.message)
+        if folder is None:
+            log.message(f"{note}: no checkpoint to roll back to; the update was skipped instead")
+            return False
+        self.engine.load(folder, optimizer=True)
+        self.pruner.load(folder, resume=True)
+        saved, p = Progress(**ckpt.read_state(folder)["progress"]), self.progress
+        p.step, p.tokens, p.last_lr, p.schedule = saved.step, saved.tokens, saved.last_lr, saved.schedule
+        if p.schedule:
+            self.schedule.load_state_dict(p.schedule)
+        if self.ctx.is_main:
+            truncate_after(self.run_dir / "metrics.jsonl", p.step)  # the abandoned branch's rows
+        log.log({"step": p.step, "tokens": p.tokens, "fault": note, "fault_action": "rollback", **self.faults.row()})
+        log.message(f"{note}: rolled back to {folder}")
+        return True
 
     def train(self) -> list[dict]:
         cfg, p = self.cfg, self.progress
@@ -240,8 +280,11 @@ class Trainer:
         data_iter = iter(self.loader)
         while p.step < self.total_steps:
             row = self.train_step(data_iter)
+            if row.get("fault_action") == "rollback" and self._rollback(log, row["fault"]):
+                continue
             before = p.tokens
             p.step, p.tokens, p.last_lr = p.step + 1, p.tokens + cfg.train.global_batch_tokens, row["lr"]
+            row.update(self.pruner.after_step(before, p.tokens))  # re-mask what the optimizer wrote; prune/densify on schedule
             speed.add(cfg.train.global_batch_tokens)
             last = p.step == self.total_steps
             if p.step % cfg.log.interval_steps == 0 or last:
@@ -255,20 +298,30 @@ class Trainer:
             t0 = time.perf_counter()
             if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and self.val_loaders):
                 row.update(evaluate(self.engine, self.val_loaders, self.ctx, cfg))
-            if p.step % cfg.log.interval_steps == 0 or last or any(k.startswith("val/") for k in row):
+            if p.step % cfg.log.interval_steps == 0 or last or any(k.startswith("val/") for k in row) or "fault" in row:
                 log.log(row)
+            if "fault" in row:
+                log.message(row["fault"])
             rows.append(row)
+            saved = None
             if _crossed(before, p.tokens, cfg.checkpoint.interval_tokens) or (last and cfg.checkpoint.at_end):
                 saved = self.save()
                 log.message(f"saved checkpoint {saved}")
             speed.pause(time.perf_counter() - t0)
+            if self.stop.agreed(self.ctx.device) and not last:
+                saved = saved or self.save()
+                log.message(f"stopped by {self.stop.name} after step {p.step}; saved checkpoint {saved}; "
+                            f"continue with `cptrain train CONFIG --resume`")
+                break
+        self.pruner.finish(self.run_dir, self.ctx.is_main)
         log.close()
         return rows
 
 
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    Trainer(cfg, resume=args.resume).train()
+    with GracefulStop() as stop:
+        Trainer(cfg, resume=args.resume, stop=stop).train()
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -276,5 +329,6 @@ def main(args) -> int:
 
 def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     """Programmatic entry (tests, demo): train one config in this process."""
-    return Trainer(cfg, resume=resume).train()
+    with GracefulStop() as stop:
+        return Trainer(cfg, resume=resume, stop=stop).train()
 

@@ -1,0 +1,263 @@
+"""Training throughput and MFU of cptrain's model vs. the peer baseline, in one process on one GPU.
+
+The peer: HF transformers LlamaForCausalLM (fp32 master weights, bf16 autocast, SDPA, fused torch
+AdamW, torch.compile of the whole model). Ours: the cptrain model through the step the trainer
+runs (trainer/engine.py LocalEngine + trainer/loss.py): forward/backward, grad clipping, AdamW.
+Both take one micro-batch per optimizer step, on random tokens (no data loading in the timing).
+
+MFU = tokens/s * (6 * N_non_embedding + 12 * L * d * S) / peak (989 TFLOP/s, H100/H200 dense bf16);
+N_non_embedding leaves out the input embedding and the output head (model.config.flops_per_token).
+
+    python3 bench/bench_mfu.py --model 350M --run peer:mb=8 --run ours:mb=8,attn=flex,doc=1,ce=8192
+    python3 bench/bench_mfu.py --attention   # attention kernels alone (fwd+bwd)
+
+A run is `impl:key=value,...`; keys (ours unless noted): mb (micro-batch, both), compile (0/1,
+both), attn (sdpa|flex), doc (document masking 0/1), sdpa (auto|cudnn|flash|efficient, both),
+ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (pure bf16 params 0/1).
+Results are appended to --out as JSON lines; a table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.config import flops_per_token, preset, to_hf_config  # noqa: E402
+
+DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0}
+SEQ = 2048
+
+
+def parse_run(text: str) -> dict:
+    impl, _, rest = text.partition(":")
+    run = dict(DEFAULTS, impl=impl)
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=")
+        run[key] = value if key in ("attn", "sdpa") else int(value)
+    return run
+
+
+def sdpa_context(choice: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if choice == "auto":
+        return contextlib.nullcontext()
+    rest = [b for b in (*order.values(), SDPBackend.MATH) if b != order[choice]]
+    return sdpa_kernel([order[choice], *rest], set_priority=True)
+
+
+def random_batch(mb: int, vocab: int, device, gen: torch.Generator, mean_doc: int) -> dict:
+    """Random tokens [mb, S+1] and doc_ids from exponential document lengths (mean `mean_doc`)."""
+    tokens = torch.randint(0, vocab, (mb, SEQ + 1), generator=gen)
+    doc_ids = torch.zeros(mb, SEQ + 1, dtype=torch.int32)
+    for row in range(mb):
+        pos, doc = 0, 0
+        while pos < SEQ + 1:
+            length = max(1, int(-mean_doc * math.log(1.0 - torch.rand(1, generator=gen).item())))
+            doc_ids[row, pos:pos + length] = doc
+            pos, doc = pos + length, doc + 1
+    return {"tokens": tokens.to(device), "doc_ids": doc_ids.to(device)}
+
+
+def build_ours(model_name: str, run: dict, device):
+    from model.llama import Llama
+    from trainer.config import load_config
+    from trainer.engine import DistContext, LocalEngine
+    from trainer.loss import lm_loss
+
+    overrides = [f"--model.preset={model_name}", f"--model.attention={run['attn']}",
+                 f"--model.doc_masking={bool(run['doc'])}", f"--data.seq_len={SEQ}",
+                 f"--train.micro_batch_size={run['mb']}", f"--train.global_batch_tokens={run['mb'] * SEQ}",
+                 f"--train.compile={bool(run['compile'])}", f"--train.activation_checkpointing={bool(run['ac'])}",
+                 f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}"]
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(cfg.model.arch)
+    engine = LocalEngine(model, cfg, DistContext(device=device), None)
+    if run["bf16"]:
+        engine.inner.to(torch.bfloat16)  # optimizer state is created lazily, so it follows in bf16
+    scale = 1.0 / (run["mb"] * SEQ)
+
+    def step(batch):
+        engine.forward_backward(batch, lambda m, b: lm_loss(m, b, scale, run["ce"]), sync=True)
+        return engine.step(1e-4, 1.0)
+    return step, cfg.model.arch
+
+
+def build_peer(model_name: str, run: dict, device):
+    from transformers import AutoModelForCausalLM, LlamaConfig as HFLlamaConfig
+
+    arch = preset(model_name)
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(HFLlamaConfig(**to_hf_config(arch)), attn_implementation="sdpa",
+                                                 dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device.type == "cuda")
+    fwd = torch.compile(model) if run["compile"] else model
+
+    def step(batch):
+        x = batch["tokens"][:, :SEQ]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = fwd(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(norm)
+    return step, arch
+
+
+def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tflops: float) -> dict:
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = {"model": model_name, **run}
+    try:
+        with sdpa_context(run["sdpa"]):
+            step, arch = (build_peer if run["impl"] == "peer" else build_ours)(model_name, run, device)
+            gen = torch.Generator().manual_seed(1)
+            batches = [random_batch(run["mb"], arch.vocab_size, device, gen, 800) for _ in range(4)]
+            t0 = time.perf_counter()
+            for i in range(warmup):
+                step(batches[i % 4])
+            result["warmup_s"] = round(time.perf_counter() - t0, 1)
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                step(batches[i % 4])
+            _sync(device)
+            dt = time.perf_counter() - t0
+        tps = steps * run["mb"] * SEQ / dt
+        result.update(tokens_per_s=round(tps), mfu=round(tps * flops_per_token(arch, SEQ) / (peak_tflops * 1e12), 4))
+        if device.type == "cuda":
+            result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    except torch.OutOfMemoryError:
+        result["error"] = "OOM"
+    except Exception as e:  # a failed variant is a result to report, not a reason to lose the others
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    step = batches = None  # noqa: F841  (free the model before the next run)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def attention_bench(device, out: Path | None) -> list[dict]:
+    """fwd+bwd of attention alone at the two benchmark shapes, per kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from triton.testing import do_bench
+
+    from model.attention import doc_causal_mask, doc_segments
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for b, h, hd in ((8, 16, 64), (4, 16, 128)):
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(b, h, SEQ, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        doc_ids = random_batch(b, 2, device, gen, 800)["doc_ids"][:, :SEQ]
+        _, seg = doc_segments(doc_ids)
+
+        def doc_mod(bi, hi, qi, ki):
+            return (seg[bi, qi] == seg[bi, ki]) & (qi >= ki)
+
+        def causal_mod(bi, hi, qi, ki):
+            return qi >= ki
+
+        dense = doc_causal_mask(doc_ids)
+        cases = {
+            "sdpa flash causal": lambda: _sdpa(q, k, v, "flash", None),
+            "sdpa cudnn causal": lambda: _sdpa(q, k, v, "cudnn", None),
+            "sdpa efficient causal": lambda: _sdpa(q, k, v, "efficient", None),
+            "flex causal": lambda: flex(q, k, v, block_mask=create_block_mask(causal_mod, None, None, SEQ, SEQ, device=device)),
+            "flex doc (mask built each call)": lambda: flex(q, k, v, block_mask=create_block_mask(doc_mod, b, None, SEQ, SEQ, device=device)),
+            "sdpa efficient doc (dense mask)": lambda: _sdpa(q, k, v, "efficient", dense),
+            "sdpa cudnn doc (dense mask)": lambda: _sdpa(q, k, v, "cudnn", dense),
+        }
+        mask_ms = do_bench(lambda: create_block_mask(doc_mod, b, None, SEQ, SEQ, device=device), return_mode="median")
+        for name, fn in cases.items():
+            row = {"shape": f"B{b} H{h} S{SEQ} hd{hd}", "kernel": name}
+            try:
+                row["fwd_bwd_ms"] = round(do_bench(lambda: fn().sum().backward(), return_mode="median"), 3)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(row)
+        rows.append({"shape": f"B{b} H{h} S{SEQ} hd{hd}", "kernel": "create_block_mask (doc) alone", "fwd_bwd_ms": round(mask_ms, 3)})
+    for r in rows:
+        print(json.dumps(r), flush=True)
+        if out:
+            with out.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+    return rows
+
+
+def _sdpa(q, k, v, backend: str, mask):
+    import torch.nn.functional as F
+
+    with sdpa_context(backend):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'model':6} {'run':58} {'tok/s':>9} {'MFU':>6} {'peak GiB':>8} {'warm-up s':>9}")
+    for r in rows:
+        spec = r["impl"] + ":" + ",".join(f"{k}={r[k]}" for k in DEFAULTS)
+        if "error" in r:
+            print(f"{r['model']:6} {spec:58} {r['error']}")
+        else:
+            print(f"{r['model']:6} {spec:58} {r['tokens_per_s']:9,} {100 * r['mfu']:5.1f}% {r.get('peak_gib', 0):8.1f} {r['warmup_s']:9.1f}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="350M", help="model preset (350M = 374M peer shape, 1.3B = 1.35B)")
+    p.add_argument("--run", action="append", default=[], help="impl:key=value,... (repeatable)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation happens here)")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining runs after this many seconds")
+    p.add_argument("--attention", action="store_true", help="time the attention kernels alone")
+    p.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seq", type=int, default=SEQ, help="sequence length (2048 for the reported figures)")
+    args = p.parse_args()
+    globals()["SEQ"] = args.seq
+    device = torch.device(args.device)
+    if args.attention:
+        attention_bench(device, args.out)
+    start, rows = time.perf_counter(), []
+    for text in args.run:
+        if time.perf_counter() - start > args.budget_s:
+            print(f"skipped (over budget): {text}", flush=True)
+            continue
+        row = measure(args.model, parse_run(text), device, args.steps, args.warmup, args.peak_tflops)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    if rows:
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""The DeepSpeed engine: ZeRO stage 0-3 (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
+Training Trillion Parameter Models"), bf16, optional CPU offload, behind the loop's Engine interface.
+
+The DeepSpeed config is generated from ours (`deepspeed_config`); `deepspeed.extra` is merged last, so
+any raw DeepSpeed key can be set without a code change. The optimization is the single-process one:
+the loop already scales each rank's loss by world_size / global_batch_tokens, so `backward` runs with
+`scale_wrt_gas=False`, the accumulation boundary is set explicitly from the loop's `sync`, and
+`engine.step()` is called once per optimizer step with the loop's LR.
+
+Checkpoints are DeepSpeed's own (`save_checkpoint` into CKPT/deepspeed/). At another world size they
+are converted to a universal checkpoint first (`deepspeed.checkpoint.ds_to_universal`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from launch.errors import UserError
+from trainer.engine import DistContext, LossFn, full_initial_state, param_groups, uses_bf16, wrap_blocks
+
+TAG = "deepspeed"  # the checkpoint's subfolder (DeepSpeed's "tag")
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: Literal[0, 1, 2, 3] = 2  # 1: shard optimizer states, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and the Adam step on CPU (stage >= 1)
+    offload_params: bool = False  # parameters on CPU between uses (stage 3 only)
+    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"  # torch AdamW, or DeepSpeed's fused/CPU Adam (JIT-built; auto: on GPU only)
+    extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, deep-merged last
+
+    def __post_init__(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise UserError("deepspeed.offload_params needs deepspeed.zero_stage=3; raise the stage or drop the offload")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise UserError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _use_ds_optimizer(cfg, device: torch.device) -> bool:
+    # DeepSpeed's config optimizer JIT-compiles fused_adam (~50 s on CPU, platform-notes): GPU only by default.
+    return cfg.deepspeed.optimizer == "deepspeed" or (cfg.deepspeed.optimizer == "auto" and device.type == "cuda")
+
+
+def deepspeed_config(cfg, ctx: DistContext) -> dict:
+    """Our config -> DeepSpeed's (before `deepspeed.extra` is merged in)."""
+    ds, t = cfg.deepspeed, cfg.train
+    accum = t.global_batch_tokens // (cfg.data.seq_len * t.micro_batch_size * ctx.world_size)
+    pin = ctx.device.type == "cuda"
+    zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.zero_stage >= 2 and ctx.device.type == "cuda"}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    conf = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": max(accum, 1),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": uses_bf16(t.precision, ctx.device)},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # a torch AdamW may run the offloaded step
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if _use_ds_optimizer(cfg, ctx.device):
+        o = cfg.optim
+        conf["optimizer"] = {"type": "AdamW", "params": {"lr": 0.0, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                                                         "weight_decay": o.weight_decay}}
+    return conf
+
+
+def _init_comm(ctx: DistContext) -> None:
+    """Join (or, for a plain single process, create) the process group DeepSpeed communicates over."""
+    import deepspeed
+    import deepspeed.comm.torch as ds_torch
+
+    # The CPU shared-memory all-reduce op JIT-compiles (~30 s) and leaves ~66 MB per rank in /dev/shm
+    # that is never freed (platform-notes); gloo is fast enough for CPU runs.
+    if ctx.device.type == "cpu":
+        ds_torch.build_shm_op = lambda: None
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeepSpeedEngine:
+    def __init__(self, model, cfg, ctx: DistContext, initial_state: dict | None):
+        import deepspeed
+
+        if cfg.deepspeed.zero_stage == 3 and cfg.train.loss_chunk_tokens > 0:
+            raise UserError("train.loss_chunk_tokens needs engine fsdp2 or deepspeed.zero_stage <= 2: ZeRO-3 gathers "
+                            "parameters only inside module forwards; set train.loss_chunk_tokens=0")
+        _init_comm(ctx)
+        self.ctx, self.cfg = ctx, cfg
+        self.grad_clip = cfg.optim.grad_clip
+        conf = _merge(deepspeed_config(cfg, ctx), cfg.deepspeed.extra)
+        full = full_initial_state(model, initial_state, ctx)
+        module = _build_zero3(model.cfg, conf, full) if cfg.deepspeed.zero_stage == 3 else _build_replicated(model, full, ctx)
+        wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile)
+        groups = param_groups(module, cfg.optim.weight_decay)
+        client = None
+        if not _use_ds_optimizer(cfg, ctx.device):
+            from trainer.engine import build_optimizer
+
+            client = build_optimizer(groups, cfg.optim, ctx.device)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, model_parameters=groups,
+                                                                config=conf)
+        self.inner = module
+
+    def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
+        # The loop scales the loss for accumulation itself; DeepSpeed reduces at the boundary we set.
+        self.model.set_gradient_accumulation_boundary(sync)
+        loss, stats = loss_fn(self.model, batch)
+        self.model.backward(loss, scale_wrt_gas=False)
+        return stats
+
+    def step(self, lr: float, grad_clip: float) -> float:
+        if grad_clip != self.grad_clip:
+            raise ValueError(f"grad_clip {grad_clip} differs from the {self.grad_clip} DeepSpeed was configured with")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        own_norm = None
+        if not hasattr(self.model.optimizer, "_global_grad_norm"):
+            # ZeRO stage 0 in fp32 steps the bare torch optimizer, which does not record the norm;
+            # the gradients are already all-reduced at the boundary backward.
+            own_norm = torch.nn.utils.clip_grad_norm_(self.inner.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        self.model.step()
+        norm = self.model.get_global_grad_norm() if own_norm is None else own_norm
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.model.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, path: Path) -> None:
+        self.model.save_checkpoint(str(path), tag=TAG, save_latest=False)
+
+    def load(self, path: Path, optimizer: bool) -> None:
+        saved_world = json.loads((path / "trainer_state.json").read_text()).get("world_size", self.ctx.world_size)
+        if saved_world == self.ctx.world_size:
+            self._load(path, optimizer)
+            return
+        # ZeRO partitions are per rank: another world size needs the universal (per-parameter) format.
+        universal = path.parent / f".universal-{path.name}"
+        if self.ctx.is_main:
+            to_universal(path / TAG, universal / TAG, self.cfg.deepspeed.zero_stage)
+        dist.barrier()
+        self.model._config.load_universal_checkpoint = True  # read at load time only
+        try:
+            self._load(universal, optimizer)
+        finally:
+            self.model._config.load_universal_checkpoint = False
+            dist.barrier()
+            if self.ctx.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    def _load(self, folder: Path, optimizer: bool) -> None:
+        loaded, _ = self.model.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=optimizer,
+                                               load_lr_scheduler_states=False, load_module_only=not optimizer)
+        if loaded is None:
+            raise UserError(f"{folder}: no DeepSpeed checkpoint under {TAG}/; was it saved with train.engine=deepspeed?")
+
+    def full_state_dict(self) -> dict:
+        import deepspeed
+
+        out = {}
+        for name, p in self.inner.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                out[name] = p.detach().float().cpu().clone()
+        return out
+
+
+def _build_replicated(model, full: dict | None, ctx: DistContext):
+    """ZeRO 0-2 keep every parameter on every rank: materialize, then take rank 0's weights."""
+    model.to_empty(device=ctx.device)
+    if ctx.is_main:
+        model.load_state_dict(full, strict=True)
+    for p in model.parameters():  # the same weights everywhere before DeepSpeed flattens them
+        if dist.get_world_size() > 1:
+            dist.broadcast(p.data, src=0)
+    return model
+
+
+def _build_zero3(arch, conf: dict, full: dict | None):
+    """Build the model under `deepspeed.zero.Init`, so each module's parameters are partitioned as soon
+    as they exist (peak memory: one module, not the model), then copy rank 0's weights in one module at
+    a time."""
+    import deepspeed
+
+    from model.llama import Llama
+
+    with torch.random.fork_rng(), deepspeed.zero.Init(config_dict_or_path=conf):
+        module = Llama(arch)
+    for sub in module.modules():
+        params = list(sub.parameters(recurse=False))
+        if params:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+                if dist.get_rank() == 0:
+                    prefix = next(n for n, m in module.named_modules() if m is sub)
+                    for name, p in sub.named_parameters(recurse=False):
+                        p.copy_(full[f"{prefix}.{name}" if prefix else name])
+    # The head reads the output (or tied embedding) weight outside that module's forward.
+    head = module.tok_embeddings.weight if module.output is None else module.output.weight
+    deepspeed.zero.register_external_parameter(module, head)
+    return module
+
+
+def to_universal(src: Path, out: Path, zero_stage: int) -> None:
+    """DeepSpeed's own converter, in a subprocess (it forks extraction workers)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(out), "--num_extract_workers", "1"]
+    if zero_stage < 3:
+        cmd.append("--inject_missing_state")  # ZeRO-1/2 checkpoints lack the universal metadata
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {src}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+
+
+def consolidate(path: Path) -> dict:
+    """The full fp32 weights of a DeepSpeed checkpoint folder (any stage, any world size), on CPU."""
+    folder = Path(path) / TAG
+    if not folder.is_dir():
+        raise UserError(f"{path}: no {TAG}/ folder; this is not a complete DeepSpeed checkpoint")
+    if any(folder.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+    else:  # stage 0 keeps the module whole
+        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}

@@ -1,0 +1,123 @@
+"""The FSDP2 engine: `fully_shard` per block and on the root (parameters, gradients and optimizer
+state sharded over ranks as DTensors), bf16 parameters with fp32 gradient reduction under
+precision bf16, optional CPU offload, behind the loop's Engine interface.
+
+Build order (as torchtitan's): activation checkpointing / compile per block -> shard the meta model
+-> allocate only the local shards (`to_empty`) -> load the full initial weights from rank 0 with
+`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`, one tensor at a time.
+
+Checkpoints are torch.distributed.checkpoint (DCP) folders, which reshard on load: a checkpoint
+saved by N ranks loads at any world size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from launch.errors import UserError
+from trainer.engine import (DistContext, LossFn, build_optimizer, full_initial_state, param_groups, uses_bf16,
+                            wrap_blocks)
+
+DCP_DIR = "dcp"  # the checkpoint's subfolder
+
+
+@dataclass
+class FSDPSection:
+    reshard_after_forward: bool = True  # free each block's gathered weights after its forward (re-gathered in backward)
+    cpu_offload: bool = False  # CPUOffloadPolicy: sharded weights, gradients and the optimizer step live on CPU
+    defer_grad_sync: bool = False  # reduce-scatter only on a step's last micro-batch (less traffic, full-size grads kept)
+
+
+def _ensure_group(ctx: DistContext) -> None:
+    """FSDP2 needs a process group even for one process (a resume at world size 1)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if ctx.device.type == "cpu" else "nccl", store=dist.HashStore(),
+                                rank=0, world_size=1)
+
+
+class FSDPEngine:
+    def __init__(self, model, cfg, ctx: DistContext, initial_state: dict | None):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                            register_fsdp_forward_method)
+
+        _ensure_group(ctx)
+        self.ctx, self.cfg = ctx, cfg
+        f = cfg.fsdp
+        if f.cpu_offload and ctx.device.type == "cpu":
+            raise UserError("fsdp.cpu_offload needs a GPU (train.device=cuda); on CPU everything is already on the CPU")
+        mesh = init_device_mesh(ctx.device.type, (dist.get_world_size(),))
+        bf16 = uses_bf16(cfg.train.precision, ctx.device)
+        # Mixed precision as in torchtitan: bf16 compute, fp32 sharded master weights and fp32
+        # gradient reduction, so the sum over ranks does not lose low bits.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        shard = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if f.cpu_offload else OffloadPolicy())
+        wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
+        for block in model.layers:
+            fully_shard(block, reshard_after_forward=f.reshard_after_forward, **shard)
+        fully_shard(model, **shard)  # the root: embeddings, final norm, head
+        # The chunked loss calls model.hidden() instead of forward(); it must gather the root's weights too.
+        register_fsdp_forward_method(model, "hidden")
+        model.to_empty(device="cpu" if f.cpu_offload else ctx.device)
+        full = full_initial_state(model, initial_state, ctx)
+        set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        self.model = model
+        self.optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, ctx.device)
+
+    def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
+        self.model.set_requires_gradient_sync(sync or not self.cfg.fsdp.defer_grad_sync)
+        loss, stats = loss_fn(self.model, batch)
+        loss.backward()
+        return stats
+
+    def step(self, lr: float, grad_clip: float) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor: the global norm
+        if torch.isfinite(norm):  # the same global norm on every rank: all skip or all update
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+        self.zero_grad()
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+
+    def load(self, path: Path, optimizer: bool) -> None:
+        if not (path / DCP_DIR / ".metadata").is_file():
+            raise UserError(f"{path}: no {DCP_DIR}/.metadata; was it saved with train.engine=fsdp2?")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd} if optimizer else {"model": model_sd}
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))  # reshards to this world size
+        if optimizer:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            set_model_state_dict(self.model, state["model"])
+
+    def full_state_dict(self) -> dict:
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def consolidate(path: Path) -> dict:
+    """The full weights of a DCP checkpoint folder, read in this one process (no process group)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+
+    folder = Path(path) / DCP_DIR
+    if not (folder / ".metadata").is_file():
+        raise UserError(f"{path}: no {DCP_DIR}/.metadata; this is not a complete FSDP2 checkpoint")
+    state: dict = {}
+    dcp.load(state, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+             no_dist=True)
+    return {k: v.float().contiguous() for k, v in state["model"].items()}

@@ -1,0 +1,453 @@
+"""Sparse-then-dense training: magnitude pruning on a token schedule, masks that hold under every
+engine, densification, and the average parameter count of the run.
+
+- Schedule: one-shot at a point, or gradual with Zhu & Gupta's (2017) cubic ramp
+  s(u) = s_final * (1 - (1 - u)^3) between 25% and 75% of the budget, the window The Journey
+  Matters (Jin et al. 2025) found near-optimal among 80 schedules.
+- Masks hold by masking every copy of a weight the optimizer writes (the model parameter and, under
+  DeepSpeed, the fp32 master partition) after each optimizer step. Gradients stay dense, so Adam's
+  moments of pruned weights keep tracking the true gradient: at densification (SPDF, Thangarasa et
+  al. 2023) revived weights take ordinary Adam steps instead of cold-started ones, and no engine's
+  gradient buffers (DeepSpeed's reduce-scatter, FSDP2's) need hooks.
+- Thresholds are exact across shards: each rank owns a disjoint range of each tensor; the k-th
+  smallest magnitude is found by bisection on the float bits with all-reduced counts, and ties at
+  the threshold are broken by (tensor order, flat index), so exactly k weights are pruned and a
+  sharded run picks the same weights as one process.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from launch.errors import UserError
+
+# Parameter names (of the unwrapped Llama) for each choice in `sparsity.params`. Norms are never pruned.
+PARAM_PATTERNS = {
+    "attention": r"layers\.\d+\.attention\.w[qkvo]\.weight",
+    "mlp": r"layers\.\d+\.feed_forward\.w[123]\.weight",
+    "embeddings": r"tok_embeddings\.weight",
+    "output": r"output\.weight",
+}
+MASK_FILE = "sparsity-masks-rank{rank}.safetensors"
+STATE_FILE = "sparsity.json"
+_MAX_KEY = 0x7F800000  # float32 bits of +inf: every |w| key is <= this
+
+
+@dataclass
+class SparsityConfig:
+    enabled: bool = False  # prune during training; false while loading a checkpoint with masks -> dense (SPDF)
+    target: float = 0.5  # final fraction of zeros among the pruned tensors (2:4 needs 0.5)
+    params: list[Literal["attention", "mlp", "embeddings", "output"]] = field(default_factory=lambda: ["attention", "mlp"])
+    pattern: Literal["unstructured", "2of4"] = "unstructured"  # 2of4 = 2:4 semi-structured: two zeros in every 4 consecutive inputs
+    scope: Literal["layer", "global"] = "layer"  # magnitude threshold per weight matrix, or one over all of them
+    schedule: Literal["gradual", "oneshot"] = "gradual"  # cubic ramp over [start, end], or all at start
+    start_fraction: float = 0.25  # of train.max_tokens: where pruning starts (oneshot: where it happens)
+    end_fraction: float = 0.75  # of train.max_tokens: where the gradual ramp reaches the target
+    interval_tokens: int = 0  # prune every this many tokens inside the ramp; 0 = after every optimizer step
+    densify_at_tokens: int = 0  # drop the masks here and let every weight learn again; 0 = stay sparse
+
+    def __post_init__(self):
+        if not 0.0 <= self.target < 1.0:
+            raise UserError(f"sparsity.target={self.target} must be in [0, 1); e.g. 0.5 for half the weights zero")
+        if not 0.0 <= self.start_fraction <= self.end_fraction <= 1.0:
+            raise UserError("sparsity.start_fraction and end_fraction must satisfy 0 <= start <= end <= 1 (e.g. 0.25, 0.75)")
+        if self.pattern == "2of4" and (self.target != 0.5 or self.schedule != "oneshot"):
+            raise UserError("sparsity.pattern=2of4 prunes exactly half in one shot; set sparsity.target=0.5 and sparsity.schedule=oneshot")
+        if self.interval_tokens < 0 or self.densify_at_tokens < 0:
+            raise UserError("sparsity.interval_tokens and sparsity.densify_at_tokens must be >= 0")
+        if not self.params:
+            raise UserError("sparsity.params is empty; name at least one of attention, mlp, embeddings, output")
+
+    def check(self, max_tokens: int, arch, src: str) -> None:
+        """Checks that need the budget and model shape (called at config load, before any work)."""
+        if not self.enabled:
+            return
+        end = self.window(max_tokens)[1] if self.schedule == "gradual" else self.window(max_tokens)[0]
+        if 0 < self.densify_at_tokens < end:
+            raise UserError(f"{src}: sparsity.densify_at_tokens={self.densify_at_tokens} comes before pruning ends "
+                            f"({end} tokens); densify after end_fraction * train.max_tokens")
+        if self.pattern == "2of4" and (arch.dim % 4 or arch.ffn_dim % 4):
+            raise UserError(f"{src}: sparsity.pattern=2of4 needs model.dim and model.ffn_dim divisible by 4")
+
+    def window(self, max_tokens: int) -> tuple[int, int]:
+        return round(self.start_fraction * max_tokens), round(self.end_fraction * max_tokens)
+
+
+def target_at(cfg: SparsityConfig, tokens: int, max_tokens: int) -> float:
+    """The scheduled sparsity once `tokens` have been trained."""
+    start, end = cfg.window(max_tokens)
+    if tokens < start:
+        return 0.0
+    if cfg.schedule == "oneshot" or tokens >= end:
+        return cfg.target
+    u = (tokens - start) / (end - start)
+    return cfg.target * (1.0 - (1.0 - u) ** 3)
+
+
+def prune_point(cfg: SparsityConfig, before: int, after: int, max_tokens: int) -> int | None:
+    """The last pruning point in (before, after], or None. Points: start, every interval_tokens
+    after it, and end; a point's sparsity is the schedule's value there, whatever the batch size.
+    A point at 0 tokens is taken after the first step (pruning acts after optimizer steps)."""
+    start, end = cfg.window(max_tokens)
+    start = max(start, 1)
+    if cfg.schedule == "oneshot":
+        return start if before < start <= after else None
+    if after < start or before >= end:
+        return None
+    if after >= end:
+        return end
+    step = cfg.interval_tokens
+    last = start + (after - start) // step * step if step else after
+    return last if last > before else None
+
+
+# ---------------------------------------------------------------- where each rank's weights live
+
+@dataclass
+class Target:
+    """One pruned tensor as this rank holds it: the flat range [start, start + values.numel()) of the
+    full tensor, and every copy the optimizer writes, as (lo, hi, view of elements lo..hi of the range)."""
+    name: str
+    shape: tuple
+    start: int
+    values: torch.Tensor
+    copies: list
+
+
+def _selected(module, cfg: SparsityConfig) -> list:
+    pattern = re.compile("|".join(PARAM_PATTERNS[p] for p in cfg.params))
+    return [(n, p) for n, p in module.named_parameters() if pattern.fullmatch(n)]
+
+
+def _unwrap(engine):
+    """(plain module, optimizer) of an engine: LocalEngine keeps `inner`; DeepSpeed wraps in `.module`."""
+    model = getattr(engine, "inner", None)
+    model = engine.model if model is None else model
+    module = getattr(model, "module", model)
+    optimizer = getattr(engine, "optimizer", None)
+    return module, optimizer
+
+
+def _offset(view: torch.Tensor, base: torch.Tensor) -> int:
+    return (view.data_ptr() - base.data_ptr()) // base.element_size()
+
+
+def _zero12_targets(params, opt, flats, masters) -> list[Target]:
+    """ZeRO-1/2 (and DeepSpeed's BF16 optimizer): full parameters on every rank, views into a flat
+    buffer whose rank-th partition has an fp32 master copy. Selection reads the full (replicated)
+    parameter; the mask is also applied to the master slice, else the next step would revive it."""
+    out = []
+    for name, p in params:
+        i = next(i for i, f in enumerate(flats) if f.data_ptr() <= p.data_ptr() < f.data_ptr() + f.numel() * f.element_size())
+        group = opt.real_dp_process_group[i] if hasattr(opt, "real_dp_process_group") else None
+        size, rank, off = masters[i].numel(), dist.get_rank(group), _offset(p.data, flats[i])
+        full = p.data.view(-1)
+        copies = [(0, full.numel(), full)]
+        lo, hi = max(off, rank * size), min(off + full.numel(), (rank + 1) * size)
+        if lo < hi:
+            copies.append((lo - off, hi - off, masters[i][lo - rank * size:hi - rank * size]))
+        out.append(Target(name, tuple(p.shape), 0, full, copies))
+    return out
+
+
+def _zero3_targets(params, opt) -> list[Target]:
+    """ZeRO-3: each rank holds partition `rank` of every parameter (ds_tensor, inside a flat
+    sub-group buffer) and its fp32 master in the matching slice of the fp32 flat buffer."""
+    out = []
+    for name, p in params:
+        part = p.ds_tensor
+        i = next(i for i, g in enumerate(opt.fp16_partitioned_groups) if any(t is part for t in g))
+        flat16, flat32 = opt.fp16_partitioned_groups_flat[i], opt.fp32_partitioned_groups_flat[i]
+        start = dist.get_rank(p.ds_process_group) * part.ds_numel
+        n = max(0, min(part.ds_numel, p.ds_numel - start))
+        off = _offset(part, flat16)
+        master = flat32[off:off + n]
+        copies = [(0, n, master)] + ([(0, n, part.view(-1)[:n])] if flat32.data_ptr() != flat16.data_ptr() else [])
+        out.append(Target(name, tuple(p.ds_shape), start, master, copies))
+    return out
+
+
+def _fsdp2_targets(params) -> list[Target]:
+    """FSDP2: each parameter is a DTensor sharded on dim 0 in torch.chunk pieces; the optimizer
+    updates the local shard in place (a bf16 compute copy is cast from it at every all-gather)."""
+    from torch.distributed.tensor import Shard
+
+    out = []
+    for name, p in params:
+        if tuple(p.placements) != (Shard(0),):
+            raise UserError(f"sparsity: {name} is sharded as {p.placements}; masks support FSDP2's Shard(0) only")
+        local = p.to_local().view(-1)
+        rows = -(-p.shape[0] // p.device_mesh.size())
+        start = min(p.device_mesh.get_local_rank() * rows, p.shape[0]) * (p.numel() // max(p.shape[0], 1))
+        out.append(Target(name, tuple(p.shape), start, local, [(0, local.numel(), local)]))
+    return out
+
+
+def collect_targets(engine, cfg: SparsityConfig) -> tuple[list[Target], bool]:
+    """(targets, sharded): sharded when ranks hold disjoint pieces, so selection needs collectives."""
+    from torch.distributed.tensor import DTensor
+
+    module, opt = _unwrap(engine)
+    params = _selected(module, cfg)
+    if not params:
+        raise UserError(f"sparsity.params={cfg.params} matches no parameter of this model (tied embeddings have no 'output')")
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return _zero3_targets(params, opt), True
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        return _zero12_targets(params, opt, opt.bit16_groups_flat, opt.single_partition_of_fp32_groups), False
+    if hasattr(opt, "fp32_groups_flat_partition"):
+        return _zero12_targets(params, opt, opt.bf16_groups_flat, opt.fp32_groups_flat_partition), False
+    if isinstance(params[0][1], DTensor):
+        return _fsdp2_targets(params), True
+    return [Target(n, tuple(p.shape), 0, p.data.view(-1), [(0, p.numel(), p.data.view(-1))]) for n, p in params], False
+
+
+# ---------------------------------------------------------------- mask selection
+
+def _keys(values: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+    """Integer keys ordered like |w| (the float32 bit pattern of a non-negative float is monotone);
+    already-pruned weights get -1 so they are always among the k smallest (masks only grow)."""
+    keys = values.detach().float().abs().view(torch.int32)
+    return keys if pruned is None else keys.masked_fill(pruned, -1)
+
+
+def _sum(t: torch.Tensor, sharded: bool) -> torch.Tensor:
+    if sharded and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _tie_quota(ties: torch.Tensor, need: torch.Tensor, group_of: list[int], sharded: bool) -> torch.Tensor:
+    """How many of this rank's ties at the threshold each tensor prunes: ties are taken in
+    (tensor, rank, flat index) order - the flat order of one process - until the group has k."""
+    everyone = [ties]
+    if sharded and dist.is_initialized():
+        everyone = [torch.empty_like(ties) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, ties)
+    me = dist.get_rank() if sharded and dist.is_initialized() else 0
+    left = need.tolist()
+    quota = torch.zeros_like(ties)
+    for t, g in enumerate(group_of):
+        for r, rank_ties in enumerate(everyone):
+            take = min(left[g], int(rank_ties[t]))
+            left[g] -= take
+            if r == me:
+                quota[t] = take
+    return quota
+
+
+def select_unstructured(targets, old: dict, s: float, scope: str, sharded: bool) -> dict:
+    """Pruned masks with exactly round(s * n) zeros per tensor (scope=layer) or over all (global)."""
+    group_of = list(range(len(targets))) if scope == "layer" else [0] * len(targets)
+    n_groups = max(group_of) + 1
+    dev = targets[0].values.device
+    numel = torch.zeros(n_groups, dtype=torch.int64, device=dev)
+    already = torch.zeros(n_groups, dtype=torch.int64, device=dev)
+    for t, g in zip(targets, group_of):
+        numel[g] += torch.Size(t.shape).numel()
+        already[g] += int(old[t.name].sum()) if t.name in old else 0
+    _sum(already, sharded)
+    k = torch.maximum(torch.round(numel.double() * s).long(), already)
+    keys = [_keys(t.values, old.get(t.name)) for t in targets]
+    gi = torch.tensor(group_of, device=dev)
+    lo = torch.full((n_groups,), -2, dtype=torch.int64, device=dev)  # count(key <= lo) < k unless k == 0
+    hi = torch.full((n_groups,), _MAX_KEY, dtype=torch.int64, device=dev)  # count(key <= hi) >= k
+    while bool((hi - lo > 1).any()):  # the same on every rank: counts are all-reduced
+        mid = (lo + hi) // 2
+        counts = torch.zeros(n_groups, dtype=torch.int64, device=dev)
+        for key, g in zip(keys, group_of):
+            counts[g] += (key <= mid[g]).sum()
+        ok = _sum(counts, sharded) >= k
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+    thr = hi[gi]
+    less = torch.stack([(key < thr[i]).sum() for i, key in enumerate(keys)])
+    ties = torch.stack([(key == thr[i]).sum() for i, key in enumerate(keys)])
+    below = _sum(torch.zeros(n_groups, dtype=torch.int64, device=dev).index_add_(0, gi, less), sharded)
+    quota = _tie_quota(ties, k - below, group_of, sharded)
+    out = {}
+    for i, (t, key) in enumerate(zip(targets, keys)):
+        tie = key == thr[i]
+        out[t.name] = (key < thr[i]) | (tie & (tie.cumsum(0) <= quota[i]))
+    return out
+
+
+def select_2_4(targets) -> dict:
+    """Two zeros in every group of 4 consecutive weights along the input dimension (the layout of
+    NVIDIA's sparse tensor cores); ties go to the lower index."""
+    out = {}
+    for t in targets:
+        if t.shape[-1] % 4 or t.start % 4 or t.values.numel() % 4:
+            raise UserError(f"sparsity.pattern=2of4: shard of {t.name} (start {t.start}, {t.values.numel()} weights) "
+                            "splits groups of 4; use shapes divisible by 4 * world_size or unstructured pruning")
+        keys = _keys(t.values, None).view(-1, 4)
+        order = keys.argsort(dim=1, stable=True)[:, :2]
+        out[t.name] = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, order, True).view(-1)
+    return out
+
+
+def apply_masks(targets, masks: dict) -> None:
+    with torch.no_grad():
+        for t in targets:
+            m = masks.get(t.name)
+            if m is not None:
+                for lo, hi, view in t.copies:
+                    view.masked_fill_(m[lo:hi], 0)
+
+
+# ---------------------------------------------------------------- the run's pruner
+
+@dataclass
+class SparsityState:
+    """Saved in every checkpoint (sparsity.json) with the masks."""
+    sparsity: float = 0.0  # the scheduled sparsity the masks were last selected for
+    pruned: int = 0  # pruned weights in the whole model (all ranks)
+    densified: bool = False
+    param_tokens: int = 0  # sum over steps of nonzero params x tokens of the step (exact integer)
+    tokens: int = 0  # tokens counted in param_tokens
+
+
+class Pruner:
+    """The loop's hooks: `after_step` (re-mask, prune or densify on schedule, metrics), `save`/`load`
+    with checkpoints, `finish` (the run's average parameter count into run_info.json)."""
+
+    def __init__(self, cfg: SparsityConfig, max_tokens: int, total_params: int, engine, log=print):
+        self.cfg, self.max_tokens, self.total, self.engine, self.log = cfg, max_tokens, total_params, engine, log
+        self.state = SparsityState()
+        self.masks: dict = {}  # name -> bool tensor over this rank's range, True = pruned
+        self.active = cfg.enabled
+
+    def _targets(self):
+        # Rebuilt at each use: cheap, and robust to engines that re-point parameter storage.
+        return collect_targets(self.engine, self.cfg)
+
+    def _count(self, sharded: bool) -> int:
+        dev = next(iter(self.masks.values())).device if self.masks else "cpu"
+        n = torch.tensor(sum(int(m.sum()) for m in self.masks.values()), dtype=torch.int64, device=dev)
+        return int(_sum(n, sharded))
+
+    def prune(self, s: float) -> None:
+        targets, sharded = self._targets()
+        if self.cfg.pattern == "2of4":
+            self.masks = select_2_4(targets)
+        else:
+            self.masks = select_unstructured(targets, self.masks, s, self.cfg.scope, sharded)
+        apply_masks(targets, self.masks)
+        _regather_persistent(self.engine, targets)
+        self.state.sparsity, self.state.pruned = s, self._count(sharded)
+
+    def densify(self, why: str) -> None:
+        self.masks, self.state.pruned, self.state.densified = {}, 0, True
+        self.log(f"sparsity: densified ({why}); all weights learn again")
+
+    def after_step(self, before: int, after: int) -> dict:
+        """Call after each optimizer step that took the run from `before` to `after` tokens."""
+        self.state.param_tokens += (self.total - self.state.pruned) * (after - before)
+        self.state.tokens += after - before
+        if self.masks:
+            targets, _ = self._targets()
+            apply_masks(targets, self.masks)  # the optimizer just wrote every copy of the weights
+            _regather_persistent(self.engine, targets)
+        if self.cfg.enabled and not self.state.densified:
+            if 0 < self.cfg.densify_at_tokens and before < self.cfg.densify_at_tokens <= after:
+                self.densify(f"at {after:,} tokens")
+            else:
+                point = prune_point(self.cfg, before, after, self.max_tokens)
+                if point is not None:
+                    self.prune(target_at(self.cfg, point, self.max_tokens))
+        return self.metrics() if self.active else {}
+
+    def metrics(self) -> dict:
+        return {"nonzero_params": self.total - self.state.pruned, "avg_params": self.average(),
+                "sparsity": self.state.pruned / self.total, "flops": "dense"}
+
+    def average(self) -> float:
+        """Non-zero parameters averaged over this run's tokens (The Journey Matters' N for scaling laws)."""
+        return self.state.param_tokens / self.state.tokens if self.state.tokens else float(self.total - self.state.pruned)
+
+    def save(self, folder: Path, rank: int) -> None:
+        """Every rank writes its pieces of the masks (rank 0 alone when ranks hold full tensors)."""
+        from safetensors.torch import save_file
+
+        targets, sharded = self._targets() if self.masks else ([], False)
+        if self.masks and (sharded or rank == 0):
+            starts = {t.name: str(t.start) for t in targets}
+            save_file({k: v.contiguous().cpu() for k, v in self.masks.items()}, str(folder / MASK_FILE.format(rank=rank)),
+                      metadata=starts)
+        if rank == 0:
+            (folder / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=1))
+
+    def load(self, folder: Path, resume: bool) -> None:
+        """Masks kept while sparsity is enabled, dropped when it is not (SPDF's dense phase, e.g.
+        continual pretraining from a sparse checkpoint). Counters continue on resume only."""
+        files = sorted(folder.glob(MASK_FILE.format(rank="*")))
+        saved = SparsityState(**json.loads((folder / STATE_FILE).read_text())) if (folder / STATE_FILE).is_file() else None
+        if resume and saved is not None:
+            self.state = saved
+        if not files:
+            return
+        self.active = True
+        if not self.cfg.enabled:
+            self.state.densified, self.state.pruned = True, 0
+            self.log(f"sparsity: {folder} has masks and sparsity.enabled is false; training dense from it")
+            return
+        targets, sharded = self._targets()
+        self.masks = _read_masks(files, targets)
+        if not resume:
+            self.state.sparsity, self.state.pruned = (saved.sparsity if saved else 0.0), self._count(sharded)
+        apply_masks(targets, self.masks)
+
+    def finish(self, run_dir: Path, is_main: bool) -> None:
+        """Record the run's average parameter count and what its FLOPs count in run_info.json."""
+        if not is_main:
+            return
+        path = Path(run_dir) / "run_info.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        info.update(avg_nonzero_params=self.average(), nonzero_params=self.total - self.state.pruned, flops="dense")
+        path.write_text(json.dumps(info, indent=1))
+
+
+def _read_masks(files: list[Path], targets: list[Target]) -> dict:
+    """Assemble this rank's range of each mask from the pieces any world size wrote."""
+    from safetensors import safe_open
+
+    masks = {t.name: torch.zeros(t.values.numel(), dtype=torch.bool, device=t.values.device) for t in targets}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            starts = sf.metadata()
+            for t in targets:
+                if t.name not in starts:
+                    continue
+                piece = sf.get_slice(t.name)
+                p0, p1, me0, me1 = int(starts[t.name]), int(starts[t.name]) + piece.get_shape()[0], t.start, t.start + t.values.numel()
+                lo, hi = max(p0, me0), min(p1, me1)
+                if lo < hi:
+                    masks[t.name][lo - me0:hi - me0] = piece[lo - p0:hi - p0].to(masks[t.name].device)
+    return masks
+
+
+def _regather_persistent(engine, targets) -> None:
+    """ZeRO-3 keeps small ("persistent") parameters gathered between steps; refresh them from the
+    masked partitions, as DeepSpeed itself does at the end of a step."""
+    module, opt = _unwrap(engine)
+    persistent = getattr(opt, "persistent_parameters", None)
+    names = {t.name for t in targets}
+    if persistent and any(getattr(p, "ds_persist", False) for n, p in module.named_parameters() if n in names):
+        persistent[0].all_gather(persistent)
+
+
+class WithMasks:
+    """The engine as checkpoint.save_checkpoint sees it: its own files plus the masks, written into the
+    checkpoint folder before the manifest is computed (so masks are checksummed and atomic with it)."""
+
+    def __init__(self, engine, pruner: Pruner, rank: int):
+        self.engine, self.pruner, self.rank = engine, pruner, rank
+
+    def save(self, path: Path) -> None:
+        self.engine.save(path)
+        self.pruner.save(path, self.rank)
