@@ -7,6 +7,7 @@ token attends to earlier tokens of its own document only, and RoPE positions res
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,15 @@ import torch.nn.functional as F
 
 from launch.errors import UserError
 
-try:  # flash-attn has no CPU build (platform-notes); without it flash_attn falls back to sdpa
+try:  # flash-attn has no CPU build; without it flash_attn falls back to sdpa
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:
     flash_attn_func = flash_attn_varlen_func = None
+try:  # torch >= 2.9 ships FlashAttention-2's varlen kernels (CUDA only): document masking without the package
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+    _VARLEN_ARGS = inspect.signature(torch_varlen_attn).parameters  # its keywords changed between releases
+except ImportError:
+    torch_varlen_attn, _VARLEN_ARGS = None, {}
 
 _warned: set[str] = set()
 
@@ -32,9 +38,9 @@ def _warn_once(message: str) -> None:
 
 @dataclass
 class VarlenInfo:
-    """Packed-document layout for flash_attn_varlen_func over the flattened [B*S] tokens."""
+    """Packed-document layout for varlen flash attention over the flattened [B*S] tokens."""
     cu_seqlens: torch.Tensor  # [n_docs + 1] int32 offsets of document starts, ending at B*S
-    max_seqlen: int  # longest document, in tokens
+    max_seqlen: int  # bound on a document's length: the row length (the exact maximum needs a device sync)
 
 
 @dataclass
@@ -77,7 +83,8 @@ def _varlen_info(doc_ids: torch.Tensor) -> VarlenInfo:
     flat = starts.flatten().nonzero().flatten()  # every row's first token is a start
     total = torch.tensor([starts.numel()], device=doc_ids.device)
     cu = torch.cat([flat, total]).to(torch.int32)
-    return VarlenInfo(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+    torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of documents changes every batch: no recompiles
+    return VarlenInfo(cu_seqlens=cu, max_seqlen=doc_ids.shape[1])
 
 
 def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, device: torch.device):
@@ -96,12 +103,12 @@ def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, dev
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """The backend that will run `name` on `device`, warning once about each fallback."""
-    if name == "flash_attn" and (flash_attn_func is None or device.type != "cuda"):
-        why = "the flash-attn package is not installed" if flash_attn_func is None else f"device is {device.type}"
+    if name == "flash_attn" and (device.type != "cuda" or (flash_attn_func is None and torch_varlen_attn is None)):
+        why = f"device is {device.type}" if device.type != "cuda" else "neither flash-attn nor torch's varlen_attn is installed"
         _warn_once(f"attention 'flash_attn' unavailable ({why}); using sdpa (same result)")
         return "sdpa"
     if name == "flex" and device.type != "cuda":
-        # FlexAttention has no CPU backward (platform-notes); SDPA with the same dense mask is exact.
+        # FlexAttention has no CPU backward (torch 2.13); SDPA with the same dense mask is exact.
         _warn_once(f"attention 'flex' runs on CUDA only; on {device.type} using sdpa with an explicit mask")
         return "sdpa"
     return name
@@ -123,7 +130,12 @@ def build_context(backend: str, doc_ids: torch.Tensor | None, cos: torch.Tensor,
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """q [B, S, H, hd], k/v [B, S, KV, hd] -> [B, S, H, hd] with the context's backend and mask."""
     if ctx.backend == "flash_attn":
-        return _flash(q, k, v, ctx.mask)
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise UserError(f"attention 'flash_attn' needs bf16/fp16 activations, got {q.dtype}; "
+                            "train with bf16 mixed precision or set model.attention: sdpa")
+        if flash_attn_func is not None or ctx.mask is not None:
+            return _flash(q, k, v, ctx.mask)
+        # Without the flash-attn package, plain causal attention goes to SDPA (cuDNN or flash kernels).
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, heads, S, hd]
     gqa = q.shape[1] != k.shape[1]
     if ctx.backend == "flex":
@@ -140,16 +152,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: VarlenInfo | None) -> torch.Tensor:
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise UserError(f"attention 'flash_attn' needs bf16/fp16 activations, got {q.dtype}; "
-                        "train with bf16 mixed precision or set model.attention: sdpa")
     if varlen is None:
         return flash_attn_func(q, k, v, causal=True)  # GQA is native in flash-attn
     b, s, h, hd = q.shape
-    out = flash_attn_varlen_func(
-        q.reshape(b * s, h, hd), k.reshape(b * s, -1, hd), v.reshape(b * s, -1, hd),
-        varlen.cu_seqlens, varlen.cu_seqlens, varlen.max_seqlen, varlen.max_seqlen, causal=True)
+    q, k, v = q.reshape(b * s, h, hd), k.reshape(b * s, -1, hd), v.reshape(b * s, -1, hd)
+    cu, max_len = varlen.cu_seqlens, varlen.max_seqlen
+    if flash_attn_varlen_func is not None:
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+    else:
+        out = torch_varlen_attn(q, *_varlen_kv(k, v, h), cu, cu, max_len, max_len, **_varlen_causal_kwargs(h != k.shape[1]))
     return out.reshape(b, s, h, hd)
+
+
+def _varlen_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if k.shape[1] == n_heads or "enable_gqa" in _VARLEN_ARGS:
+        return k, v
+    rep = n_heads // k.shape[1]  # a varlen_attn without enable_gqa (torch 2.11): repeat the kv heads
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def _varlen_causal_kwargs(gqa: bool) -> dict:
+    # torch 2.11 and 2.13 express causality as window_size (-1, 0); a varlen_attn taking is_causal gets
+    # that instead. enable_gqa appeared after 2.11.
+    kwargs = {"is_causal": True} if "is_causal" in _VARLEN_ARGS else {"window_size": (-1, 0)}
+    if gqa and "enable_gqa" in _VARLEN_ARGS:
+        kwargs["enable_gqa"] = True
+    return kwargs
 
 
 _flex_fn = None

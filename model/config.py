@@ -107,7 +107,7 @@ PRESETS: dict[str, LlamaConfig] = {
                         max_seq_len=256),
     # GPT-3 Small, Medium and XL widths and depths (Brown et al. 2020, table 2.1) as Llama blocks with
     # a Llama-2 sized vocabulary, untied. "350M" (373.9M in all) and "1.3B" (1345M) are exactly the
-    # 374M and 1.35B models of the peer GPU baseline in platform-notes (HF Llama, vocab 32000).
+    # 374M and 1.35B models of the peer GPU baseline in docs/benchmarks.md (HF Llama, vocab 32000).
     "125M": LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
                         ffn_dim=_swiglu_width(768), max_seq_len=2048),
     "350M": LlamaConfig(vocab_size=32000, dim=1024, n_layers=24, n_heads=16, n_kv_heads=16,

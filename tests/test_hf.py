@@ -187,7 +187,7 @@ def smollm2(tmp_path_factory):
     src = spec.submodule_search_locations[0]
     gguf = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-    # save_pretrained refuses a GGUF-loaded model (platform-notes): write the folder from a plain
+    # save_pretrained refuses a GGUF-loaded model: write the folder from a plain
     # LlamaForCausalLM (built on meta, given the dequantized tensors); the GGUF-loaded model, an
     # ordinary fp32 LlamaForCausalLM, stays the reference for logits.
     config = gguf.config.to_dict()
