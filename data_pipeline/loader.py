@@ -172,8 +172,12 @@ def _check_mixture(cfg: DataConfig) -> None:
             raise UserError(f"data.phases[{i}].weights names unknown domains {sorted(unknown)}; use {names}")
         if i and p.until_tokens <= cfg.phases[i - 1].until_tokens:
             raise UserError("data.phases must have increasing until_tokens")
-    if any(w < 0 for d in cfg.domains + cfg.replay for w in [d.weight]):
+    if any(d.weight < 0 for d in cfg.domains + cfg.replay):
         raise UserError("data: domain weights must be >= 0")
+    clash = [d.name for d in cfg.val_domains if d.name in names]
+    if clash:
+        raise UserError(f"data.val_domains {clash} reuse training/replay domain names; training domains are "
+                        "validated on their own val split already - drop them or rename")
 
 
 def validate_data(cfg: DataConfig, vocab_size: int) -> dict:
@@ -248,6 +252,11 @@ class Mixture:
         # Domains absent from the state (added at resume) start at 0; dropped ones are forgotten.
         self.cursors = {n: int(state.get("cursors", {}).get(n, 0)) for n in self.names}
         self.override = state.get("weights_override")
+        for name, n in state.get("num_samples", {}).items():
+            if name in self.names and n != sizes[self.names.index(name)]:
+                warnings.warn(f"data: domain '{name}' had {n} training samples when this state was saved and "
+                              f"has {sizes[self.names.index(name)]} now (re-prepared?); its order from here "
+                              "on differs from the original run")
         self._perm: dict[str, tuple[int, np.ndarray]] = {}
 
     def probs_for(self, g: int) -> np.ndarray:
@@ -303,7 +312,8 @@ class Mixture:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "seed": self.seed, "position": self.position,
-                "cursors": dict(self.cursors), "weights_override": self.override}
+                "cursors": dict(self.cursors), "weights_override": self.override,
+                "num_samples": dict(zip(self.names, self.sizes))}
 
 
 # ---------------------------------------------------------------- batches
@@ -388,7 +398,7 @@ class TrainLoader:
         """Replace the configured weights/phases from the next global sample on (online domain
         reweighting). Every rank must call it at the same point; the override is saved in the
         state, so a resumed run continues with it."""
-        unknown = set(weights) - set(Mixture(self.cfg, self.seed, [1] * len(self.readers), None).names)
+        unknown = set(weights) - {d.name for d in self.cfg.domains + self.cfg.replay}
         if unknown:
             raise UserError(f"set_weights: unknown domains {sorted(unknown)}")
         rf = self.cfg.replay_fraction if replay_fraction is None else replay_fraction

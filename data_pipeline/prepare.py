@@ -113,7 +113,7 @@ def iter_records(path: Path, text_field: str, txt_split: str):
         except Exception as e:  # a file the builder cannot parse at all is one bad record
             if isinstance(e, UserError):
                 raise
-            yield Record(None, f"{path}:record ?", f"unreadable {kind} file ({type(e).__name__}: {e})")
+            yield Record(None, f"{path}:whole file", f"unreadable {kind} file ({type(e).__name__}: {e})")
 
 
 @dataclass
@@ -288,8 +288,7 @@ def get_tokenizer(args, files: list[Path], out: Path):
             if budget <= 0:
                 break
     tmp = out / ".work" / "tokenizer.model"
-    tokenizers.train_sentencepiece(sample, tmp, args.train_tokenizer, args.tokenizer_type,
-                                   num_threads=os.cpu_count() or 1)
+    tokenizers.train_sentencepiece(sample, tmp, args.train_tokenizer, args.tokenizer_type)
     os.replace(tmp, model)  # in place only once complete: a rerun never sees half a model
     sample.unlink()
     return tokenizers.SentencePieceTokenizer(model)

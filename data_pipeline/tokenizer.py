@@ -21,7 +21,12 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 
 
 def _sha256(paths: list[Path]) -> str:
+    """One file: the plain sha256 of its bytes (comparable with `sha256sum`, whatever the file is
+    called). Several (an HF folder): each standard file name and its bytes, in name order."""
     h = hashlib.sha256()
+    if len(paths) == 1:
+        h.update(paths[0].read_bytes())
+        return h.hexdigest()
     for p in sorted(paths, key=lambda p: p.name):
         h.update(p.name.encode())
         h.update(p.read_bytes())
@@ -119,8 +124,14 @@ def load_tokenizer(path: str | os.PathLike, num_threads: int = -1) -> Tokenizer:
                     "with tokenizer.json (HF) or tokenizer.model")
 
 
+# sentencepiece's trained pieces depend on its thread count (work is split per thread), so
+# training uses a fixed count: the same text gives the same vocabulary on any machine. (The
+# .model file also records the training paths, so its bytes and sha256 differ per directory.)
+TRAIN_THREADS = 8
+
+
 def train_sentencepiece(text_file: str | os.PathLike, out_file: str | os.PathLike, vocab_size: int,
-                        model_type: str = "bpe", num_threads: int = 2) -> SentencePieceTokenizer:
+                        model_type: str = "bpe", num_threads: int = TRAIN_THREADS) -> SentencePieceTokenizer:
     """Train on a text file (one sentence/line per line) and write `out_file` (a `.model`).
 
     byte_fallback keeps every input encodable (unknown characters become byte pieces), so a

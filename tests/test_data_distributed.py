@@ -4,10 +4,6 @@ twice the micro-batch and sees exactly the samples an uninterrupted run sees.
 Run as a script, this file is one rank: `python test_data_distributed.py ROOT OUT` with the
 usual RANK/WORLD_SIZE/MASTER_* environment."""
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
 
 from data_pipeline.loader import DataConfig, DomainConfig, build_train_loader, build_val_loaders  # noqa: E402
+from tests.multiproc import run_ranks
 
 SEQ, STEPS, ACCUM = 32, 3, 2
 
@@ -42,26 +39,8 @@ def rank_main(root: Path, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(root: Path, out: Path, world: int) -> list[dict]:
-    env = {**os.environ, "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, __file__, str(root), str(out)], start_new_session=True,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
-    try:
-        for p in procs:
-            assert p.wait(timeout=120) == 0
-    finally:
-        for p in procs:  # a hung rank (and any DataLoader workers) goes down with its group
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        from data_pipeline.streaming_compat import clean_stale_shared_memory
-        clean_stale_shared_memory()
+    run_ranks([sys.executable, __file__, str(root), str(out)], world, timeout=120)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -79,10 +79,17 @@ def test_mixture_proportions_phases_and_replay():
                                                             mix.domains_of(boundary, 500)]))
 
 
-def test_loader_proportions_on_real_shards(domains):
-    loader = build_train_loader(_cfg(domains), micro_batch_size=50, rank=0, world_size=1, seed=5)
+@pytest.mark.parametrize("replay", [False, True])
+def test_loader_proportions_on_real_shards(domains, replay):
+    """English share 3/4: by weight (3:1), or as replay of the old domain under Spanish."""
+    cfg = _cfg(domains)
+    if replay:
+        cfg = _cfg(domains, domains=[DomainConfig("es", str(domains["es"]))],
+                   replay=[DomainConfig("en", str(domains["en"]))], replay_fraction=0.75)
+    loader = build_train_loader(cfg, micro_batch_size=50, rank=0, world_size=1, seed=5)
+    english = 1 if replay else 0  # batch["domain"] indexes domains + replay
     dom = np.array([d for d, _ in _ids(next(loader) for _ in range(40))])
-    assert abs((dom == 0).mean() - 0.75) < 4 * np.sqrt(0.75 * 0.25 / len(dom))
+    assert abs((dom == english).mean() - 0.75) < 4 * np.sqrt(0.75 * 0.25 / len(dom))
 
 
 @pytest.mark.resume
@@ -192,9 +199,17 @@ def test_global_step_samples_do_not_depend_on_world_size(domains, micro, world, 
     assert all(r.state_dict() == ref.state_dict() for r in ranks)
 
 
-def test_loader_does_not_import_datasets():
-    """The GPU image has no `datasets`: the training side must not need it."""
+def test_loader_imports_without_datasets_and_streaming_shim():
+    """The GPU image has no `datasets`: the training side must not need it. `import streaming`
+    works through the shim, and where torchvision is missing its stand-in does not outlive the
+    import (later torchvision probes, e.g. transformers', must see the truth)."""
     import subprocess
     import sys
-    code = "import sys, data_pipeline.loader; sys.exit('datasets' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = ("import importlib.util, sys, data_pipeline.loader\n"
+            "from data_pipeline.streaming_compat import streaming\n"
+            "assert 'datasets' not in sys.modules, 'datasets imported'\n"
+            "assert streaming.StreamingDataset and streaming.MDSWriter and 'streaming.vision' in sys.modules\n"
+            "if importlib.util.find_spec('torchvision') is None:\n"
+            "    assert 'torchvision' not in sys.modules, 'stand-in leaked'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
