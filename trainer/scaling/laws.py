@@ -8,6 +8,7 @@ by L-BFGS from a grid of starts.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -159,73 +160,89 @@ def objective(law: Law, theta: torch.Tensor, data: Data) -> torch.Tensor:
     return huber(data.lL - lp).sum(-1)
 
 
-def _value_grad(law, x, data):
+def value_grad(fn, x):
+    """fn: theta [S, P] -> [S] (rows independent); returns f [S] (nan -> inf) and df/dtheta."""
     x = x.detach().requires_grad_(True)
-    f = objective(law, x, data)
+    f = fn(x)
     g, = torch.autograd.grad(torch.nan_to_num(f, nan=0.0, posinf=0.0).sum(), x)
     return torch.nan_to_num(f.detach(), nan=math.inf), g
 
 
-def batched_lbfgs(law: Law, x0: np.ndarray, data: Data, iters: int = 300, m: int = 10):
+def _two_loop(g, hs, hy, rho):
+    """L-BFGS direction -H g for every row; empty history slots have rho = 0 and do nothing."""
+    q, al = g.clone(), []
+    for i in reversed(range(hs.shape[1])):
+        a = rho[:, i] * (hs[:, i] * q).sum(-1)
+        q -= a[:, None] * hy[:, i]
+        al.append(a)
+    yy = (hy[:, -1] ** 2).sum(-1)
+    gamma = torch.where(rho[:, -1] > 0, 1 / (rho[:, -1] * yy).clamp_min(1e-300),
+                        1e-2 / g.norm(dim=-1).clamp_min(1e-300))
+    d = gamma[:, None] * q
+    for i, a in zip(range(hs.shape[1]), reversed(al)):
+        d += (a - rho[:, i] * (hy[:, i] * d).sum(-1))[:, None] * hs[:, i]
+    d = -d
+    return torch.where(((g * d).sum(-1) < 0)[:, None], d, -g * gamma[:, None])
+
+
+def _armijo(fn, x, f, g, d, halvings: int = 30):
+    """Backtracking from t = 1; rows that never satisfy Armijo keep x (moved = False)."""
+    gd = (g * d).sum(-1)
+    t = torch.ones(len(x), dtype=x.dtype)
+    xn, fn_, todo = x.clone(), f.clone(), torch.ones(len(x), dtype=torch.bool)
+    for _ in range(halvings):
+        idx = todo.nonzero()[:, 0]
+        cand = x[idx] + t[idx, None] * d[idx]
+        with torch.no_grad():
+            fc = torch.nan_to_num(fn(cand), nan=math.inf)
+        ok = fc <= f[idx] + 1e-4 * t[idx] * gd[idx]
+        xn[idx[ok]], fn_[idx[ok]] = cand[ok], fc[ok]
+        todo[idx[ok]] = False
+        if not todo.any():
+            break
+        t[todo] *= 0.5
+    return xn, fn_, ~todo
+
+
+def batched_lbfgs(fn, x0: np.ndarray, iters: int = 500, m: int = 10):
     """L-BFGS run independently from every row of x0 [S, P] at once: per-row two-loop recursion
-    and Armijo backtracking, all as batched tensor ops. Returns (x [S, P], f [S])."""
+    and Armijo backtracking as batched tensor ops over the rows still improving.
+    Returns (x [S, P], f [S])."""
     x = torch.as_tensor(x0, dtype=torch.float64).clone()
-    f, g = _value_grad(law, x, data)
+    f, g = value_grad(fn, x)
     S, P = x.shape
-    hs, hy, rho = torch.zeros(S, m, P, dtype=x.dtype), torch.zeros(S, m, P, dtype=x.dtype), torch.zeros(S, m, dtype=x.dtype)
-    active = torch.isfinite(f)
-    for it in range(iters):
-        q, al = g.clone(), []
-        for i in reversed(range(m)):
-            a = rho[:, i] * (hs[:, i] * q).sum(-1)
-            q -= a[:, None] * hy[:, i]
-            al.append(a)
-        yy = (hy[:, -1] ** 2).sum(-1)
-        gamma = torch.where(rho[:, -1] > 0, 1 / (rho[:, -1] * yy).clamp_min(1e-300), 1 / g.norm(dim=-1).clamp_min(1.0))
-        d = gamma[:, None] * q
-        for i, a in zip(range(m), reversed(al)):
-            b = rho[:, i] * (hy[:, i] * d).sum(-1)
-            d += (a - b)[:, None] * hs[:, i]
-        d = -d
-        gd = (g * d).sum(-1)
-        d = torch.where((gd < 0)[:, None], d, -g)
-        gd = (g * d).sum(-1)
-        t = torch.ones(S, dtype=x.dtype)
-        todo = active.clone()
-        xn, fn = x.clone(), f.clone()
-        for _ in range(40):  # Armijo backtracking, rows still searching only
-            cand = x + t[:, None] * d
-            fc, _ = _value_grad(law, cand, data)
-            ok = todo & (fc <= f + 1e-4 * t * gd)
-            xn[ok], fn[ok] = cand[ok], fc[ok]
-            todo &= ~ok
-            if not todo.any():
-                break
-            t = torch.where(todo, t * 0.5, t)
-        moved = active & ~todo
-        _, gn = _value_grad(law, xn, data)
-        s, y = xn - x, gn - g
+    hs, hy = torch.zeros(S, m, P, dtype=x.dtype), torch.zeros(S, m, P, dtype=x.dtype)
+    rho = torch.zeros(S, m, dtype=x.dtype)
+    active = torch.isfinite(f).nonzero()[:, 0]
+    for _ in range(iters):
+        if len(active) == 0:
+            break
+        xa, fa, ga = x[active], f[active], g[active]
+        d = _two_loop(ga, hs[active], hy[active], rho[active])
+        xn, fnew, moved = _armijo(fn, xa, fa, ga, d)
+        _, gn = value_grad(fn, xn)
+        s, y = xn - xa, gn - ga
         sy = (s * y).sum(-1)
         keep = moved & (sy > 1e-12 * s.norm(dim=-1) * y.norm(dim=-1))
-        hs[keep] = torch.cat([hs[keep, 1:], s[keep, None]], 1)
-        hy[keep] = torch.cat([hy[keep, 1:], y[keep, None]], 1)
-        rho[keep] = torch.cat([rho[keep, 1:], (1 / sy[keep])[:, None]], 1)
-        done = moved & ((f - fn).abs() <= 1e-14 * fn.abs().clamp_min(1e-300))
-        x, f, g = torch.where(moved[:, None], xn, x), torch.where(moved, fn, f), torch.where(moved[:, None], gn, g)
-        active &= moved & ~done & (g.abs().amax(-1) > 1e-12)
-        if not active.any():
-            break
+        k = active[keep]
+        hs[k] = torch.cat([hs[k, 1:], s[keep, None]], 1)
+        hy[k] = torch.cat([hy[k, 1:], y[keep, None]], 1)
+        rho[k] = torch.cat([rho[k, 1:], (1 / sy[keep])[:, None]], 1)
+        x[active], f[active], g[active] = xn, fnew, torch.where(moved[:, None], gn, ga)
+        still = moved & ((fa - fnew) > 1e-13 * fnew.abs()) & (gn.abs().amax(-1) > 1e-13)
+        active = active[still]
     return x.numpy(), f.numpy()
 
 
-def polish(law: Law, theta0: np.ndarray, data: Data):
+def polish(fn, theta0: np.ndarray):
     """scipy L-BFGS-B to tight tolerances from one start; returns (theta, objective)."""
     def fg(v):
-        f, g = _value_grad(law, torch.tensor(v[None]), data)
+        f, g = value_grad(fn, torch.tensor(v[None]))
         return (f.item(), g.numpy()[0]) if math.isfinite(f.item()) else (1e10, np.zeros_like(v))
+    f0 = fg(theta0)[0]
     res = minimize(fg, theta0, jac=True, method="L-BFGS-B",
                    options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})
-    return (np.asarray(res.x), float(res.fun)) if res.fun <= fg(theta0)[0] else (theta0, fg(theta0)[0])
+    return (np.asarray(res.x), float(res.fun)) if res.fun <= f0 else (np.asarray(theta0), f0)
 
 
 @dataclass
@@ -241,19 +258,26 @@ class PointFit:
         return LAWS[self.law].to_params(self.theta)
 
 
-def fit_points(law: Law, n, d, loss, extra_starts=(), iters: int = 300, polish_top: int = 4) -> PointFit:
-    """Batched L-BFGS from every start of the law's grid (plus `extra_starts`), then the best
-    `polish_top` distinct optima are polished by scipy's L-BFGS-B; the lowest objective wins."""
+def fit_points(law: Law, n, d, loss, starts: int | None = None, extra_starts=(), iters: int = 100,
+               polish_top: int = 4) -> PointFit:
+    """Batched L-BFGS (`iters` steps) from every start of the law's grid, or from the `starts`
+    best of it by objective, plus `extra_starts`; the best `polish_top` end points are then
+    polished by scipy's L-BFGS-B and the lowest objective wins."""
     data = Data.of(n, d, loss)
     grid = law.grid()
+    if starts is not None and starts < len(grid):
+        with torch.no_grad():
+            screen = torch.nan_to_num(objective(law, torch.as_tensor(grid), data), nan=math.inf)
+        grid = grid[np.argsort(screen.numpy(), kind="stable")[:starts]]
     if len(extra_starts):
         grid = np.concatenate([np.asarray(extra_starts, dtype=np.float64).reshape(-1, grid.shape[1]), grid])
-    x, f = batched_lbfgs(law, grid, data, iters=iters)
+    fn = functools.partial(objective, law, data=data)
+    x, f = batched_lbfgs(fn, grid, iters=iters)
     order = [i for i in np.argsort(f, kind="stable") if np.isfinite(f[i])][:polish_top]
     if not order:
         raise UserError(f"--law {law.name}: no start of the grid gives a finite objective on these "
                         f"points; check that losses, N and D are in natural units")
-    best = min((polish(law, x[i], data) for i in order), key=lambda r: r[1])
+    best = min((polish(fn, x[i]) for i in order), key=lambda r: r[1])
     return PointFit(law.name, best[0], best[1], len(data.L), len(grid))
 
 
@@ -264,15 +288,15 @@ def predict_points(law: Law, thetas: np.ndarray, n, d) -> np.ndarray:
         return law.log_pred(torch.as_tensor(np.atleast_2d(thetas), dtype=torch.float64), lN, lD).exp().numpy()
 
 
-def bootstrap(law: Law, n, d, loss, fit: PointFit, k: int, seed: int) -> np.ndarray:
-    """Refit on K resamples of the points (with replacement), each from the full grid plus the
-    full-data optimum; returns thetas [K, P]."""
+def bootstrap(law: Law, n, d, loss, fit: PointFit, k: int, seed: int, starts: int = 16) -> np.ndarray:
+    """Refit on K resamples of the points (with replacement), each from the full-data optimum
+    plus the `starts` best grid points on the resample; returns thetas [K, P]."""
     rng = np.random.default_rng(seed)
     n, d, loss = (np.asarray(x, dtype=np.float64) for x in (n, d, loss))
     out = []
     for _ in range(k):
         idx = rng.integers(0, len(n), len(n))
-        out.append(fit_points(law, n[idx], d[idx], loss[idx], extra_starts=fit.theta, polish_top=1).theta)
+        out.append(fit_points(law, n[idx], d[idx], loss[idx], starts, fit.theta, polish_top=1).theta)
     return np.array(out)
 
 

@@ -1,0 +1,238 @@
+"""Scaling-law and loss-curve fitting against published numbers and known parameters.
+
+Fixtures: tests/fixtures/scaling (README.md there gives the provenance)."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launch.cli import main
+from launch.errors import UserError
+from trainer.scaling import curves as C
+from trainer.scaling import inputs as I
+from trainer.scaling import laws as L
+
+pytestmark = pytest.mark.scaling
+FIX = Path(__file__).parent / "fixtures" / "scaling"
+CURVES = FIX / "curves_25M"
+TRAIN = ["cosine_24000", "constant_24000", "wsdcon_9"]  # Luo et al. 2025: fit on these three,
+HELD = ["cosine_72000", "constant_72000", "wsd_20000_24000", "wsdld_20000_24000", "wsdcon_3", "wsdcon_18"]
+# Luo et al. 2025 (repository README): 25M parameters and their held-out averages.
+MPL_25M = dict(zip(C.MPL_NAMES, (3.040, 0.525, 0.508, 363.79, 2.066, 0.583, 0.641)))
+MPL_25M_METRICS = {"r2": 0.9988, "mae": 0.00376, "rmse": 0.00465, "pred_e": 0.00110, "worst_e": 0.00409}
+CHIN_TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _avg_metrics(params, law="multipower"):
+    ms = []
+    for h in HELD:
+        c = I.curve_from_csv(CURVES / f"{h}.csv")
+        ms.append(C.curve_metrics(C.predict_curve(law, params, c, c.steps), c.loss))
+    return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+
+
+def test_mpl_published_params_reproduce_published_metrics():
+    m = _avg_metrics(MPL_25M)
+    assert m["r2"] > 0.998
+    for k in ("mae", "rmse", "pred_e", "worst_e"):  # params are published to 3-4 digits
+        assert abs(m[k] - MPL_25M_METRICS[k]) < 0.1 * MPL_25M_METRICS[k], (k, m[k])
+
+
+def test_mpl_cli_fit_on_three_schedules_predicts_six_heldout(tmp_path):
+    out = tmp_path / "mpl"
+    assert main(["scaling", "fit", *[str(CURVES / f"{t}.csv") for t in TRAIN], "--law", "multipower",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "fit.json").read_text())
+    assert res["law"] == "multipower" and res["n_points"] == 437 and set(res["params"]) == set(C.MPL_NAMES)
+    assert (out / "curves.png").stat().st_size > 0
+    maes = []
+    for h in HELD:
+        pred_csv = tmp_path / f"{h}.csv"
+        assert main(["scaling", "predict", "--fit", str(out / "fit.json"), "--curve", str(CURVES / f"{h}.csv"),
+                     "--out", str(pred_csv)]) == 0
+        rows = list(csv.DictReader(open(pred_csv)))
+        src = list(csv.DictReader(open(CURVES / f"{h}.csv")))
+        assert list(rows[0]) == ["step", "lr", "loss_pred"] and len(rows) == len(src)
+        err = [abs(float(p["loss_pred"]) - float(s["loss"])) for p, s in zip(rows, src) if s["loss"]]
+        maes.append(np.mean(err))
+    assert np.mean(maes) <= 0.006, maes
+
+
+def test_tissue_fit_predicts_heldout():
+    fit = C.fit_curves("tissue", [I.curve_from_csv(CURVES / f"{t}.csv") for t in TRAIN])
+    assert _avg_metrics(fit.params, "tissue")["mae"] < 0.008
+
+
+def _gadre_points():
+    rows = list(csv.DictReader(open(FIX / "gadre2024_rpj.csv")))
+    sub = [r for r in rows if r["model"].startswith("d=") and r["chinchilla_multiplier"] == "1.0"
+           or r["model"].startswith("d=96") and r["chinchilla_multiplier"] == "16.0"]
+    held = [r for r in rows if (r["model"], r["chinchilla_multiplier"]) in (("open_lm_1b", "32.0"), ("open_lm_7b", "1.0"))]
+    return [[np.array([float(r[k]) for r in rs]) for k in ("params", "tokens", "loss_c4_val")] for rs in (sub, held)]
+
+
+def test_gadre_reproduces_published_fit_and_extrapolation():
+    (n, d, loss), (hn, hd, hl) = _gadre_points()
+    law = L.get_law("gadre")
+    fit = L.fit_points(law, n, d, loss)
+    for k, v in {"alpha": 166.2, "beta": 366.7, "b": -0.2729, "E": 1.8367}.items():  # Gadre et al. 2024
+        assert fit.params[k] == pytest.approx(v, rel=2e-3), k
+    err = np.abs(L.predict_points(law, fit.theta, hn, hd)[0] - hl) / hl
+    np.testing.assert_allclose(err, [0.0071, 0.0073], atol=5e-5)  # 1.4B at M=640, 6.9B at M=20
+
+
+def test_gadre_cli_holdout_largest(tmp_path, capsys):
+    rows = list(csv.DictReader(open(FIX / "gadre2024_rpj.csv")))
+    keep = {("d=96_l=8_h=4", "16.0"), ("open_lm_1b", "32.0"), ("open_lm_7b", "1.0")}
+    with open(tmp_path / "sub.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, rows[0].keys())
+        w.writeheader()
+        w.writerows(r for r in rows if (r["model"], r["chinchilla_multiplier"]) in keep
+                    or r["model"].startswith("d=") and r["chinchilla_multiplier"] == "1.0")
+    assert main(["scaling", "fit", str(tmp_path / "sub.csv"), "--law", "gadre", "--loss-col", "loss_c4_val",
+                 "--holdout-largest", "2", "--out", str(tmp_path / "g")]) == 0
+    ex = json.loads((tmp_path / "g" / "fit.json").read_text())["extrapolation"]
+    assert ex["n_heldout"] == 2 and ex["mean_rel_error"] == pytest.approx(0.0072, abs=1e-4)
+    assert "extrapolation" in capsys.readouterr().out
+
+
+def test_chinchilla_full_grid_equals_screened_grid_on_gadre_rpj():
+    p = I.read_points([FIX / "gadre2024_rpj.csv"], "chinchilla", loss_col="loss_c4_val")
+    law = L.get_law("chinchilla")
+    full, screened = L.fit_points(law, p.n, p.d, p.loss), L.fit_points(law, p.n, p.d, p.loss, starts=64)
+    assert full.n_starts == 4500 and screened.objective == pytest.approx(full.objective, rel=1e-9)
+    np.testing.assert_allclose(screened.theta, full.theta, rtol=1e-4)
+
+
+def test_chinchilla_porian_isoflop_sensible():
+    p = I.read_points([FIX / "porian2024_rw_tuned.csv"], "chinchilla", "n", "t", "loss")
+    law = L.get_law("chinchilla")
+    fit = L.fit_points(law, p.n, p.d, p.loss, starts=64)
+    assert 0.45 < L.allocation_exponents(law, fit.theta)["a"] < 0.6  # Porian et al. 2024: 0.497 here
+    assert 1.0 < fit.params["E"] < 3.5 and 0.2 < fit.params["alpha"] < 1 and 0.2 < fit.params["beta"] < 1
+
+
+def _synthetic(rng, sigma=0.01):
+    n, d = (g.ravel() for g in np.meshgrid(np.logspace(7, 9.5, 6), np.logspace(9, 11.5, 6)))
+    clean = CHIN_TRUE["E"] + CHIN_TRUE["A"] / n ** CHIN_TRUE["alpha"] + CHIN_TRUE["B"] / d ** CHIN_TRUE["beta"]
+    return n, d, clean * np.exp(rng.normal(0, sigma, len(n)))
+
+
+def test_chinchilla_recovers_synthetic_within_bootstrap_ci(tmp_path):
+    n, d, loss = _synthetic(np.random.default_rng(1), sigma=0.003)
+    path = tmp_path / "syn.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["params", "tokens", "loss"], *zip(n, d, loss)])
+    assert main(["scaling", "fit", str(path), "--law", "chinchilla", "--bootstrap", "30", "--seed", "1",
+                 "--starts", "64", "--out", str(tmp_path / "c")]) == 0
+    res = json.loads((tmp_path / "c" / "fit.json").read_text())
+    for k, v in CHIN_TRUE.items():
+        lo, hi = res["ci"][k]
+        assert lo <= v <= hi, (k, lo, v, hi)
+    for png in ("fit.png", "isoflop.png", "frontier.png"):
+        assert (tmp_path / "c" / png).stat().st_size > 0
+    pred = tmp_path / "pred.csv"
+    assert main(["scaling", "predict", "--fit", str(tmp_path / "c" / "fit.json"), "--n", "1e9", "--d", "2e10",
+                 "--out", str(pred)]) == 0
+    row = next(csv.DictReader(open(pred)))
+    truth = CHIN_TRUE["E"] + CHIN_TRUE["A"] / 1e9 ** 0.34 + CHIN_TRUE["B"] / 2e10 ** 0.28
+    assert float(row["loss_lo"]) <= truth <= float(row["loss_hi"])
+
+
+def test_compute_optimal_closed_form_matches_numeric_and_tokens_per_param():
+    law = L.get_law("chinchilla")
+    theta = law.from_params({"E": 1.82, "A": 482.0, "B": 2085.4, "alpha": 0.3478, "beta": 0.3658})  # Besiroglu et al.
+    cs = np.array([1e20, 1e22, 1e24])
+    n1, d1 = L.optimal_closed_form(law.to_params(theta), cs)
+    n2, d2 = L.optimal_numeric(law, theta, cs)
+    np.testing.assert_allclose(n1, n2, rtol=1e-4)
+    np.testing.assert_allclose(6 * n1 * d1, cs, rtol=1e-9)
+    assert 10 < (d1 / n1)[1] < 40  # Epoch's refit gives ~20 tokens per parameter
+
+
+def test_kaplan_recovers_known_parameters():
+    law = L.get_law("kaplan")
+    true = {"Nc": 6.4e13, "Dc": 1.8e13, "alpha_N": 0.076, "alpha_D": 0.103}  # Kaplan et al. 2020, eq. 1.5
+    n, d = (g.ravel() for g in np.meshgrid(np.logspace(6, 9, 5), np.logspace(8, 11, 5)))
+    loss = L.predict_points(law, law.from_params(true), n, d)[0]
+    fit = L.fit_points(law, n, d, loss)
+    for k in ("alpha_N", "alpha_D"):
+        assert fit.params[k] == pytest.approx(true[k], rel=1e-3)
+
+
+def _run_dir(root: Path, name, n, avg, d, loss, with_val=False):
+    run = root / name
+    run.mkdir()
+    (run / "run_info.json").write_text(json.dumps({"params": n, "params_non_embedding": 0.9 * n, "avg_nonzero_params": avg}))
+    lines = [{"step": s, "tokens": d * s / 10, "loss": loss + 0.01 * (10 - s), "lr": 1e-3} for s in range(1, 11)]
+    if with_val:
+        lines[-1]["val/a"], lines[-1]["val/b"] = loss, loss + 0.02
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return run
+
+
+def test_run_dirs_sparse_law_uses_average_nonzero_params(tmp_path):
+    rng = np.random.default_rng(3)
+    n, d, _ = _synthetic(rng)
+    avg = 0.6 * n  # sparse runs: the law sees the average non-zero count
+    loss = CHIN_TRUE["E"] + CHIN_TRUE["A"] / avg ** 0.34 + CHIN_TRUE["B"] / d ** 0.28
+    runs = [_run_dir(tmp_path, f"r{i}", n[i], avg[i], d[i], loss[i]) for i in range(0, 36, 2)]
+    pts = I.read_points(runs, "chinchilla_sparse")
+    np.testing.assert_allclose(pts.n, avg[::2])
+    np.testing.assert_allclose(pts.loss, loss[::2] + 0.01 * np.mean(range(5)))  # mean of the last 5 logged
+    assert main(["scaling", "fit", *map(str, runs), "--law", "chinchilla_sparse", "--starts", "64",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "fit.json").read_text())["params"]["alpha"] == pytest.approx(0.34, abs=0.03)
+
+
+def test_final_loss_prefers_val_mean(tmp_path):
+    run = _run_dir(tmp_path, "v", 1e8, 1e8, 1e10, 3.0, with_val=True)
+    assert I.read_points([run], "chinchilla").loss[0] == pytest.approx(3.01)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("few", "needs at least 6"), ("nonpos", "non-positive loss"), ("nocol", "no column params"),
+    ("noloss", "logs no 'loss'"), ("late", "add rows from step 0"), ("unknown", "unknown law")])
+def test_bad_input_is_one_line_user_error(tmp_path, capsys, case, needle):
+    p = tmp_path / "x.csv"
+    law = "chinchilla"
+    if case in ("few", "nonpos", "unknown"):
+        rows = [[1e8, 1e9, 3.0], [2e8, 1e9, 2.9], [1e8, 2e9, -1.0 if case == "nonpos" else 2.8]]
+        law = "kaplan_x" if case == "unknown" else law
+        with open(p, "w", newline="") as f:
+            csv.writer(f).writerows([["params", "tokens", "loss"], *rows])
+    elif case == "nocol":
+        p.write_text("n,tokens,loss\n1,2,3\n")
+    elif case == "noloss":
+        p = tmp_path / "run"
+        p.mkdir()
+        (p / "run_info.json").write_text('{"params": 1e8}')
+        (p / "metrics.jsonl").write_text('{"step": 1, "tokens": 100, "lr": 0.001}\n')
+    else:
+        p.write_text("step,lr,loss\n100,0.001,3.0\n200,0.001,2.9\n")
+        law = "multipower"
+    assert main(["scaling", "fit", str(p), "--law", law, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+
+
+def test_curve_csv_interpolates_lr_and_allows_empty_loss(tmp_path):
+    p = tmp_path / "s.csv"
+    p.write_text("step,lr,loss\n0,0,\n10,1e-3,\n20,1e-3,3.5\n30,0,3.0\n")
+    c = I.curve_from_csv(p)
+    assert len(c.lr) == 31 and c.lr[5] == pytest.approx(5e-4) and c.lr[25] == pytest.approx(5e-4)
+    assert c.steps.tolist() == [20, 30]
+    with pytest.raises(UserError, match="non-positive loss"):
+        p.write_text("step,lr,loss\n0,0,\n10,1e-3,0\n")
+        I.curve_from_csv(p)
