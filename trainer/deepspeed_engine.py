@@ -53,7 +53,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _use_ds_optimizer(cfg, device: torch.device) -> bool:
-    # DeepSpeed's config optimizer JIT-compiles fused_adam (~50 s on CPU, platform-notes): GPU only by default.
+    # DeepSpeed's config optimizer JIT-compiles fused_adam (~50 s on CPU): GPU only by default.
     return cfg.deepspeed.optimizer == "deepspeed" or (cfg.deepspeed.optimizer == "auto" and device.type == "cuda")
 
 
@@ -71,7 +71,8 @@ def deepspeed_config(cfg, ctx: DistContext) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": max(accum, 1),
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": uses_bf16(t.precision, ctx.device)},
+        # check_grad_overflow: a non-finite gradient norm skips the update on every rank (fp32 does so already).
+        "bf16": {"enabled": uses_bf16(t.precision, ctx.device), "check_grad_overflow": True},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # a torch AdamW may run the offloaded step
@@ -87,11 +88,13 @@ def deepspeed_config(cfg, ctx: DistContext) -> dict:
 
 def _init_comm(ctx: DistContext) -> None:
     """Join (or, for a plain single process, create) the process group DeepSpeed communicates over."""
-    import deepspeed
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
+    import deepspeed
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` as an attribute is torch itself
     # The CPU shared-memory all-reduce op JIT-compiles (~30 s) and leaves ~66 MB per rank in /dev/shm
-    # that is never freed (platform-notes); gloo is fast enough for CPU runs.
+    # that is never freed; gloo is fast enough for CPU runs.
     if ctx.device.type == "cpu":
         ds_torch.build_shm_op = lambda: None
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -111,6 +114,8 @@ def _free_port() -> int:
 
 class DeepSpeedEngine:
     def __init__(self, model, cfg, ctx: DistContext, initial_state: dict | None):
+        if ctx.device.type == "cuda":  # a DeepSpeed wheel built without CUDA would otherwise pick the CPU accelerator
+            os.environ.setdefault("DS_ACCELERATOR", "cuda")
         import deepspeed
 
         if cfg.deepspeed.zero_stage == 3 and cfg.train.loss_chunk_tokens > 0:
@@ -145,13 +150,17 @@ class DeepSpeedEngine:
             raise ValueError(f"grad_clip {grad_clip} differs from the {self.grad_clip} DeepSpeed was configured with")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        own_norm = None
-        if not hasattr(self.model.optimizer, "_global_grad_norm"):
-            # ZeRO stage 0 in fp32 steps the bare torch optimizer, which does not record the norm;
-            # the gradients are already all-reduced at the boundary backward.
-            own_norm = torch.nn.utils.clip_grad_norm_(self.inner.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        self.model.step()
-        norm = self.model.get_global_grad_norm() if own_norm is None else own_norm
+        if hasattr(self.model.optimizer, "_global_grad_norm"):
+            # ZeRO (and bf16) optimizers clip, measure, and skip a non-finite step themselves (norm inf).
+            self.model.step()
+            return float(self.model.get_global_grad_norm())
+        # ZeRO stage 0 in fp32 steps the bare torch optimizer, which records no norm; the gradients
+        # were all-reduced at the boundary backward, so every rank measures the same norm.
+        norm = torch.nn.utils.clip_grad_norm_(self.inner.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        if torch.isfinite(norm):
+            self.model.step()
+        else:
+            self.zero_grad()
         return float(norm)
 
     def zero_grad(self) -> None:
@@ -161,8 +170,10 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(str(path), tag=TAG, save_latest=False)
 
     def load(self, path: Path, optimizer: bool) -> None:
+        if not (path / TAG).is_dir():
+            raise UserError(f"{path}: no {TAG}/ folder; was it saved with train.engine=deepspeed?")
         saved_world = json.loads((path / "trainer_state.json").read_text()).get("world_size", self.ctx.world_size)
-        if saved_world == self.ctx.world_size:
+        if saved_world == self.ctx.world_size or self.cfg.deepspeed.zero_stage == 0:
             self._load(path, optimizer)
             return
         # ZeRO partitions are per rank: another world size needs the universal (per-parameter) format.
@@ -180,18 +191,17 @@ class DeepSpeedEngine:
                 shutil.rmtree(universal, ignore_errors=True)
 
     def _load(self, folder: Path, optimizer: bool) -> None:
-        loaded, _ = self.model.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=optimizer,
-                                               load_lr_scheduler_states=False, load_module_only=not optimizer)
-        if loaded is None:
-            raise UserError(f"{folder}: no DeepSpeed checkpoint under {TAG}/; was it saved with train.engine=deepspeed?")
+        self.model.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=optimizer, load_lr_scheduler_states=False,
+                                   load_module_only=not optimizer)
 
     def full_state_dict(self) -> dict:
-        import deepspeed
+        """The fp32 master weights (collective under ZeRO-3: every rank must call it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
         for name, p in self.inner.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-                out[name] = p.detach().float().cpu().clone()
+            full = safe_get_full_fp32_param(p)  # None at stage 0 in fp32, where the module holds the master
+            out[name] = (p if full is None else full).detach().float().cpu().clone()
         return out
 
 

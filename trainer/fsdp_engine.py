@@ -34,11 +34,12 @@ class FSDPSection:
     defer_grad_sync: bool = False  # reduce-scatter only on a step's last micro-batch (less traffic, full-size grads kept)
 
 
-def _ensure_group(ctx: DistContext) -> None:
+def ensure_process_group(ctx: DistContext) -> None:
     """FSDP2 needs a process group even for one process (a resume at world size 1)."""
     if not dist.is_initialized():
-        dist.init_process_group("gloo" if ctx.device.type == "cpu" else "nccl", store=dist.HashStore(),
-                                rank=0, world_size=1)
+        cuda = ctx.device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=ctx.device if cuda else None)
 
 
 class FSDPEngine:
@@ -47,7 +48,7 @@ class FSDPEngine:
         from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                             register_fsdp_forward_method)
 
-        _ensure_group(ctx)
+        ensure_process_group(ctx)
         self.ctx, self.cfg = ctx, cfg
         f = cfg.fsdp
         if f.cpu_offload and ctx.device.type == "cpu":
@@ -61,8 +62,10 @@ class FSDPEngine:
         wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
         for block in model.layers:
             fully_shard(block, reshard_after_forward=f.reshard_after_forward, **shard)
-        fully_shard(model, **shard)  # the root: embeddings, final norm, head
-        # The chunked loss calls model.hidden() instead of forward(); it must gather the root's weights too.
+        # The root (embeddings, final norm, head) stays gathered from its forward to its backward: its
+        # weights are needed again at once, and the chunked loss reads the head weight after
+        # model.hidden(), which is registered to gather them like forward() does.
+        fully_shard(model, reshard_after_forward=False, **shard)
         register_fsdp_forward_method(model, "hidden")
         model.to_empty(device="cpu" if f.cpu_offload else ctx.device)
         full = full_initial_state(model, initial_state, ctx)
@@ -110,14 +113,14 @@ class FSDPEngine:
 
 
 def consolidate(path: Path) -> dict:
-    """The full weights of a DCP checkpoint folder, read in this one process (no process group)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    """The full weights of a DCP checkpoint folder, read in this one process (no process group).
+    Only the model's entries are read, not the optimizer's (twice as large)."""
+    # torch's own helper for this (used by its DCP tooling); `dcp.load` with a filtering planner drops
+    # entries that are not already keys of the dict it fills.
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     folder = Path(path) / DCP_DIR
     if not (folder / ".metadata").is_file():
         raise UserError(f"{path}: no {DCP_DIR}/.metadata; this is not a complete FSDP2 checkpoint")
-    state: dict = {}
-    dcp.load(state, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-             no_dist=True)
+    state = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(folder))
     return {k: v.float().contiguous() for k, v in state["model"].items()}

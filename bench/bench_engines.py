@@ -1,0 +1,148 @@
+"""Throughput of the sharded engines: a preset at seq 2048 (bf16 on GPU) under ZeRO-2, ZeRO-3 and
+FSDP2 on 1 and 2 GPUs, on synthetic tokens. Prints tokens/s per GPU, MFU, peak memory and the
+scaling efficiency (tokens/s per GPU at N GPUs over that at 1), and writes $OUT/bench_engines.json.
+
+    python bench/bench_engines.py --preset 1B --gpus 1,2 --micro-batch 4
+
+The parent starts one `torchrun --nproc_per_node N` per GPU count; each worker builds the real
+engines one after another (the loop's build path: meta model -> engine -> init) and times
+forward+backward+step on the same micro-batches.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
+
+ENGINES = {"zero2": ["--train.engine=deepspeed", "--deepspeed.zero_stage=2"],
+           "zero3": ["--train.engine=deepspeed", "--deepspeed.zero_stage=3"],
+           "fsdp2": ["--train.engine=fsdp2"]}
+
+
+def _config(args, engine: str, world: int):
+    from trainer.config import load_config
+
+    tokens = args.micro_batch * args.seq_len * world  # one micro-batch per rank per step: no accumulation
+    return load_config(None, [f"--model.preset={args.preset}", f"--model.max_seq_len={max(args.seq_len, 64)}",
+                              f"--data.seq_len={args.seq_len}", f"--train.micro_batch_size={args.micro_batch}",
+                              f"--train.global_batch_tokens={tokens}", f"--train.max_tokens={tokens}",
+                              f"--train.compile={args.compile}", f"--train.activation_checkpointing={args.ac}",
+                              f"--deepspeed.optimizer={args.ds_optimizer}", *ENGINES[engine]])
+
+
+def _time_engine(args, engine: str, ctx) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from model.config import flops_per_token
+    from model.llama import Llama
+    from trainer.loop import build_engine
+    from trainer.loss import lm_loss
+    from trainer.metrics import device_peak_tflops
+
+    cfg = _config(args, engine, ctx.world_size)
+    arch = cfg.model.arch
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(arch)
+    eng = build_engine(cfg, model, ctx, None)
+    gen = torch.Generator().manual_seed(ctx.rank)
+    batch = {"tokens": torch.randint(0, arch.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(ctx.device)}
+    scale = ctx.world_size / cfg.train.global_batch_tokens
+    loss_fn = lambda m, b: lm_loss(m, b, scale, cfg.train.loss_chunk_tokens)  # noqa: E731
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            sync(), dist.barrier()
+            t0 = time.perf_counter()
+        eng.forward_backward(batch, loss_fn, sync=True)
+        eng.step(1e-4, 1.0)
+    sync(), dist.barrier()
+    seconds = (time.perf_counter() - t0) / args.steps
+    tps = args.micro_batch * args.seq_len / seconds
+    peak = device_peak_tflops(ctx.device, 0.0) * 1e12
+    row = {"engine": engine, "gpus": ctx.world_size, "preset": args.preset, "seq_len": args.seq_len,
+           "micro_batch": args.micro_batch, "step_s": seconds, "tokens_per_s_per_gpu": tps,
+           "mfu": flops_per_token(arch, args.seq_len) * tps / peak if peak else None,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None}
+    del eng, model
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from trainer.engine import init_distributed
+    from trainer.fsdp_engine import ensure_process_group
+
+    ctx = init_distributed("auto")
+    ensure_process_group(ctx)  # one process: the sharded engines still need a group
+    rows = [_time_engine(args, e, ctx) for e in args.engines.split(",")]
+    if ctx.is_main:
+        Path(args.worker_out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["engine"]: r["tokens_per_s_per_gpu"] for r in rows if r["gpus"] == 1}
+    lines = ["| engine | GPUs | tokens/s per GPU | MFU | peak mem GiB | step s | scaling efficiency |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base[r["engine"]] if r["engine"] in base else None
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {r['engine']} | {r['gpus']} | {r['tokens_per_s_per_gpu']:,.0f} | {fmt(r['mfu'], '.1%')} | "
+                     f"{fmt(r['peak_mem_gib'], '.1f')} | {r['step_s']:.3f} | {fmt(r['scaling_efficiency'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="350M")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--gpus", default="1,2", help="comma-separated process counts, one torchrun each")
+    p.add_argument("--engines", default="zero2,zero3,fsdp2")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per engine")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--ds-optimizer", choices=["torch", "deepspeed"], default="torch",
+                   help="torch AdamW (the one FSDP2 uses) or DeepSpeed's fused Adam (JIT-built)")
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker_out:
+        worker(args)
+        return 0
+    rows = []
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
+             if k not in ("gpus", "worker_out") and v is not False]
+    for n in [int(g) for g in args.gpus.split(",")]:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,
+                   *flags, f"--worker-out={f.name}"]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            rows += json.loads(Path(f.name).read_text())
+    print(table(rows))
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / "bench_engines.json"
+        out.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

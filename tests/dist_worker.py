@@ -1,0 +1,24 @@
+"""Several training runs inside one launched process group, since a launch costs 10-20 s:
+`python tests/dist_worker.py JOBS.json` under deepspeed/torchrun (or alone, as one process).
+JOBS.json: a list of {"overrides": ["--a.b=v", ...], "resume": bool}; each job is one `run()`."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
+
+import torch.distributed as dist  # noqa: E402
+
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import run  # noqa: E402
+
+
+def main(jobs_file: str) -> None:
+    for job in json.loads(Path(jobs_file).read_text()):
+        run(load_config(None, job["overrides"]), resume=job.get("resume", False))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
