@@ -33,6 +33,9 @@ import torch.distributed as dist
 from launch.errors import UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Ctrl-C under torchrun reaches a worker twice within milliseconds (from the terminal, then forwarded
+# by torchrun): a repeat this soon is the same request, not the "exit now" second signal.
+_REPEAT_S = 1.0
 
 
 @dataclass
@@ -44,8 +47,8 @@ class FaultsSection:
     max_rollbacks: int = 3  # a (max_rollbacks + 1)-th rollback within rollback_window_steps stops the run instead
     rollback_window_steps: int = 1000  # the window, in steps attempted by this process (replayed steps count)
     # Debugging only (fault-injection tests): never set these in a real run.
-    inject_nan_at_steps: list[int] = field(default_factory=list)  # DEBUG: multiply the loss by NaN at these steps
-    inject_spike_at_steps: list[int] = field(default_factory=list)  # DEBUG: multiply the loss by 100 at these steps
+    inject_nan_at_steps: list[int] = field(default_factory=list)  # DEBUG: multiply the loss by NaN at these steps (first time reached)
+    inject_spike_at_steps: list[int] = field(default_factory=list)  # DEBUG: multiply the loss by 100 at these steps (first time reached)
     inject_rank: int = -1  # DEBUG: inject only on this rank (-1: every rank)
     debug_checkpoint_delay_s: float = 0.0  # DEBUG: sleep after writing a checkpoint's files, before publishing it
 
@@ -79,6 +82,7 @@ class FaultMonitor:
         self.consecutive = 0
         self.attempts = 0
         self._pending = math.nan  # the loss judge() accepted, entering the window once its update is applied
+        self._injected: set[int] = set()  # DEBUG injections happen once per step number, not again after a rollback
         self.rollback_at: collections.deque = collections.deque()
 
     def state_dict(self) -> dict:
@@ -87,16 +91,17 @@ class FaultMonitor:
 
     def inject(self, loss_fn, step: int, rank: int):
         """DEBUG: the loss function of `step`, with the configured NaN or spike injected."""
-        if self.cfg.inject_rank not in (-1, rank):
+        if self.cfg.inject_rank not in (-1, rank) or step in self._injected:
             return loss_fn
         factor = (math.nan if step in self.cfg.inject_nan_at_steps else
                   _SPIKE_FACTOR if step in self.cfg.inject_spike_at_steps else None)
         if factor is None:
             return loss_fn
+        self._injected.add(step)
 
         def injected(model, batch):
             loss, stats = loss_fn(model, batch)
-            return loss * factor, {k: v * factor for k, v in stats.items()}
+            return loss * factor, {**stats, "loss_sum": stats["loss_sum"] * factor, "sample_loss": stats["sample_loss"] * factor}
         return injected
 
     def judge(self, loss: float, step: int) -> tuple[str, str]:
@@ -151,7 +156,6 @@ class FaultMonitor:
                              f"lower schedule.lr or inspect the data after the last checkpoint")
         self.rollback_at.append(self.attempts)
         self.rollbacks += 1
-        self.window.clear()  # the losses since the checkpoint belong to the abandoned branch
         return what + "; rolling back to the last good checkpoint and skipping the data since it"
 
     def row(self) -> dict:
@@ -176,6 +180,7 @@ class GracefulStop:
 
     def __init__(self):
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -190,11 +195,13 @@ class GracefulStop:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if self.signum is not None and time.monotonic() - self._first_at < _REPEAT_S:
+            return
         if self.signum is not None:
             # os._exit: no cleanup code runs that could publish half-written state.
             print(f"cptrain: second signal ({name}): exiting now without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         print(f"cptrain: received {name}: finishing the current step, then saving a checkpoint "
               f"(send it again to exit at once)", file=sys.stderr, flush=True)
 
