@@ -2,26 +2,42 @@
 RANK/WORLD_SIZE/MASTER_* environment and the config overrides in OUT/args.json.
 
 The trainer is built with the configured engine, the masks are selected on the initial weights
-(identical on every engine) and written to OUT/masks/, then the run trains with them."""
+(identical on every engine; rounded so that many tie at the threshold) and written to OUT/masks/, then the run trains with them and rank 0
+writes the final full weights to OUT/final.pt."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
+from trainer.sparsity import collect_targets  # noqa: E402
+
+
+def quantize(targets) -> None:
+    """Round the weights to multiples of 0.01 (init std 0.02): thousands of ties at any threshold, so
+    the cross-rank tie-breaking decides which weights are pruned. Elementwise, so every sharding of
+    a tensor rounds to the same values as the whole tensor."""
+    with torch.no_grad():
+        for t in targets:
+            t.values.copy_(torch.round(t.values * 100) / 100)
 
 
 def main(out: Path) -> None:
     cfg = load_config(None, json.loads((out / "args.json").read_text()))
     trainer = Trainer(cfg)
+    quantize(collect_targets(trainer.engine, cfg.sparsity)[0])
     trainer.pruner.prune(cfg.sparsity.target)
     (out / "masks").mkdir(exist_ok=True)
     trainer.pruner.save(out / "masks", trainer.ctx.rank)
     trainer.train()
+    weights = trainer.engine.full_state_dict()  # collective under FSDP2 and ZeRO-3
+    if trainer.ctx.is_main:
+        torch.save(weights, out / "final.pt")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -55,8 +55,10 @@ class SparsityConfig:
     def __post_init__(self):
         if not 0.0 <= self.target < 1.0:
             raise UserError(f"sparsity.target={self.target} must be in [0, 1); e.g. 0.5 for half the weights zero")
-        if not 0.0 <= self.start_fraction <= self.end_fraction <= 1.0:
-            raise UserError("sparsity.start_fraction and end_fraction must satisfy 0 <= start <= end <= 1 (e.g. 0.25, 0.75)")
+        if not (0.0 <= self.start_fraction <= 1.0 and 0.0 <= self.end_fraction <= 1.0):
+            raise UserError("sparsity.start_fraction and end_fraction are fractions of train.max_tokens, in [0, 1]")
+        if self.schedule == "gradual" and self.start_fraction >= self.end_fraction:
+            raise UserError("sparsity.schedule=gradual needs start_fraction < end_fraction (e.g. 0.25, 0.75); or use schedule=oneshot")
         if self.pattern == "2of4" and (self.target != 0.5 or self.schedule != "oneshot"):
             raise UserError("sparsity.pattern=2of4 prunes exactly half in one shot; set sparsity.target=0.5 and sparsity.schedule=oneshot")
         if self.interval_tokens < 0 or self.densify_at_tokens < 0:
@@ -254,7 +256,8 @@ def select_unstructured(targets, old: dict, s: float, scope: str, sharded: bool)
         already[g] += int(old[t.name].sum()) if t.name in old else 0
     _sum(already, sharded)
     k = torch.maximum(torch.round(numel.double() * s).long(), already)
-    keys = [_keys(t.values, old.get(t.name)) for t in targets]
+    # Keys are recomputed per use rather than stored: a replicated 8B model would need 32 GB for them.
+    keys = [lambda t=t: _keys(t.values, old.get(t.name)) for t in targets]
     gi = torch.tensor(group_of, device=dev)
     lo = torch.full((n_groups,), -2, dtype=torch.int64, device=dev)  # count(key <= lo) < k unless k == 0
     hi = torch.full((n_groups,), _MAX_KEY, dtype=torch.int64, device=dev)  # count(key <= hi) >= k
@@ -262,18 +265,19 @@ def select_unstructured(targets, old: dict, s: float, scope: str, sharded: bool)
         mid = (lo + hi) // 2
         counts = torch.zeros(n_groups, dtype=torch.int64, device=dev)
         for key, g in zip(keys, group_of):
-            counts[g] += (key <= mid[g]).sum()
+            counts[g] += (key() <= mid[g]).sum()
         ok = _sum(counts, sharded) >= k
         hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
     thr = hi[gi]
-    less = torch.stack([(key < thr[i]).sum() for i, key in enumerate(keys)])
-    ties = torch.stack([(key == thr[i]).sum() for i, key in enumerate(keys)])
+    less = torch.stack([(key() < thr[i]).sum() for i, key in enumerate(keys)])
+    ties = torch.stack([(key() == thr[i]).sum() for i, key in enumerate(keys)])
     below = _sum(torch.zeros(n_groups, dtype=torch.int64, device=dev).index_add_(0, gi, less), sharded)
     quota = _tie_quota(ties, k - below, group_of, sharded)
     out = {}
     for i, (t, key) in enumerate(zip(targets, keys)):
-        tie = key == thr[i]
-        out[t.name] = (key < thr[i]) | (tie & (tie.cumsum(0) <= quota[i]))
+        k_i = key()
+        tie = k_i == thr[i]
+        out[t.name] = (k_i < thr[i]) | (tie & (tie.cumsum(0) <= quota[i]))
     return out
 
 
@@ -297,7 +301,7 @@ def apply_masks(targets, masks: dict) -> None:
             m = masks.get(t.name)
             if m is not None:
                 for lo, hi, view in t.copies:
-                    view.masked_fill_(m[lo:hi], 0)
+                    view.masked_fill_(m[lo:hi].to(view.device), 0)  # offloaded masters live on the CPU
 
 
 # ---------------------------------------------------------------- the run's pruner
@@ -389,6 +393,7 @@ class Pruner:
         saved = SparsityState(**json.loads((folder / STATE_FILE).read_text())) if (folder / STATE_FILE).is_file() else None
         if resume and saved is not None:
             self.state = saved
+        self.masks = {}  # a rollback to a checkpoint from before pruning leaves none
         if not files:
             return
         self.active = True
@@ -432,12 +437,14 @@ def _read_masks(files: list[Path], targets: list[Target]) -> dict:
 
 
 def _regather_persistent(engine, targets) -> None:
-    """ZeRO-3 keeps small ("persistent") parameters gathered between steps; refresh them from the
-    masked partitions, as DeepSpeed itself does at the end of a step."""
-    module, opt = _unwrap(engine)
-    persistent = getattr(opt, "persistent_parameters", None)
+    """ZeRO-3 keeps small ("persistent") parameters gathered between steps, and forwards read that
+    full copy: release it and gather it again from the masked partitions (a gather alone skips
+    parameters that are still available)."""
+    module, _ = _unwrap(engine)
     names = {t.name for t in targets}
-    if persistent and any(getattr(p, "ds_persist", False) for n, p in module.named_parameters() if n in names):
+    persistent = [p for n, p in module.named_parameters() if n in names and getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].partition(persistent)
         persistent[0].all_gather(persistent)
 
 
@@ -451,3 +458,6 @@ class WithMasks:
     def save(self, path: Path) -> None:
         self.engine.save(path)
         self.pruner.save(path, self.rank)
+
+    def __getattr__(self, name: str):  # anything else checkpointing asks of the engine
+        return getattr(self.engine, name)
