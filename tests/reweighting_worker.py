@@ -1,0 +1,30 @@
+"""One rank of tests/test_reweighting.py's two-rank run: `python reweighting_worker.py OUT` with the
+usual RANK/WORLD_SIZE/MASTER_* environment and the config overrides in OUT/args.json.
+
+The first step's sample weights are computed through the real all-gather on the real (DDP) engine
+and written to OUT/weights<rank>.pt with the samples they belong to; then the run trains."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from tests.test_reweighting import first_step_weights  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+
+
+def main(out: Path) -> None:
+    cfg = load_config(None, json.loads((out / "args.json").read_text()))
+    trainer = Trainer(cfg)
+    torch.save(first_step_weights(trainer), out / f"weights{trainer.ctx.rank}.pt")
+    trainer.train()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
