@@ -121,7 +121,8 @@ def build_peer(model_name: str, run: dict, device):
     return step, arch
 
 
-def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tflops: float) -> dict:
+def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tflops: float,
+            profile: bool = False) -> dict:
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -141,6 +142,8 @@ def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tf
                 step(batches[i % 4])
             _sync(device)
             dt = time.perf_counter() - t0
+            if profile:
+                print_profile(step, batches, device)
         tps = steps * run["mb"] * SEQ / dt
         result.update(tokens_per_s=round(tps), mfu=round(tps * flops_per_token(arch, SEQ) / (peak_tflops * 1e12), 4))
         if device.type == "cuda":
@@ -154,6 +157,17 @@ def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tf
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def print_profile(step, batches, device) -> None:
+    """GPU time per kernel over 3 steps: where the time goes that MFU does not count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(3):
+            step(batches[i % 4])
+        _sync(device)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70), flush=True)
 
 
 def _sync(device):
@@ -236,6 +250,7 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining runs after this many seconds")
     p.add_argument("--attention", action="store_true", help="time the attention kernels alone")
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    p.add_argument("--profile", action="store_true", help="print a kernel profile of each run")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seq", type=int, default=SEQ, help="sequence length (2048 for the reported figures)")
     args = p.parse_args()
@@ -248,7 +263,7 @@ def main() -> int:
         if time.perf_counter() - start > args.budget_s:
             print(f"skipped (over budget): {text}", flush=True)
             continue
-        row = measure(args.model, parse_run(text), device, args.steps, args.warmup, args.peak_tflops)
+        row = measure(args.model, parse_run(text), device, args.steps, args.warmup, args.peak_tflops, args.profile)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:

@@ -44,10 +44,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     linear cross-entropy does, Hsu et al. 2024), so neither the [N, V] logits nor their gradient
     ever exist whole, and nothing is recomputed: the head costs the same 6*V*D FLOPs per token as
     the unfused path. The output is a scalar sum, so backward only scales the stored gradients.
+    With row_weight [N] the sum (and each row's gradient) is weighted (trainer/reweighting.py).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype):
+    def forward(ctx, hidden, weight, targets, chunk, dtype, row_weight=None):
         # hidden [N, D], weight [V, D], targets [N]
         h_all, w = hidden.to(dtype), weight.to(dtype)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -57,17 +58,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = h_all[start:start + chunk], targets[start:start + chunk]
             losses[start:start + chunk], dlogits = fn(h, w, t)
+            if row_weight is not None:
+                dlogits = dlogits * row_weight[start:start + chunk, None].to(dlogits.dtype)
             grad_h[start:start + chunk] = dlogits @ w
             grad_w += dlogits.t() @ h  # fp32 accumulation of bf16 partial products
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(losses)
-        return losses.sum(), losses
+        return (losses.sum() if row_weight is None else (losses * row_weight).sum()), losses
 
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h.to(ctx.dtypes[0]) * grad_total, grad_w.to(ctx.dtypes[1]) * grad_total, None, None, None)
+        return (grad_h.to(ctx.dtypes[0]) * grad_total, grad_w.to(ctx.dtypes[1]) * grad_total, None, None, None, None)
 
 
 def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
@@ -77,15 +80,16 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses with gradient, per-token losses [N] detached) for hidden [N, D]."""
+                         chunk_tokens: int, row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses with gradient, per-token losses [N] detached) for hidden [N, D]; the
+    sum is weighted by row_weight [N] when given."""
     dtype = _compute_dtype(hidden.device, weight.dtype)
     if torch.is_grad_enabled():
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, dtype, row_weight)
     h_all, w = hidden.to(dtype), weight.to(dtype)  # evaluation: losses only, still chunk by chunk
     losses = torch.cat([F.cross_entropy((h @ w.t()).float(), t, reduction="none")
                         for h, t in zip(h_all.split(chunk_tokens), targets.split(chunk_tokens))])
-    return losses.sum(), losses
+    return (losses.sum() if row_weight is None else (losses * row_weight).sum()), losses
 
 
 def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -109,13 +113,19 @@ def token_losses(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
 def lm_loss(model, batch: dict, scale: float, chunk_tokens: int = 0) -> tuple[torch.Tensor, dict]:
     """Returns (the scalar to backpropagate, detached stats): stats['loss_sum'] is the plain sum of
     token losses, stats['sample_loss'] the mean loss of each sample (for per-domain logging).
-    With chunk_tokens > 0 the head and the loss are fused (see _LinearCrossEntropy)."""
+    With chunk_tokens > 0 the head and the loss are fused (see _LinearCrossEntropy).
+    batch['sample_weight'] [B] (optional, trainer/reweighting.py) scales each sample's losses in
+    what is backpropagated; the stats stay plain."""
+    weight = batch.get("sample_weight")
     if chunk_tokens <= 0:
         losses = token_losses(model, batch)  # [B, S]
         total = losses.sum()
+        backprop = total if weight is None else (losses.sum(dim=1) * weight).sum()
     else:
         inputs, doc_ids, targets = _inputs(batch)
         hidden = model.hidden(inputs, doc_ids).flatten(0, 1)  # [B*S, D]
-        total, flat = linear_cross_entropy(hidden, _head_weight(model), targets.flatten(), chunk_tokens)
+        row_weight = None if weight is None else weight.repeat_interleave(targets.shape[1])
+        backprop, flat = linear_cross_entropy(hidden, _head_weight(model), targets.flatten(), chunk_tokens, row_weight)
         losses = flat.view_as(targets)
-    return total * scale, {"loss_sum": total.detach(), "sample_loss": losses.detach().mean(dim=1)}
+        total = backprop if weight is None else flat.sum()
+    return backprop * scale, {"loss_sum": total.detach(), "sample_loss": losses.detach().mean(dim=1)}

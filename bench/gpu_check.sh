@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU checks run on the device machine (one call per stage); results land in $OUT (or ./gpu_out).
+#   bash bench/gpu_check.sh STAGE      STAGE: sweep374 | sweep | parity | loop | loader | engines | tests
+# Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
+# .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST=9.0
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .carry/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/streaming ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/*.whl
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+B="python3 bench/bench_mfu.py --steps 12 --warmup 4"
+case "$1" in
+sweep374)
+  $B --model 350M --budget-s 400 --out "$OUT/mfu374.jsonl" \
+    --run peer:mb=8 --run ours:mb=8 --run ours:mb=8,ce=4096 --run ours:mb=8,ce=4096,sdpa=cudnn \
+    --run ours:mb=8,ce=4096,attn=flex,doc=1 --run ours:mb=8,ce=4096,attn=flex \
+    --run ours:mb=16,ce=4096,sdpa=cudnn --run ours:mb=16,ce=4096,attn=flex,doc=1 \
+    --run ours:mb=8,ce=4096,sdpa=cudnn,bf16=1 --run ours:mb=32,ce=4096,sdpa=cudnn,ac=1 \
+    --run ours:mb=24,ce=4096,sdpa=cudnn 2>&1 | tee "$OUT/sweep374.log"
+  timeout 120 python3 bench/bench_mfu.py --attention --out "$OUT/attention.jsonl" 2>&1 | tail -20 ;;
+sweep)  # kernel-level tests, 1.35B levers, varlen document masking at 374M, the 1B preset
+  python3 -c "import inspect; from torch.nn.attention.varlen import varlen_attn as f; print('varlen_attn', inspect.signature(f))"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+  $B --model 1.3B --budget-s 240 --out "$OUT/mfu.jsonl" --run peer:mb=4 --run ours:mb=4,ce=4096 \
+    --run ours:mb=8,ce=4096 --run ours:mb=8,ce=4096,attn=flash_attn,doc=1 --run peer:mb=8 \
+    --run ours:mb=12,ce=4096,attn=flash_attn,doc=1 --run ours:mb=8,ce=4096,bf16=1 2>&1 | tee "$OUT/sweep1b.log"
+  $B --model 350M --budget-s 60 --out "$OUT/mfu.jsonl" --run ours:mb=16,ce=4096,attn=flash_attn,doc=1 \
+    --run ours:mb=8,ce=4096,attn=flash_attn,doc=1 --run ours:mb=32,ce=4096,attn=flash_attn,doc=1 2>&1 | tee "$OUT/sweep374.log"
+  $B --model 1B --budget-s 30 --out "$OUT/mfu.jsonl" --run ours:mb=8,ce=4096,attn=flash_attn,doc=1 \
+    --run ours:mb=16,ce=4096,attn=flash_attn,doc=1 2>&1 | tee "$OUT/sweep1bpreset.log" ;;
+parity)  # loss curves of the fast vs. the plain path, then the demo config through `cptrain train`
+  timeout 420 python3 bench/loss_parity.py --data .carry/data/english2048 --out /tmp/parity --steps 300 2>&1 | tail -40
+  cp /tmp/parity/parity.json "$OUT/" 2>/dev/null
+  timeout 150 python3 -m launch.cli train trainer/configs/demo.yaml --run_dir=/tmp/demo_gpu \
+    "--data.domains=[{name: english, path: .carry/data/english}]" --train.compile=true --train.precision=bf16 \
+    --model.attention=sdpa --log.progress=false 2>&1 | tail -8
+  cp /tmp/demo_gpu/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null
+  $B --model 350M --budget-s 100 --out "$OUT/mfu.jsonl" --run peer:mb=16 --run ours:mb=32,ce=4096 \
+    --run ours:mb=16,ce=8192,attn=flash_attn,doc=1 2>&1 | tail -6
+  $B --model 1.3B --budget-s 60 --out "$OUT/mfu.jsonl" --run ours:mb=16,ce=4096,attn=flash_attn,doc=1 \
+    --run ours:mb=12,ce=4096 2>&1 | tail -5
+  $B --model 1.3B --steps 4 --profile --run ours:mb=8,ce=4096,attn=flash_attn,doc=1 > "$OUT/profile1b.txt" 2>&1 ;;
+loop)  # the shipped configs through the real loop and loader (`cptrain train`), then the demo config
+  for spec in gpu_350m:32 gpu_1.3b:12 gpu_1b:16; do
+    name=${spec%%:*}; mb=${spec##*:}
+    timeout 150 python3 -m launch.cli train trainer/configs/$name.yaml --run_dir=/tmp/loop_$name \
+      "--data.domains=[{name: english, path: .carry/data/english2048}]" --train.global_batch_tokens=$((mb * 2048)) \
+      --train.max_tokens=$((mb * 2048 * 30)) --eval.at_start=false --eval.max_samples=8 --checkpoint.at_end=false \
+      --log.progress=false 2>&1 | grep -v Warning | tail -3
+    python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/loop_$name/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print('$name', 'mb $mb', 'tokens/s', round(st.median(x['tokens_per_s'] for x in r)), 'mfu', round(st.median(x['mfu'] for x in r),4))" | tee -a "$OUT/loop.txt"
+  done
+  start=$(date +%s)
+  timeout 240 python3 -m launch.cli train trainer/configs/demo.yaml --run_dir=/tmp/demo_gpu \
+    "--data.domains=[{name: english, path: .carry/data/english}]" --train.compile=true --train.precision=bf16 \
+    --model.attention=sdpa --log.progress=false 2>&1 | grep -v Warning | tail -4
+  echo "demo wall s: $(( $(date +%s) - start ))" | tee -a "$OUT/loop.txt"
+  cp /tmp/demo_gpu/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null ;;
+engines)  # ZeRO-2/3 and FSDP2 on 1 and 2 GPUs (a multi-GPU kind)
+  nvidia-smi topo -m | head -4
+  timeout 560 python3 bench/bench_engines.py --preset 1B --gpus 1,2 --micro-batch 8 --compile --steps 8 2>&1 \
+    | tee "$OUT/engines.log" | grep -v -i warn | tail -12
+  ;;
+loader)  # does loading in worker processes close the loop's gap to the bare step? + the peer at 1.35B/12
+  for w in 0 2; do
+    timeout 120 python3 -m launch.cli train trainer/configs/gpu_350m.yaml --run_dir=/tmp/loader_$w \
+      "--data.domains=[{name: english, path: .carry/data/english2048}]" --data.num_workers=$w \
+      --train.global_batch_tokens=65536 --train.max_tokens=$((65536 * 30)) --eval.at_start=false \
+      --eval.max_samples=8 --checkpoint.at_end=false --log.progress=false >/dev/null 2>&1
+    python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/loader_$w/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print('gpu_350m num_workers $w tokens/s', round(st.median(x['tokens_per_s'] for x in r)))" | tee -a "$OUT/loader.txt"
+  done
+  $B --model 1.3B --out "$OUT/mfu.jsonl" --run peer:mb=12 2>&1 | tail -2 ;;
+tests)  # the fast path's tests on the GPU (they skip on CPU-only CI)
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_loss.py 2>&1 | tail -4 | tee "$OUT/pytest.txt" ;;
+*) echo "unknown stage $1"; exit 2 ;;
+esac
