@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "demo", "trainer.demo:main", "The built-in end-to-end demo on the shipped corpus (CPU is enough).")
     p.add_argument("--out", default="demo_out", help="output folder (data, runs, plots)")
     p.add_argument("--steps", type=int, default=None, help="override the demo's pretraining steps")
+    p.add_argument("--continual-steps", type=int, default=None, help="override the demo's continual-pretraining steps")
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     p = _add(data, "prepare", "data_pipeline.prepare:main", "Tokenize, pack and write MDS shards plus manifest.json.")
@@ -58,57 +59,94 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "launch", "launch.launchers:main", "Print and run (or, for slurm, write) the real launcher command.")
     p.add_argument("--launcher", choices=["deepspeed", "torchrun", "slurm"], required=True)
-    p.add_argument("--hostfile")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=None)
-    p.add_argument("--node-rank", type=int, default=None)
-    p.add_argument("--master-addr", default=None)
+    p.add_argument("--hostfile", help="deepspeed hostfile (`HOST slots=GPUS` per line); written for --nodes > 1 if absent")
+    p.add_argument("--nodes", type=int, default=None, help="number of machines (default 1, or every host of --hostfile)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="processes per machine (default: its GPUs; 1 on CPU)")
+    p.add_argument("--node-rank", type=int, default=None, help="this machine's index (start each node yourself)")
+    p.add_argument("--master-addr", default=None, help="address of node 0")
     p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--no-ssh", action="store_true", help="start each node separately (with --node-rank)")
-    p.add_argument("--slurm-backend", choices=["deepspeed", "torchrun"], default="torchrun")
-    p.add_argument("--slurm-out", default=None, help="where to write the sbatch script")
+    p.add_argument("--no-ssh", action="store_true", help="deepspeed: start each node separately (with --node-rank)")
+    p.add_argument("--resume", action="store_true", help="pass --resume to `cptrain train`")
+    p.add_argument("--slurm-backend", choices=["deepspeed", "torchrun"], default="torchrun",
+                   help="the per-node launcher inside the sbatch script")
+    p.add_argument("--slurm-out", default=None, help="where to write the sbatch script (default RUN_DIR/launch.sbatch)")
+    p.add_argument("--slurm-warning", type=int, default=120,
+                   help="seconds before the time limit at which Slurm sends USR1 (the trainer checkpoints and requeues)")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.add_argument("config")
 
     conv = sub.add_parser("convert", help="checkpoint import/export").add_subparsers(dest="convert_command", required=True)
     p = _add(conv, "hf-to-cptrain", "model.hf:cli_hf_to_cptrain", "Import an HF Llama folder as cptrain weights.")
-    p.add_argument("src"); p.add_argument("out")
+    p.add_argument("src")
+    p.add_argument("out")
     p = _add(conv, "cptrain-to-hf", "trainer.checkpoint:cli_export_hf", "Export a cptrain checkpoint (any engine) as an HF folder.")
-    p.add_argument("src"); p.add_argument("out")
+    p.add_argument("src")
+    p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+    p = _add(sub, "anneal", "trainer.continual:cli_anneal",
+             "Anneal branch: from a checkpoint of a constant (WSD stable, infinite) phase, decay to the floor in a new run "
+             "directory, resuming the checkpoint exactly; the main run is left untouched. Extra --section.key=value "
+             "overrides apply to the branch (e.g. --eval.interval_tokens=1M).")
+    p.add_argument("run_dir", help="the main run's directory")
+    p.add_argument("--tokens", required=True, help="anneal length in tokens (10M, 1.5B; a multiple of the batch)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint name, e.g. step-00001000 (default: the latest good one)")
+    p.add_argument("--shape", default="linear", help="linear | cosine | 1-sqrt | exponential")
+    p.add_argument("--out", required=True, help="the branch's run directory")
+    p.add_argument("--no-train", action="store_true", help="write the branch's config and checkpoint link only")
+
+    p = _add(sub, "forgetting", "trainer.continual:cli_forgetting",
+             "Forgetting report of a run: old- and new-domain validation losses against its first evaluation.")
+    p.add_argument("run_dir")
+    p.add_argument("--old", default=None, help="comma-separated old domains (default: continual.old_domains or replay)")
+    p.add_argument("--new", default=None, help="comma-separated new domains (default: continual.new_domains or data.domains)")
 
     sched = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
     p = _add(sched, "plot", "trainer.schedule:cli_plot", "Draw a config's LR schedule before running it.")
-    p.add_argument("config"); p.add_argument("--out", required=True)
+    p.add_argument("config")
+    p.add_argument("--out", required=True)
 
     p = _add(sub, "report", "trainer.report:main", "Plots and a summary of a run.")
-    p.add_argument("run_dir"); p.add_argument("--out", default=None)
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None)
 
     scaling = sub.add_parser("scaling", help="scaling-law fitting").add_subparsers(dest="scaling_command", required=True)
     p = _add(scaling, "fit", "trainer.scaling.cli:fit", "Fit a scaling law; writes DIR/fit.json and plots.")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("--law", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--bootstrap", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-col", default="params"); p.add_argument("--d-col", default="tokens"); p.add_argument("--loss-col", default="loss")
+    p.add_argument("inputs", nargs="+", help="run directories or CSV files (loss-curve laws: step,lr,loss CSVs or run directories)")
+    p.add_argument("--law", required=True, help="chinchilla, chinchilla_sparse, kaplan, gadre (over N, D); multipower, tissue (loss curves)")
+    p.add_argument("--out", required=True, help="output directory for fit.json and plots")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="K", help="(N, D) laws: K bootstrap refits for 95%% intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap resampling seed")
+    p.add_argument("--n-col", default="params", help="CSV column (or run_info.json key) of parameter counts")
+    p.add_argument("--d-col", default="tokens", help="CSV column of token counts")
+    p.add_argument("--loss-col", default="loss", help="CSV column (or metrics.jsonl key) of the final loss")
+    p.add_argument("--where", action="append", metavar="COL=VALUE", help="CSV inputs: keep only rows with this value (repeatable)")
+    p.add_argument("--starts", type=int, default=0, help="(N, D) laws: L-BFGS from the K best grid starts only (0 = the whole published grid)")
+    p.add_argument("--holdout-largest", type=int, default=0, metavar="K", help="hold out the K runs of largest compute 6ND and report the extrapolation error")
+    p.add_argument("--holdout-above-n", type=float, default=None, metavar="N", help="hold out every run with at least N parameters")
     p = _add(scaling, "predict", "trainer.scaling.cli:predict", "Predictions from a fit.")
-    p.add_argument("--fit", required=True)
-    p.add_argument("--curve", default=None); p.add_argument("--out", default=None)
+    p.add_argument("--fit", required=True, help="DIR/fit.json written by `cptrain scaling fit`")
+    p.add_argument("--curve", default=None, help="loss-curve laws: schedule CSV (step,lr[,loss]); writes step,lr,loss_pred to --out")
+    p.add_argument("--out", default=None, help="output CSV")
+    p.add_argument("--n", type=float, nargs="+", default=None, help="(N, D) laws: parameter counts")
+    p.add_argument("--d", type=float, nargs="+", default=None, help="(N, D) laws: token counts")
+    p.add_argument("--compute", type=float, nargs="+", default=None, help="(N, D) laws: compute budgets C = 6ND for the compute-optimal allocation")
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # `train` and `launch` take `--section.key=value` overrides; everything else must parse fully.
-    if extra and args.command not in ("train", "launch"):
+    # `train`, `launch` and `anneal` take `--section.key=value` overrides; everything else must parse fully.
+    if extra and args.command not in ("train", "launch", "anneal"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:
         return args.func(args) or 0
     except UserError as e:
-        print(f"cptrain: error: {e}", file=sys.stderr)
+        # One line whatever the message quotes (a path or key may hold a newline or control character).
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
+        print(f"cptrain: error: {text}", file=sys.stderr)
         return 2
 
 

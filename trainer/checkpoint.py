@@ -134,14 +134,12 @@ def restore_rng(folder: Path, rank: int) -> bool:
 
 
 def _prune(root: Path, keep_last: int, fresh: Path) -> None:
-    """Delete the oldest checkpoints beyond keep_last, but only while a kept one is good: `fresh`
-    (just written and hashed, so not hashed again) or another that verifies. The newest by step
-    can be a damaged one, e.g. when a resume skipped it."""
-    ckpts = list_checkpoints(root)
-    keep = ckpts[:keep_last]
-    if fresh not in keep and not any(verify(c) is None for c in keep):
-        return
-    for old in ckpts[keep_last:]:
+    """Keep `fresh` (just written and hashed: good by construction) and the keep_last - 1 newest
+    checkpoints before it; delete older ones. Checkpoints with a later step than `fresh` exist only
+    when a resume or rollback skipped them as damaged: they are neither counted nor deleted (left
+    for inspection), so a damaged newer folder can never push the only good checkpoint out."""
+    older = [c for c in list_checkpoints(root) if _step_of(c) < _step_of(fresh)]
+    for old in older[keep_last - 1:]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -204,12 +202,12 @@ def model_config_of(path: str | Path):
 
     p = Path(path)
     if (p / "config.json").is_file() and not (p / "model_config.json").is_file():
-        return from_hf_config(json.loads((p / "config.json").read_text()))
+        return from_hf_config(json.loads((p / "config.json").read_text()), source=str(p / "config.json"))
     p = resolve_checkpoint(p)
     f = p / "model_config.json"
     if not f.is_file():
         raise UserError(f"{p}: neither an HF folder (config.json) nor a cptrain checkpoint (model_config.json); pass one of those")
-    return LlamaConfig(**json.loads(f.read_text()))
+    return LlamaConfig.from_dict(json.loads(f.read_text()), source=str(f))
 
 
 def load_full_weights(path: str | Path):

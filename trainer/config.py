@@ -21,10 +21,12 @@ import yaml
 from data_pipeline.loader import DataConfig
 from launch.errors import UserError
 from model.config import LlamaConfig, preset
+from trainer.continual import ContinualSection
 from trainer.deepspeed_engine import DeepSpeedSection
 from trainer.faults import FaultsSection
 from trainer.fsdp_engine import FSDPSection
 from trainer.schedule import ScheduleConfig
+from trainer.reweighting import ReweightingConfig
 from trainer.sparsity import SparsityConfig
 
 _SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -100,6 +102,8 @@ class TrainConfig:
     fsdp: FSDPSection = field(default_factory=FSDPSection)  # with train.engine=fsdp2 (trainer/fsdp_engine.py)
     faults: FaultsSection = field(default_factory=FaultsSection)  # signals, NaNs, loss spikes (trainer/faults.py)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # pruning and sparse-then-dense (trainer/sparsity.py)
+    reweighting: ReweightingConfig = field(default_factory=ReweightingConfig)  # loss-based sample and domain weights (trainer/reweighting.py)
+    continual: ContinualSection = field(default_factory=ContinualSection)  # old/new domains, forgetting report (trainer/continual.py)
 
 
 # ---------------------------------------------------------------- generic dataclass <- dict
@@ -138,7 +142,7 @@ def _coerce(tp: Any, value: Any, path: str, src: str) -> Any:
             raise UserError(f"{src}: {path} must be a list, got {value!r}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(item, v, f"{path}[{i}]", src) for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:  # a bare `dict` too (LlamaConfig.rope_scaling)
         if not isinstance(value, dict):
             raise UserError(f"{src}: {path} must be a mapping, got {value!r}")
         _, item = typing.get_args(tp) or (str, Any)
@@ -181,6 +185,7 @@ def from_dict(cls: type, data: Any, path: str = "", src: str = "config") -> Any:
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
         if key not in fields:
+            key_path = key_path if key_path.isprintable() else repr(key_path)[1:-1]  # keep the error on one line
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
             raise UserError(f"{src}: unknown key '{key_path}'{hint}")
@@ -207,10 +212,16 @@ def _apply_override(raw: dict, override: str, src: str) -> None:
     m = re.fullmatch(r"--([A-Za-z_][\w.]*)=(.*)", override, re.DOTALL)
     if not m:
         raise UserError(f"override {override!r} must look like --section.key=value (e.g. --train.max_tokens=10M)")
-    keys, value = m.group(1).split("."), yaml.safe_load(m.group(2)) if m.group(2) != "" else ""
+    keys = m.group(1).split(".")
+    try:
+        value = yaml.safe_load(m.group(2)) if m.group(2) != "" else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"override {override!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote or fix it") from None
     node = raw
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
+        if node.get(k) is None:  # absent, or an empty `section:` in the YAML
+            node[k] = {}
+        node = node[k]
         if not isinstance(node, dict):
             raise UserError(f"override {override!r}: '{k}' is not a section")
     node[keys[-1]] = value
@@ -278,6 +289,8 @@ def _check(cfg: TrainConfig, src: str) -> None:
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
     cfg.sparsity.check(t.max_tokens, cfg.model.arch, src)
+    cfg.reweighting.check(cfg, src)
+    cfg.continual.check(cfg.data, src)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -1,7 +1,9 @@
 """`cptrain demo`: the whole pipeline on the shipped corpus, on CPU in a few minutes.
 
 Trains a sentencepiece tokenizer on Jane Austen, writes MDS shards, pretrains a tiny Llama and
-shows the loss falling; writes a checkpoint, metrics.jsonl and a loss plot under --out.
+shows the loss falling; writes a checkpoint, metrics.jsonl and a loss plot under --out. Then
+continues it on Spanish (the shifted domain, English tokenizer) with a rewarm and 10% English
+replay, and prints the forgetting report (configs/demo_continual.yaml, trainer/continual.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from trainer.loop import run
 from trainer.report import plot_loss
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+CONTINUAL_CONFIG = Path(__file__).parent / "configs" / "demo_continual.yaml"
 
 
 def corpus(name: str) -> Path:
@@ -44,4 +47,17 @@ def main(args) -> int:
     print(f"\npretraining on {english.name}: first loss {losses[0]:.3f} -> last loss {losses[-1]:.3f} "
           f"over {len(losses)} steps ({rows[-1]['tokens']:,} tokens)")
     print(f"run directory: {run_dir} (checkpoint, metrics.jsonl, config.yaml); loss plot: {out / 'loss.png'}")
+    continue_on_spanish(out, english, run_dir, args.continual_steps)
     return 0
+
+
+def continue_on_spanish(out: Path, english: Path, pretrained: Path, steps: int | None) -> None:
+    """Continual pretraining of the demo model on Spanish with rewarm and replay; the loop prints
+    the forgetting report at the end."""
+    spanish = prepare(out, "spanish", "rv1909_nt.txt", ["--tokenizer", str(english / "tokenizer.model")])
+    print("\ncontinual pretraining on spanish (rewarm, 10% english replay)")
+    overrides = [f"--run_dir={out / 'runs' / 'continual'}", f"--model.init_from={pretrained}",
+                 f"--data.domains=[{{name: spanish, path: {spanish}}}]", f"--data.replay=[{{name: english, path: {english}}}]"]
+    if steps:
+        overrides.append(f"--train.max_tokens={steps * 8192}")
+    run(load_config(CONTINUAL_CONFIG, overrides))

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from launch.errors import UserError
 from model.llama import Llama
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict]"]
@@ -32,7 +33,11 @@ class DistContext:
 
 def init_distributed(device_pref: str) -> DistContext:
     """Join the process group a launcher (torchrun/deepspeed/slurm) set up through env vars."""
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but this machine has no usable CUDA device; use train.device=auto or cpu")
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if "LOCAL_SIZE" in os.environ:  # the deepspeed launcher's name; streaming reads LOCAL_WORLD_SIZE
+        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -75,7 +80,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "tok_embeddings" not in name else no_decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter is flat; ds_shape is its shape
+        (decay if ndim >= 2 and "tok_embeddings" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -127,6 +133,10 @@ class LocalEngine:
 
     def __init__(self, model: Llama, cfg, ctx: DistContext, initial_state: dict | None):
         self.ctx, self.cfg = ctx, cfg
+        if ctx.world_size > 1 and cfg.train.loss_chunk_tokens > 0:
+            # The fused loss calls model.hidden(), which DDP's forward hooks never see (no gradient sync).
+            raise UserError("train.loss_chunk_tokens needs train.engine=fsdp2 or deepspeed when running on several "
+                            "processes; set it to 0 for the local (DDP) engine")
         model.to_empty(device=ctx.device)
         model.init_weights()
         if initial_state is not None:

@@ -21,9 +21,11 @@ from launch.errors import UserError
 from model.config import flops_per_token, param_counts
 from model.llama import Llama
 from trainer import checkpoint as ckpt
+from trainer import continual
 from trainer.config import TrainConfig, load_config, save_config
-from trainer.engine import DistContext, LocalEngine, init_distributed
+from trainer.engine import DistContext, LocalEngine, autocast_for, init_distributed
 from trainer.faults import FaultMonitor, GracefulStop
+from trainer.reweighting import Reweighter
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger, Throughput, device_peak_tflops, truncate_after
 from trainer.schedule import build_schedule
@@ -39,6 +41,7 @@ class Progress:
     data: dict = field(default_factory=dict)
     schedule: dict = field(default_factory=dict)
     faults: dict = field(default_factory=dict)
+    reweighting: dict = field(default_factory=dict)
 
 
 def build_engine(cfg: TrainConfig, model: Llama, ctx: DistContext, initial_state: dict | None):
@@ -150,7 +153,7 @@ class Trainer:
             self.progress = Progress(**ckpt.read_state(resume_from)["progress"])
             ckpt.restore_rng(resume_from, self.ctx.rank)
             self._say(f"resumed from {resume_from} at step {self.progress.step} ({self.progress.tokens:,} tokens)")
-        elif cfg.model.init_from and cfg.model.load != "weights":
+        elif cfg.model.init_from:
             self._continue_from(Path(cfg.model.init_from))
         self.pruner = Pruner(cfg.sparsity, cfg.train.max_tokens, param_counts(arch)[0], self.engine, self._say)
         if resume_from is not None or cfg.model.init_from:  # masks of a sparse checkpoint (kept or, if disabled, dropped)
@@ -168,7 +171,9 @@ class Trainer:
                                          world_size=self.ctx.world_size, seed=cfg.seed, state=self.progress.data or None)
         self.val_loaders = build_val_loaders(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
                                              world_size=self.ctx.world_size, max_samples=cfg.eval.max_samples)
-        self.domains = [d.name for d in cfg.data.domains]
+        self.reweighter = Reweighter(cfg, self.loader, self.val_loaders, self.progress.reweighting,
+                                     lambda: autocast_for(self.ctx.device, cfg.train.precision))
+        self.domains = [d.name for d in cfg.data.domains + cfg.data.replay]  # the loader's `domain` indices
         self._write_run_info()
 
     def _say(self, text: str) -> None:
@@ -178,10 +183,17 @@ class Trainer:
     def _continue_from(self, src: Path) -> None:
         """Continual pretraining from a cptrain checkpoint, restoring what `model.load` asks for."""
         folder = ckpt.resolve_checkpoint(src)
+        if not (folder / ckpt.STATE).is_file():  # an HF or weights-only folder
+            if self.cfg.model.load != "weights":
+                raise UserError(f"{src}: holds weights only, so model.load={self.cfg.model.load} cannot be restored; "
+                                "set model.load=weights or start from a cptrain checkpoint")
+            return
+        saved = Progress(**ckpt.read_state(folder)["progress"])
+        self.progress.last_lr = saved.last_lr  # where a `rewarm_from: checkpoint` schedule starts, whatever is loaded
+        if self.cfg.model.load == "weights":
+            return
         with_optimizer = not self.cfg.model.reset_optimizer
         self.engine.load(folder, optimizer=with_optimizer)
-        saved = Progress(**ckpt.read_state(folder)["progress"])
-        self.progress.last_lr = saved.last_lr
         if self.cfg.model.load == "all":
             self.progress.data = saved.data
         self._say(f"continuing from {folder}: weights{' + optimizer' if with_optimizer else ''}"
@@ -207,8 +219,9 @@ class Trainer:
         n_dom = len(self.domains)
         acc = torch.zeros(1 + 2 * n_dom, dtype=torch.float64, device=self.ctx.device)
         loss_fn = self.faults.inject(self._loss_fn(), self.progress.step + 1, self.ctx.rank)
-        for i in range(self.accum):
-            batch = _to_device(next(data_iter), self.ctx.device)
+        batches = [_to_device(next(data_iter), self.ctx.device) for _ in range(self.accum)]
+        weighting = self.reweighter.before_backward(self.engine, batches, self.progress.tokens)
+        for i, batch in enumerate(batches):
             stats = self.engine.forward_backward(batch, loss_fn, sync=i == self.accum - 1)
             acc[0] += stats["loss_sum"].double()
             dom = batch["domain"]
@@ -218,6 +231,7 @@ class Trainer:
         # step already learns, and the last one lands exactly on the schedule's final LR.
         lr = self.schedule.lr(self.progress.tokens + self.cfg.train.global_batch_tokens)
         _all_reduce(acc)  # before the update: every rank judges the same loss (trainer/faults.py)
+        self.reweighter.observe_train(acc[1:1 + n_dom], acc[1 + n_dom:])
         loss = (acc[0] / self.cfg.train.global_batch_tokens).item()
         verdict, note = self.faults.judge(loss, self.progress.step + 1)
         grad_norm = math.nan
@@ -227,7 +241,7 @@ class Trainer:
             verdict, note = ("skip", skipped) if skipped else (verdict, note)
         else:
             self.engine.zero_grad()
-        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **self.faults.row()}
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **weighting, **self.faults.row()}
         if note:
             row.update(fault=note, fault_action=verdict)
         for d, name in enumerate(self.domains):
@@ -239,6 +253,7 @@ class Trainer:
         self.progress.data = self.loader.state_dict()
         self.progress.schedule = self.schedule.state_dict()
         self.progress.faults = self.faults.state_dict()
+        self.progress.reweighting = self.reweighter.state_dict()
         state = {"progress": dataclasses.asdict(self.progress), "engine": self.cfg.train.engine,
                  "world_size": self.ctx.world_size, "time": time.time()}
         cfg_text = (self.run_dir / "config.yaml").read_text() if self.ctx.is_main else ""
@@ -274,6 +289,7 @@ class Trainer:
         rows = []
         if p.step == 0 and cfg.eval.at_start and self.val_loaders:
             row = {"step": 0, "tokens": 0, **evaluate(self.engine, self.val_loaders, self.ctx, cfg)}
+            row.update(self.reweighter.after_step(0, 0, row))  # signal=val: the first evaluation is the reference
             log.log(row)
             rows.append(row)
         speed = Throughput()
@@ -298,7 +314,8 @@ class Trainer:
             t0 = time.perf_counter()
             if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and self.val_loaders):
                 row.update(evaluate(self.engine, self.val_loaders, self.ctx, cfg))
-            if p.step % cfg.log.interval_steps == 0 or last or any(k.startswith("val/") for k in row) or "fault" in row:
+            row.update(self.reweighter.after_step(before, p.tokens, row))  # mixture weights from the next step on
+            if p.step % cfg.log.interval_steps == 0 or last or any(k.startswith(("val/", "domain_weight/")) for k in row) or "fault" in row:
                 log.log(row)
             if "fault" in row:
                 log.message(row["fault"])
@@ -315,6 +332,8 @@ class Trainer:
                 break
         self.pruner.finish(self.run_dir, self.ctx.is_main)
         log.close()
+        if self.ctx.is_main and p.step == self.total_steps:
+            continual.at_end_of_run(cfg, self.run_dir, self._say)  # the forgetting report
         return rows
 
 
