@@ -128,6 +128,21 @@ def wrap_blocks(model: Llama, activation_checkpointing: bool, compile_blocks: bo
             block.compile()
 
 
+def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> float:
+    """Clip to the global grad norm, set the LR and step, unless the norm is not finite. Gradients are
+    reduced over ranks by now, so every rank sees the same norm: all skip or all update. The
+    gradients are zeroed either way; returns the norm."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor of the global norm
+    if torch.isfinite(norm):
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 class LocalEngine:
     """One process, or plain data parallelism (DDP) over a launched process group."""
 
@@ -156,14 +171,7 @@ class LocalEngine:
         return stats
 
     def step(self, lr: float, grad_clip: float) -> float:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if torch.isfinite(norm):  # DDP averaged the gradients: every rank sees the same norm and agrees
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            self.optimizer.step()
-        self.zero_grad()
-        return float(norm)
+        return clip_and_step(self.optimizer, lr, grad_clip)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from launch.errors import UserError
-from trainer.engine import (DistContext, LossFn, build_optimizer, full_initial_state, param_groups, uses_bf16,
-                            wrap_blocks)
+from trainer.engine import (DistContext, LossFn, build_optimizer, clip_and_step, full_initial_state, param_groups,
+                            uses_bf16, wrap_blocks)
 
 DCP_DIR = "dcp"  # the checkpoint's subfolder
 
@@ -80,15 +80,7 @@ class FSDPEngine:
         return stats
 
     def step(self, lr: float, grad_clip: float) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor: the global norm
-        if torch.isfinite(norm):  # the same global norm on every rank: all skip or all update
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            self.optimizer.step()
-        self.zero_grad()
-        return float(norm)
+        return clip_and_step(self.optimizer, lr, grad_clip)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
