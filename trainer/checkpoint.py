@@ -60,8 +60,9 @@ def _files(folder: Path) -> list[Path]:
 
 
 def write_manifest(folder: Path) -> None:
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "xxh3": _file_hash(p)} for p in _files(folder)}
+    entries = {}
     for p in _files(folder):
+        entries[str(p.relative_to(folder))] = {"size": p.stat().st_size, "xxh3": _file_hash(p)}
         _fsync(p)
     _atomic_write(folder / MANIFEST, json.dumps({"files": entries}, indent=1))
 
@@ -196,12 +197,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "model_config.json").is_file()
+
+
 def model_config_of(path: str | Path):
     """The LlamaConfig of an HF folder, a cptrain weights/checkpoint folder, or a run directory."""
     from model.config import LlamaConfig, from_hf_config
 
     p = Path(path)
-    if (p / "config.json").is_file() and not (p / "model_config.json").is_file():
+    if is_hf_folder(p):
         return from_hf_config(json.loads((p / "config.json").read_text()), source=str(p / "config.json"))
     p = resolve_checkpoint(p)
     f = p / "model_config.json"
@@ -211,9 +217,11 @@ def model_config_of(path: str | Path):
 
 
 def load_full_weights(path: str | Path):
-    """(LlamaConfig, full state dict) from any engine's checkpoint or a weights folder."""
-    from model.hf import load_weights
+    """(LlamaConfig, full state dict) from an HF folder, any engine's checkpoint or a weights folder."""
+    from model.hf import load_hf_dir, load_weights
 
+    if is_hf_folder(path):
+        return load_hf_dir(path)
     p = resolve_checkpoint(path)
     if (p / "model.safetensors").is_file():
         return load_weights(p)

@@ -26,7 +26,7 @@ from trainer.config import TrainConfig, load_config, save_config
 from trainer.engine import DistContext, LocalEngine, autocast_for, init_distributed
 from trainer.faults import FaultMonitor, GracefulStop
 from trainer.reweighting import Reweighter
-from trainer.loss import lm_loss
+from trainer.loss import lm_loss, token_losses
 from trainer.metrics import MetricsLogger, Throughput, device_peak_tflops, truncate_after
 from trainer.schedule import build_schedule
 from trainer.sparsity import Pruner, WithMasks
@@ -85,21 +85,11 @@ def _check_shape(folder: Path, cfg: TrainConfig) -> None:
 
 def _initial_state(cfg: TrainConfig) -> dict | None:
     """Full weights to start from (HF folder or cptrain checkpoint), or None for a fresh init."""
-    src = cfg.model.init_from
-    if not src:
-        return None
-    if (Path(src) / "config.json").is_file() and not (Path(src) / "model_config.json").is_file():
-        from model.hf import load_hf_dir
-
-        return load_hf_dir(src)[1]
-    return ckpt.load_full_weights(src)[1]
+    return ckpt.load_full_weights(cfg.model.init_from)[1] if cfg.model.init_from else None
 
 
 def evaluate(engine, val_loaders: dict, ctx: DistContext, cfg: TrainConfig) -> dict:
     """Mean token loss per validation domain, over all ranks."""
-    from trainer.engine import autocast_for
-    from trainer.loss import token_losses
-
     out = {}
     engine.model.eval()
     with torch.no_grad(), autocast_for(ctx.device, cfg.train.precision):
