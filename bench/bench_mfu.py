@@ -13,7 +13,8 @@ N_non_embedding leaves out the input embedding and the output head (model.config
 
 A run is `impl:key=value,...`; keys (ours unless noted): mb (micro-batch, both), compile (0/1,
 both), attn (sdpa|flex), doc (document masking 0/1), sdpa (auto|cudnn|flash|efficient, both),
-ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (pure bf16 params 0/1).
+ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (pure bf16 params 0/1),
+fa4 (1: FlashAttention-4 behind attn=flash_attn when flash-attn-4 is installed; 0: torch's FA2).
 Results are appended to --out as JSON lines; a table is printed last.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import flops_per_token, preset, to_hf_config  # noqa: E402
 
-DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0}
+DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1}
 SEQ = 2048
 
 
@@ -82,6 +83,7 @@ def build_ours(model_name: str, run: dict, device):
                  f"--train.compile={bool(run['compile'])}", f"--train.activation_checkpointing={bool(run['ac'])}",
                  f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}"]
     cfg = load_config(None, overrides)
+    set_fa4(bool(run["fa4"]), device)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Llama(cfg.model.arch)
@@ -94,6 +96,14 @@ def build_ours(model_name: str, run: dict, device):
         engine.forward_backward(batch, lambda m, b: lm_loss(m, b, scale, run["ce"]), sync=True)
         return engine.step(1e-4, 1.0)
     return step, cfg.model.arch
+
+
+def set_fa4(enabled: bool, device) -> None:
+    """FlashAttention-4 (when installed) or torch's FlashAttention-2 behind attn=flash_attn."""
+    from model import attention
+
+    attention._fa4 = None if enabled else False  # None: decided again on the next call
+    attention.fa4_interface(device)
 
 
 def build_peer(model_name: str, run: dict, device):

@@ -5,15 +5,36 @@
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST=9.0
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST=9.0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if ls .carry/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/streaming ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/*.whl
+fi
+# flash-attn-4 travels in two calls (its compiler library alone is 193 MB, over one call's carry):
+# `fa4stage` with .carry/fa4a (the xz'd _cutlass_ir .so) leaves it in /tmp/fa4; the next call, on the
+# still-warm machine, carries .carry/fa4b (the other wheels) and installs both (bench/README.md).
+if [ -d .carry/fa4b ] && [ -f /tmp/fa4/ir.so.xz ] && [ ! -d /tmp/site/nvidia_cutlass_dsl/dsl_packages/cutlass/cute ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/fa4b/*.whl
+  tar xzf .carry/fa4b/libs_cu13_small.tgz -C /tmp/site
+  xz -dc /tmp/fa4/ir.so.xz > /tmp/site/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so
+  xz -dc .carry/fa4b/rt.so.xz > /tmp/site/nvidia_cutlass_dsl/cu13/lib/libcute_dsl_runtime.so
+fi
+if ls .carry/fa4b/mosaicml_streaming*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/streaming ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/fa4b/{mosaicml,zstd,python_snappy,cramjam,brotli,catalogue}*.whl
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 B="python3 bench/bench_mfu.py --steps 12 --warmup 4"
 case "$1" in
+fa4stage) mkdir -p /tmp/fa4 && cp .carry/fa4a/ir.so.xz /tmp/fa4/ && ls -la /tmp/fa4
+  python3 -c "import torch.nn.attention as a; print('flash registry', hasattr(a, 'activate_flash_attention_impl')); import torch.nn.attention._fa4" ;;
+fa4)  # the GPU tests (FA2 and FA4), then ours with FA4 vs the peer in the same call
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_loss.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+  $B --model 1.3B --budget-s 300 --out "$OUT/mfu.jsonl" --run peer:mb=12 --run ours:mb=12,ce=4096,attn=flash_attn,doc=1 \
+    --run ours:mb=12,ce=4096,attn=flash_attn,doc=1,fa4=0 --run ours:mb=16,ce=4096,attn=flash_attn,doc=1 \
+    --run peer:mb=4 --run ours:mb=4,ce=4096,attn=flash_attn,doc=1 2>&1 | tee "$OUT/fa4_1b.log"
+  $B --model 350M --budget-s 100 --out "$OUT/mfu.jsonl" --run peer:mb=8 --run ours:mb=32,ce=4096,attn=flash_attn,doc=1 \
+    --run ours:mb=8,ce=4096,attn=flash_attn,doc=1 2>&1 | tee "$OUT/fa4_374.log" ;;
 sweep374)
   $B --model 350M --budget-s 400 --out "$OUT/mfu374.jsonl" \
     --run peer:mb=8 --run ours:mb=8 --run ours:mb=8,ce=4096 --run ours:mb=8,ce=4096,sdpa=cudnn \
@@ -75,5 +96,17 @@ loader)  # does loading in worker processes close the loop's gap to the bare ste
   $B --model 1.3B --out "$OUT/mfu.jsonl" --run peer:mb=12 2>&1 | tail -2 ;;
 tests)  # the fast path's tests on the GPU (they skip on CPU-only CI)
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_loss.py 2>&1 | tail -4 | tee "$OUT/pytest.txt" ;;
+fa4parity)  # loss curves: plain, plain-2, fast on FA4, fast on FA2 (needs .carry/data)
+  timeout 540 python3 bench/loss_parity.py --data .carry/data/english2048 --out /tmp/parity --steps 300 --fa4-vs-fa2 2>&1 | grep -v -i "warn\|exe_args" | tail -60
+  cp /tmp/parity/parity.json "$OUT/" 2>/dev/null ;;
+fa4loop)  # the shipped configs through `cptrain train` with FA4 (needs .carry/data)
+  for spec in gpu_1.3b:12 gpu_350m:32; do
+    name=${spec%%:*}; mb=${spec##*:}
+    timeout 150 python3 -m launch.cli train trainer/configs/$name.yaml --run_dir=/tmp/loop_$name \
+      "--data.domains=[{name: english, path: .carry/data/english2048}]" --train.global_batch_tokens=$((mb * 2048)) \
+      --train.max_tokens=$((mb * 2048 * 30)) --eval.at_start=false --eval.max_samples=8 --checkpoint.at_end=false \
+      --log.progress=false 2>&1 | grep -v -i warn | tail -3
+    python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/loop_$name/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print('$name', 'mb $mb', 'tokens/s', round(st.median(x['tokens_per_s'] for x in r)), 'mfu', round(st.median(x['mfu'] for x in r),4))" | tee -a "$OUT/loop.txt"
+  done ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

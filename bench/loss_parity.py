@@ -6,6 +6,7 @@ data, seed and schedule, compared step by step:
            only in bf16 rounding and reduction order, so |plain - plain-2| is the bf16 noise floor
   fast     trainer/configs/gpu_*.yaml's path: varlen flash attention, compiled blocks, fused
            chunked cross-entropy
+  fast-fa2 (--fa4-vs-fa2) `fast` with FlashAttention-4 switched off (CPTRAIN_FA4=0): torch's FA2
 
     python3 bench/loss_parity.py --data DIR --out OUT_DIR [--steps 300]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +25,8 @@ RUNS = {
     "plain-2": ["--model.attention=sdpa", "--train.compile=false", "--train.loss_chunk_tokens=0", "--train.micro_batch_size=4"],
     "fast": ["--model.attention=flash_attn", "--train.compile=true", "--train.loss_chunk_tokens=4096", "--train.micro_batch_size=8"],
 }
+# With flash-attn-4 installed, `fast` runs FlashAttention-4; `fast-fa2` is the same path on torch's FA2 kernels.
+FA4_OFF = {"fast-fa2": "fast"}
 
 
 def train(name: str, args) -> list[dict]:
@@ -33,8 +37,9 @@ def train(name: str, args) -> list[dict]:
               f"--train.max_tokens={args.steps * 16384}", "--train.global_batch_tokens=16384", "--train.precision=bf16",
               "--schedule.lr=1e-3", "--schedule.kind=cosine", "--schedule.warmup_fraction=0.05",
               "--eval.max_samples=64", "--checkpoint.at_end=false", "--log.progress=false"]
-    subprocess.run([sys.executable, "-m", "launch.cli", "train", "trainer/configs/gpu_350m.yaml", *common, *RUNS[name]],
-                   check=True)
+    env = dict(os.environ, CPTRAIN_FA4="0") if name in FA4_OFF else None
+    subprocess.run([sys.executable, "-m", "launch.cli", "train", "trainer/configs/gpu_350m.yaml", *common,
+                    *RUNS[FA4_OFF.get(name, name)]], check=True, env=env)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -54,8 +59,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--preset", default="125M", help="model shape (vocab 4096, the data's tokenizer)")
+    p.add_argument("--fa4-vs-fa2", action="store_true", help="also run `fast` on FA2 kernels (flash-attn-4 installed)")
     args = p.parse_args()
-    rows = {name: train(name, args) for name in RUNS}
+    names = [*RUNS, *(FA4_OFF if args.fa4_vs_fa2 else ())]
+    rows = {name: train(name, args) for name in names}
     curves = {name: curve(r) for name, r in rows.items()}
     late = args.steps * 2 // 3
     summary = {
@@ -67,6 +74,10 @@ def main() -> int:
         "noise_plain2_vs_plain": diff(curves["plain-2"], curves["plain"]),
         "noise_plain2_vs_plain_last_third": diff(curves["plain-2"], curves["plain"], late),
     }
+    if "fast-fa2" in curves:
+        summary["fast_vs_fast_fa2"] = diff(curves["fast"], curves["fast-fa2"])
+        summary["fast_vs_fast_fa2_last_third"] = diff(curves["fast"], curves["fast-fa2"], late)
+        summary["fast_fa2_vs_plain_last_third"] = diff(curves["fast-fa2"], curves["plain"], late)
     (args.out / "parity.json").write_text(json.dumps({"summary": summary, "curves": curves}, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

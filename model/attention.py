@@ -8,6 +8,7 @@ token attends to earlier tokens of its own document only, and RoPE positions res
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ except ImportError:
     torch_varlen_attn, _VARLEN_ARGS = None, {}
 
 _warned: set[str] = set()
+_fa4 = None  # flash-attn-4's interface module; False: unavailable (see fa4_interface)
 
 
 def _warn_once(message: str) -> None:
@@ -101,6 +103,63 @@ def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, dev
     return create_block_mask(doc_mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
+def fa4_interface(device: torch.device):
+    """flash-attn-4's interface module (FlashAttention-4, CuTe DSL kernels for Hopper and Blackwell)
+    when it is installed, `device` is such a GPU and CPTRAIN_FA4 is not 0, else None; decided once
+    per process."""
+    global _fa4
+    if _fa4 is None:
+        _fa4 = False
+        if (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+                and os.environ.get("CPTRAIN_FA4", "1") != "0"):  # CPTRAIN_FA4=0: torch's FA2 kernels instead
+            try:
+                import flash_attn.cute.interface as _fa4  # noqa: F811
+            except ImportError:
+                pass
+    return _fa4 or None
+
+
+# FlashAttention-4 as custom ops, so torch.compile keeps each block one graph around them (its own
+# autograd.Function would be traced into). torch's FA4 hook (torch.nn.attention._fa4) does not match
+# the flash-attn-4 releases that run on torch 2.11, hence these ~30 lines.
+@torch.library.custom_op("cptrain::fa4_varlen_fwd", mutates_args=())
+def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse, *_ = _fa4._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                       max_seqlen_k=max_len, causal=True, return_lse=True)
+    return out, lse
+
+
+@_fa4_fwd.register_fake
+def _(q, k, v, cu, max_len):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)  # out [T, H, hd], lse [H, T]
+
+
+@torch.library.custom_op("cptrain::fa4_varlen_bwd", mutates_args=())
+def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+             cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _fa4._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, None, True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                      max_seqlen_q=max_len, max_seqlen_k=max_len)
+    return dq, dk, dv
+
+
+@_fa4_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu, max_len):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fa4_setup(ctx, inputs, output):
+    q, k, v, cu, ctx.max_len = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+
+
+def _fa4_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    return *_fa4_bwd(dout, q, k, v, out, lse, cu, ctx.max_len), None, None
+
+
+_fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """The backend that will run `name` on `device`, warning once about each fallback."""
     if name == "flash_attn" and (device.type != "cuda" or (flash_attn_func is None and torch_varlen_attn is None)):
@@ -118,6 +177,8 @@ def build_context(backend: str, doc_ids: torch.Tensor | None, cos: torch.Tensor,
                   batch: int, seq_len: int, device: torch.device) -> AttentionContext:
     """The per-forward context; `doc_ids` None means plain causal attention."""
     backend = resolve_backend(backend, device)
+    if backend == "flash_attn":
+        fa4_interface(device)  # decided here, outside the compiled blocks, which then only read it
     if backend == "flex":
         return AttentionContext(cos, sin, backend, _flex_block_mask(doc_ids, batch, seq_len, device))
     if doc_ids is None:
@@ -159,6 +220,8 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: VarlenInfo
     cu, max_len = varlen.cu_seqlens, varlen.max_seqlen
     if flash_attn_varlen_func is not None:
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+    elif fa4_interface(q.device) is not None:  # GQA is native in FA4 too
+        out = _fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu, max_len)[0]  # the fakes assume contiguous
     else:
         out = torch_varlen_attn(q, *_varlen_kv(k, v, h), cu, cu, max_len, max_len, **_varlen_causal_kwargs(h != k.shape[1]))
     return out.reshape(b, s, h, hd)

@@ -332,3 +332,38 @@ def test_two_ranks_skip_a_one_rank_nan_and_stop_together(tmp_path, austen_data):
     by_step = {r["step"]: r for r in _metrics(run_dir) if "loss" in r}
     assert by_step[2]["loss"] != by_step[2]["loss"] and by_step[2]["skipped_steps"] == 1
     assert all(by_step[s]["loss"] == by_step[s]["loss"] for s in by_step if s != 2)
+
+
+def _step_with(fused: bool, grad_fill: float | None, clip: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer, float]:
+    from trainer.engine import clip_and_step
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    opt = torch.optim.AdamW(params, lr=0.0, fused=fused or None)
+    gen = torch.Generator().manual_seed(1)
+    # A clipped step, then a small one: Adam's first update is scale-invariant, its second is not.
+    for scale in (3.0, 0.01):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * scale if grad_fill is None else torch.full_like(p, grad_fill)
+        norm = clip_and_step(opt, 1e-2, clip)
+        if grad_fill is None and scale == 3.0:
+            first_norm = norm
+    return [p.detach().clone() for p in params], opt, first_norm if grad_fill is None else norm
+
+
+def test_fused_step_folds_clipping_and_skips_non_finite():
+    """The fused AdamW path hands clipping and the non-finite skip to the kernel (grad_scale /
+    found_inf); it must update exactly like the explicit clip-then-step path, and skip like it."""
+    plain, _, plain_norm = _step_with(False, None, clip=1.0)
+    fused, _, fused_norm = _step_with(True, None, clip=1.0)
+    assert plain_norm == fused_norm > 1.0  # clipping is active
+    unclipped, _, _ = _step_with(False, None, clip=0.0)
+    for a, b, c in zip(plain, fused, unclipped):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(a, c)  # and it mattered
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    after, opt, norm = _step_with(True, float("nan"), clip=1.0)
+    assert norm != norm  # NaN reported
+    assert all(torch.equal(a, s) for a, s in zip(after, start))  # no update
+    assert all(opt.state[p]["step"].item() == 0 for p in opt.param_groups[0]["params"])  # nor a step counted

@@ -25,8 +25,18 @@ def random_doc_ids(b: int, s: int, seed: int) -> torch.Tensor:
     return marks.cumsum(dim=1).to(torch.int32).to(DEV)
 
 
+@pytest.fixture(params=["fa2", "fa4"])
+def flash_impl(request, monkeypatch):
+    """torch's FlashAttention-2 varlen kernels, or FlashAttention-4 where flash-attn-4 is installed."""
+    if request.param == "fa2":
+        monkeypatch.setattr(attention, "_fa4", False)
+    elif attention.fa4_interface(DEV) is None:
+        pytest.skip("flash-attn-4 is not installed (or the GPU is not Hopper/Blackwell)")
+    return request.param
+
+
 @pytest.mark.parametrize("kv_heads", [8, 2])
-def test_varlen_flash_matches_dense_mask(kv_heads):
+def test_varlen_flash_matches_dense_mask(kv_heads, flash_impl):
     if attention.resolve_backend("flash_attn", DEV) != "flash_attn":
         pytest.skip("no varlen flash kernels in this torch")
     b, s, h, hd = 2, 1024, 8, 64
@@ -44,6 +54,18 @@ def test_varlen_flash_matches_dense_mask(kv_heads):
         assert rel_err(g, r) < 2e-2
 
 
+def test_fa4_custom_op_is_consistent():
+    """The FA4 custom ops' fake (shape) functions and autograd registration agree with the kernels,
+    so torch.compile can trace around them."""
+    if attention.fa4_interface(DEV) is None:
+        pytest.skip("flash-attn-4 is not installed (or the GPU is not Hopper/Blackwell)")
+    b, s, h, hd = 2, 512, 4, 64
+    q, k, v = (torch.randn(b * s, h, hd, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cu = attention._varlen_info(random_doc_ids(b, s, 3)).cu_seqlens
+    torch.library.opcheck(torch.ops.cptrain.fa4_varlen_fwd, (q, k, v, cu, s),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 def test_fused_cross_entropy_matches_plain_in_bf16():
     torch.manual_seed(0)
     model = Llama(dataclasses.replace(preset("tiny"), vocab_size=4096)).to(DEV)
@@ -59,6 +81,7 @@ def test_fused_cross_entropy_matches_plain_in_bf16():
     assert rel_err(grads[1][1], grads[0][1]) < 2e-2
 
 
+@pytest.mark.usefixtures("flash_impl")
 def test_compiled_doc_masked_step_matches_eager():
     """Compiled blocks + varlen attention + fused loss vs the plain eager path, on two batches with
     different document counts (the compiled step must not fail or recompile per batch)."""

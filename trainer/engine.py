@@ -133,12 +133,23 @@ def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float)
     reduced over ranks by now, so every rank sees the same norm: all skip or all update. The
     gradients are zeroed either way; returns the norm."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor of the global norm
-    if torch.isfinite(norm):
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = total.full_tensor() if hasattr(total, "full_tensor") else total  # FSDP2: a DTensor of the global norm
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    if optimizer.defaults.get("fused") and norm is total:
+        # The fused AdamW kernel divides the gradients by `grad_scale` and skips the whole update when
+        # `found_inf` is set (the hooks torch's GradScaler uses): clipping and the non-finite skip then
+        # cost no pass over the gradients of their own and no host sync before the update.
+        optimizer.grad_scale = (norm / grad_clip).clamp(min=1.0) if grad_clip > 0 else None
+        optimizer.found_inf = (~torch.isfinite(norm)).float()
         optimizer.step()
+        del optimizer.grad_scale, optimizer.found_inf
+    else:
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total)
+        if torch.isfinite(norm):
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
 
