@@ -96,6 +96,14 @@ loader)  # does loading in worker processes close the loop's gap to the bare ste
   $B --model 1.3B --out "$OUT/mfu.jsonl" --run peer:mb=12 2>&1 | tail -2 ;;
 tests)  # the fast path's tests on the GPU (they skip on CPU-only CI)
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_loss.py 2>&1 | tail -4 | tee "$OUT/pytest.txt" ;;
+fa4more)  # FA4 vs FA2 in one call: plain causal (rows as documents) vs cuDNN at 1.35B, 374M, the 1B preset
+  $B --model 1.3B --budget-s 150 --out "$OUT/mfu.jsonl" --run ours:mb=12,ce=4096,attn=flash_attn \
+    --run ours:mb=12,ce=4096,attn=sdpa --run ours:mb=12,ce=4096,attn=flash_attn,fa4=0 2>&1 | grep -v -i "warn\|exe_args" | tail -4
+  $B --model 350M --budget-s 100 --out "$OUT/mfu.jsonl" --run ours:mb=32,ce=4096,attn=flash_attn,doc=1,fa4=0 \
+    --run ours:mb=32,ce=4096,attn=flash_attn,doc=1 2>&1 | grep -v -i "warn\|exe_args" | tail -3
+  $B --model 1B --budget-s 100 --out "$OUT/mfu.jsonl" --run ours:mb=16,ce=4096,attn=flash_attn,doc=1 \
+    --run ours:mb=16,ce=4096,attn=flash_attn,doc=1,fa4=0 2>&1 | grep -v -i "warn\|exe_args" | tail -3
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py 2>&1 | tail -2 ;;
 fa4parity)  # loss curves: plain, plain-2, fast on FA4, fast on FA2 (needs .carry/data)
   timeout 540 python3 bench/loss_parity.py --data .carry/data/english2048 --out /tmp/parity --steps 300 --fa4-vs-fa2 2>&1 | grep -v -i "warn\|exe_args" | tail -60
   cp /tmp/parity/parity.json "$OUT/" 2>/dev/null ;;

@@ -177,10 +177,13 @@ def build_context(backend: str, doc_ids: torch.Tensor | None, cos: torch.Tensor,
                   batch: int, seq_len: int, device: torch.device) -> AttentionContext:
     """The per-forward context; `doc_ids` None means plain causal attention."""
     backend = resolve_backend(backend, device)
-    if backend == "flash_attn":
-        fa4_interface(device)  # decided here, outside the compiled blocks, which then only read it
+    # FA4 is decided here, outside the compiled blocks, which then only read the choice.
+    fa4 = backend == "flash_attn" and flash_attn_func is None and fa4_interface(device) is not None
     if backend == "flex":
         return AttentionContext(cos, sin, backend, _flex_block_mask(doc_ids, batch, seq_len, device))
+    if doc_ids is None and fa4:  # FA4's kernel beats SDPA's cuDNN causal one: each row is one document
+        rows = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=device)
+        return AttentionContext(cos, sin, backend, VarlenInfo(rows, seq_len))
     if doc_ids is None:
         return AttentionContext(cos, sin, backend, None)
     if backend == "flash_attn":

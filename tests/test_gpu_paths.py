@@ -66,6 +66,19 @@ def test_fa4_custom_op_is_consistent():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_fa4_plain_causal_matches_sdpa():
+    """Without document masking FA4 runs each row as one document; it must equal causal SDPA."""
+    if attention.fa4_interface(DEV) is None:
+        pytest.skip("flash-attn-4 is not installed (or the GPU is not Hopper/Blackwell)")
+    b, s, h, hd = 3, 512, 4, 64
+    q, k, v = (torch.randn(b, s, h, hd, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    cos = sin = torch.zeros(1, s, hd, device=DEV)
+    ctx = attention.build_context("flash_attn", None, cos, sin, b, s, DEV)
+    assert ctx.mask is not None  # the rows-as-documents layout, not SDPA
+    ref = attention.attend(q, k, v, attention.build_context("sdpa", None, cos, sin, b, s, DEV))
+    assert rel_err(attention.attend(q, k, v, ctx), ref) < 1e-2
+
+
 def test_fused_cross_entropy_matches_plain_in_bf16():
     torch.manual_seed(0)
     model = Llama(dataclasses.replace(preset("tiny"), vocab_size=4096)).to(DEV)
