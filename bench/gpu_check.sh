@@ -25,9 +25,18 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 B="python3 bench/bench_mfu.py --steps 12 --warmup 4"
+loop_configs() {  # CONFIG:MICRO_BATCH ...: 30 steps of each shipped config through `cptrain train`, median tokens/s
+  for spec in "$@"; do
+    name=${spec%%:*}; mb=${spec##*:}
+    timeout 150 python3 -m launch.cli train trainer/configs/$name.yaml --run_dir=/tmp/loop_$name \
+      "--data.domains=[{name: english, path: .carry/data/english2048}]" --train.global_batch_tokens=$((mb * 2048)) \
+      --train.max_tokens=$((mb * 2048 * 30)) --eval.at_start=false --eval.max_samples=8 --checkpoint.at_end=false \
+      --log.progress=false 2>&1 | grep -v -i warn | tail -3
+    python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/loop_$name/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print('$name', 'mb $mb', 'tokens/s', round(st.median(x['tokens_per_s'] for x in r)), 'mfu', round(st.median(x['mfu'] for x in r),4))" | tee -a "$OUT/loop.txt"
+  done
+}
 case "$1" in
-fa4stage) mkdir -p /tmp/fa4 && cp .carry/fa4a/ir.so.xz /tmp/fa4/ && ls -la /tmp/fa4
-  python3 -c "import torch.nn.attention as a; print('flash registry', hasattr(a, 'activate_flash_attention_impl')); import torch.nn.attention._fa4" ;;
+fa4stage) mkdir -p /tmp/fa4 && cp .carry/fa4a/ir.so.xz /tmp/fa4/ && ls -la /tmp/fa4 ;;
 fa4)  # the GPU tests (FA2 and FA4), then ours with FA4 vs the peer in the same call
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_loss.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
   $B --model 1.3B --budget-s 300 --out "$OUT/mfu.jsonl" --run peer:mb=12 --run ours:mb=12,ce=4096,attn=flash_attn,doc=1 \
@@ -66,14 +75,7 @@ parity)  # loss curves of the fast vs. the plain path, then the demo config thro
     --run ours:mb=12,ce=4096 2>&1 | tail -5
   $B --model 1.3B --steps 4 --profile --run ours:mb=8,ce=4096,attn=flash_attn,doc=1 > "$OUT/profile1b.txt" 2>&1 ;;
 loop)  # the shipped configs through the real loop and loader (`cptrain train`), then the demo config
-  for spec in gpu_350m:32 gpu_1.3b:12 gpu_1b:16; do
-    name=${spec%%:*}; mb=${spec##*:}
-    timeout 150 python3 -m launch.cli train trainer/configs/$name.yaml --run_dir=/tmp/loop_$name \
-      "--data.domains=[{name: english, path: .carry/data/english2048}]" --train.global_batch_tokens=$((mb * 2048)) \
-      --train.max_tokens=$((mb * 2048 * 30)) --eval.at_start=false --eval.max_samples=8 --checkpoint.at_end=false \
-      --log.progress=false 2>&1 | grep -v Warning | tail -3
-    python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/loop_$name/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print('$name', 'mb $mb', 'tokens/s', round(st.median(x['tokens_per_s'] for x in r)), 'mfu', round(st.median(x['mfu'] for x in r),4))" | tee -a "$OUT/loop.txt"
-  done
+  loop_configs gpu_350m:32 gpu_1.3b:12 gpu_1b:16
   start=$(date +%s)
   timeout 240 python3 -m launch.cli train trainer/configs/demo.yaml --run_dir=/tmp/demo_gpu \
     "--data.domains=[{name: english, path: .carry/data/english}]" --train.compile=true --train.precision=bf16 \
@@ -108,13 +110,6 @@ fa4parity)  # loss curves: plain, plain-2, fast on FA4, fast on FA2 (needs .carr
   timeout 540 python3 bench/loss_parity.py --data .carry/data/english2048 --out /tmp/parity --steps 300 --fa4-vs-fa2 2>&1 | grep -v -i "warn\|exe_args" | tail -60
   cp /tmp/parity/parity.json "$OUT/" 2>/dev/null ;;
 fa4loop)  # the shipped configs through `cptrain train` with FA4 (needs .carry/data)
-  for spec in gpu_1.3b:12 gpu_350m:32; do
-    name=${spec%%:*}; mb=${spec##*:}
-    timeout 150 python3 -m launch.cli train trainer/configs/$name.yaml --run_dir=/tmp/loop_$name \
-      "--data.domains=[{name: english, path: .carry/data/english2048}]" --train.global_batch_tokens=$((mb * 2048)) \
-      --train.max_tokens=$((mb * 2048 * 30)) --eval.at_start=false --eval.max_samples=8 --checkpoint.at_end=false \
-      --log.progress=false 2>&1 | grep -v -i warn | tail -3
-    python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/loop_$name/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print('$name', 'mb $mb', 'tokens/s', round(st.median(x['tokens_per_s'] for x in r)), 'mfu', round(st.median(x['mfu'] for x in r),4))" | tee -a "$OUT/loop.txt"
-  done ;;
+  loop_configs gpu_1.3b:12 gpu_350m:32 ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

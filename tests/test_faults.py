@@ -341,14 +341,13 @@ def _step_with(fused: bool, grad_fill: float | None, clip: float) -> tuple[list[
     params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
     opt = torch.optim.AdamW(params, lr=0.0, fused=fused or None)
     gen = torch.Generator().manual_seed(1)
+    norms = []
     # A clipped step, then a small one: Adam's first update is scale-invariant, its second is not.
     for scale in (3.0, 0.01):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen) * scale if grad_fill is None else torch.full_like(p, grad_fill)
-        norm = clip_and_step(opt, 1e-2, clip)
-        if grad_fill is None and scale == 3.0:
-            first_norm = norm
-    return [p.detach().clone() for p in params], opt, first_norm if grad_fill is None else norm
+        norms.append(clip_and_step(opt, 1e-2, clip))
+    return [p.detach().clone() for p in params], opt, norms[0]
 
 
 def test_fused_step_folds_clipping_and_skips_non_finite():
