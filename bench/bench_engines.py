@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
 
 ENGINES = {"zero2": ["--train.engine=deepspeed", "--deepspeed.zero_stage=2"],
            "zero3": ["--train.engine=deepspeed", "--deepspeed.zero_stage=3"],
@@ -28,7 +27,7 @@ ENGINES = {"zero2": ["--train.engine=deepspeed", "--deepspeed.zero_stage=2"],
 
 
 def _config(args, engine: str, world: int):
-    from trainer.config import load_config
+    from cptrain.trainer.config import load_config
 
     tokens = args.micro_batch * args.seq_len * world  # one micro-batch per rank per step: no accumulation
     return load_config(None, [f"--model.preset={args.preset}", f"--model.max_seq_len={max(args.seq_len, 64)}",
@@ -42,11 +41,11 @@ def _time_engine(args, engine: str, ctx) -> dict:
     import torch
     import torch.distributed as dist
 
-    from model.config import flops_per_token
-    from model.llama import Llama
-    from trainer.loop import build_engine
-    from trainer.loss import lm_loss
-    from trainer.metrics import device_peak_tflops
+    from cptrain.model.config import flops_per_token
+    from cptrain.model.llama import Llama
+    from cptrain.trainer.loop import build_engine
+    from cptrain.trainer.loss import lm_loss
+    from cptrain.trainer.metrics import device_peak_tflops
 
     cfg = _config(args, engine, ctx.world_size)
     arch = cfg.model.arch
@@ -85,8 +84,8 @@ def _time_engine(args, engine: str, ctx) -> dict:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from trainer.engine import init_distributed
-    from trainer.fsdp_engine import ensure_process_group
+    from cptrain.trainer.engines.base import init_distributed
+    from cptrain.trainer.engines.fsdp import ensure_process_group
 
     ctx = init_distributed("auto")
     ensure_process_group(ctx)  # one process: the sharded engines still need a group

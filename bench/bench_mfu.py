@@ -2,11 +2,11 @@
 
 The peer: HF transformers LlamaForCausalLM (fp32 master weights, bf16 autocast, SDPA, fused torch
 AdamW, torch.compile of the whole model). Ours: the cptrain model through the step the trainer
-runs (trainer/engine.py LocalEngine + trainer/loss.py): forward/backward, grad clipping, AdamW.
+runs (trainer/engines/local.py LocalEngine + trainer/loss.py): forward/backward, grad clipping, AdamW.
 Both take one micro-batch per optimizer step, on random tokens (no data loading in the timing).
 
 MFU = tokens/s * (6 * N_non_embedding + 12 * L * d * S) / peak (989 TFLOP/s, H100/H200 dense bf16);
-N_non_embedding leaves out the input embedding and the output head (model.config.flops_per_token).
+N_non_embedding leaves out the input embedding and the output head (cptrain.model.config.flops_per_token).
 
     python3 bench/bench_mfu.py --model 350M --run peer:mb=8 --run ours:mb=8,attn=flex,doc=1,ce=8192
     python3 bench/bench_mfu.py --attention   # attention kernels alone (fwd+bwd)
@@ -24,15 +24,13 @@ import contextlib
 import gc
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import flops_per_token, preset, to_hf_config  # noqa: E402
+from cptrain.model.config import flops_per_token, preset, to_hf_config
 
 DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1}
 SEQ = 2048
@@ -72,10 +70,11 @@ def random_batch(mb: int, vocab: int, device, gen: torch.Generator, mean_doc: in
 
 
 def build_ours(model_name: str, run: dict, device):
-    from model.llama import Llama
-    from trainer.config import load_config
-    from trainer.engine import DistContext, LocalEngine
-    from trainer.loss import lm_loss
+    from cptrain.model.llama import Llama
+    from cptrain.trainer.config import load_config
+    from cptrain.trainer.engines.base import DistContext
+    from cptrain.trainer.engines.local import LocalEngine
+    from cptrain.trainer.loss import lm_loss
 
     overrides = [f"--model.preset={model_name}", f"--model.attention={run['attn']}",
                  f"--model.doc_masking={bool(run['doc'])}", f"--data.seq_len={SEQ}",
@@ -100,7 +99,7 @@ def build_ours(model_name: str, run: dict, device):
 
 def set_fa4(enabled: bool, device) -> None:
     """FlashAttention-4 (when installed) or torch's FlashAttention-2 behind attn=flash_attn."""
-    from model import attention
+    from cptrain.model import attention
 
     attention._fa4 = None if enabled else False  # None: decided again on the next call
     attention.fa4_interface(device)
@@ -190,7 +189,7 @@ def attention_bench(device, out: Path | None) -> list[dict]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from triton.testing import do_bench
 
-    from model.attention import doc_causal_mask, doc_segments
+    from cptrain.model.attention import doc_causal_mask, doc_segments
 
     flex = torch.compile(flex_attention, dynamic=False)
     rows = []

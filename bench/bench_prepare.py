@@ -12,15 +12,12 @@ import argparse
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data_pipeline import prepare  # noqa: E402
-from launch.cli import build_parser  # noqa: E402
+from cptrain.data_pipeline import prepare
+from cptrain.launch.cli import build_parser
 
 DEMO = Path(__file__).resolve().parent.parent / "data_pipeline" / "demo"
 

@@ -19,11 +19,9 @@ import multiprocessing
 import os
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 STEP = 4096                 # tokens per optimizer step: 16 sequences of 256
 PRETRAIN_STEPS, ANNEAL_STEPS, CONT_STEPS, REWARM_STEPS = 64, 8, 24, 4
@@ -43,10 +41,10 @@ def _common(run_dir: Path, english: Path, device: str) -> list[str]:
 def pretrain(out: Path, english: Path, device: str) -> tuple[Path, Path]:
     """The infinite-schedule pretraining run and its anneal branch (lengths in tokens, so the
     open-ended constant phase can be branched at its last checkpoint)."""
-    from trainer.config import load_config
-    from trainer.continual import prepare_branch
-    from trainer.demo import CONFIG
-    from trainer.loop import run
+    from cptrain.trainer.config import load_config
+    from cptrain.trainer.branch import prepare_branch
+    from cptrain.launch.demo import CONFIG
+    from cptrain.trainer.loop import run
 
     main_dir, branch = out / "pretrain", out / "pretrain-annealed"
     if not (main_dir / "checkpoints" / "latest").is_file():
@@ -63,9 +61,9 @@ def continuation(job: dict) -> dict:
     """One continual run (in a worker process): returns its name and per-domain validation curves."""
     import torch
 
-    from trainer.config import load_config
-    from trainer.demo import CONFIG
-    from trainer.loop import run
+    from cptrain.trainer.config import load_config
+    from cptrain.launch.demo import CONFIG
+    from cptrain.trainer.loop import run
 
     torch.set_num_threads(job["threads"])
     run_dir = Path(job["run_dir"])
@@ -122,7 +120,7 @@ def table(results: list, annealed: dict) -> str:
 
 
 def plot(results: list, path: Path) -> None:
-    from trainer.report import plt
+    from cptrain.trainer.analysis.report import plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, dom in zip(axes, ("english", "spanish")):
@@ -139,7 +137,7 @@ def plot(results: list, path: Path) -> None:
 
 
 def main() -> None:
-    from trainer.demo import prepare
+    from cptrain.launch.demo import prepare
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/cpt_replication")

@@ -5,6 +5,8 @@
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+# The checkout is the `cptrain` package (pyproject.toml maps it); a link makes it importable without an install.
+mkdir -p /tmp/site && ln -sfn "$PWD" /tmp/site/cptrain
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST=9.0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if ls .carry/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/streaming ]; then
@@ -28,7 +30,7 @@ B="python3 bench/bench_mfu.py --steps 12 --warmup 4"
 loop_configs() {  # CONFIG:MICRO_BATCH ...: 30 steps of each shipped config through `cptrain train`, median tokens/s
   for spec in "$@"; do
     name=${spec%%:*}; mb=${spec##*:}
-    timeout 150 python3 -m launch.cli train trainer/configs/$name.yaml --run_dir=/tmp/loop_$name \
+    timeout 150 python3 -m cptrain.launch.cli train trainer/configs/$name.yaml --run_dir=/tmp/loop_$name \
       "--data.domains=[{name: english, path: .carry/data/english2048}]" --train.global_batch_tokens=$((mb * 2048)) \
       --train.max_tokens=$((mb * 2048 * 30)) --eval.at_start=false --eval.max_samples=8 --checkpoint.at_end=false \
       --log.progress=false 2>&1 | grep -v -i warn | tail -3
@@ -65,7 +67,7 @@ sweep)  # kernel-level tests, 1.35B levers, varlen document masking at 374M, the
 parity)  # loss curves of the fast vs. the plain path, then the demo config through `cptrain train`
   timeout 420 python3 bench/loss_parity.py --data .carry/data/english2048 --out /tmp/parity --steps 300 2>&1 | tail -40
   cp /tmp/parity/parity.json "$OUT/" 2>/dev/null
-  timeout 150 python3 -m launch.cli train trainer/configs/demo.yaml --run_dir=/tmp/demo_gpu \
+  timeout 150 python3 -m cptrain.launch.cli train trainer/configs/demo.yaml --run_dir=/tmp/demo_gpu \
     "--data.domains=[{name: english, path: .carry/data/english}]" --train.compile=true --train.precision=bf16 \
     --model.attention=sdpa --log.progress=false 2>&1 | tail -8
   cp /tmp/demo_gpu/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null
@@ -77,7 +79,7 @@ parity)  # loss curves of the fast vs. the plain path, then the demo config thro
 loop)  # the shipped configs through the real loop and loader (`cptrain train`), then the demo config
   loop_configs gpu_350m:32 gpu_1.3b:12 gpu_1b:16
   start=$(date +%s)
-  timeout 240 python3 -m launch.cli train trainer/configs/demo.yaml --run_dir=/tmp/demo_gpu \
+  timeout 240 python3 -m cptrain.launch.cli train trainer/configs/demo.yaml --run_dir=/tmp/demo_gpu \
     "--data.domains=[{name: english, path: .carry/data/english}]" --train.compile=true --train.precision=bf16 \
     --model.attention=sdpa --log.progress=false 2>&1 | grep -v Warning | tail -4
   echo "demo wall s: $(( $(date +%s) - start ))" | tee -a "$OUT/loop.txt"
@@ -89,7 +91,7 @@ engines)  # ZeRO-2/3 and FSDP2 on 1 and 2 GPUs (a multi-GPU kind)
   ;;
 loader)  # does loading in worker processes close the loop's gap to the bare step? + the peer at 1.35B/12
   for w in 0 2; do
-    timeout 120 python3 -m launch.cli train trainer/configs/gpu_350m.yaml --run_dir=/tmp/loader_$w \
+    timeout 120 python3 -m cptrain.launch.cli train trainer/configs/gpu_350m.yaml --run_dir=/tmp/loader_$w \
       "--data.domains=[{name: english, path: .carry/data/english2048}]" --data.num_workers=$w \
       --train.global_batch_tokens=65536 --train.max_tokens=$((65536 * 30)) --eval.at_start=false \
       --eval.max_samples=8 --checkpoint.at_end=false --log.progress=false >/dev/null 2>&1

@@ -38,7 +38,7 @@ def train(name: str, args) -> list[dict]:
               "--schedule.lr=1e-3", "--schedule.kind=cosine", "--schedule.warmup_fraction=0.05",
               "--eval.max_samples=64", "--checkpoint.at_end=false", "--log.progress=false"]
     env = dict(os.environ, CPTRAIN_FA4="0") if name in FA4_OFF else None
-    subprocess.run([sys.executable, "-m", "launch.cli", "train", "trainer/configs/gpu_350m.yaml", *common,
+    subprocess.run([sys.executable, "-m", "cptrain.launch.cli", "train", "trainer/configs/gpu_350m.yaml", *common,
                     *RUNS[FA4_OFF.get(name, name)]], check=True, env=env)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -12,12 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from launch.cli import main as cli  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.demo import corpus  # noqa: E402
-from trainer.loop import run  # noqa: E402
+from cptrain.launch.cli import main as cli
+from cptrain.trainer.config import load_config
+from cptrain.launch.demo import corpus
+from cptrain.trainer.loop import run
 
 SEQ, BATCH_TOKENS = 128, 2048
 

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from launch.cli import main as cli  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.loop import run  # noqa: E402
+from cptrain.launch.cli import main as cli
+from cptrain.trainer.config import load_config
+from cptrain.trainer.loop import run
 
 DEMO = Path(__file__).resolve().parent.parent / "data_pipeline" / "demo" / "austen.txt"
 MODEL = {"model.preset": "tiny", "model.vocab_size": 2048, "model.dim": 96, "model.n_layers": 4, "model.n_heads": 4,

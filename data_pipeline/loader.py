@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from launch.errors import UserError
+from ..errors import UserError
 
 STATE_VERSION = 1
 
@@ -111,7 +111,7 @@ class SplitReader:
     def dataset(self):
         global _shm_cleaned
         if self._dataset is None:
-            from data_pipeline.streaming_compat import clean_stale_shared_memory, streaming
+            from .streaming_compat import clean_stale_shared_memory, streaming
             if not _shm_cleaned:  # leftovers of killed runs would block prefix registration
                 clean_stale_shared_memory()
                 _shm_cleaned = True

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline import tokenizer as tokenizers
-from launch.errors import UserError
+from . import tokenizer as tokenizers
+from ..errors import UserError
 
 MANIFEST_VERSION = 1
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
@@ -190,7 +190,7 @@ def packed_sizes(n_tokens: int, seq_len: int) -> tuple[int, int]:
 
 
 def write_split(docs: list[np.ndarray], out: Path, seq_len: int, dtype: str, compression: str | None) -> dict:
-    from data_pipeline.streaming_compat import streaming
+    from .streaming_compat import streaming
     n_tokens = int(sum(len(d) for d in docs))
     samples, dropped = packed_sizes(n_tokens, seq_len)
     if samples:
@@ -297,7 +297,7 @@ def get_tokenizer(args, files: list[Path], out: Path):
 def merge_split(out: Path, split: str, n_chunks: int) -> None:
     """Write DIR/split/index.json over the chunk folders, in chunk order (sample ids follow it)."""
     import logging
-    from data_pipeline.streaming_compat import merge_index
+    from .streaming_compat import merge_index
     parts = [out / split / f"chunk-{c:05d}" / "index.json" for c in range(n_chunks)]
     parts = [str(p) for p in parts if p.exists()]
     if not parts:

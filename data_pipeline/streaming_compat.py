@@ -6,7 +6,7 @@ machines. When - and only when - torchvision cannot be found, register a stand-i
 provides the two names streaming.vision imports, with a ModuleSpec so `importlib.util.find_spec`
 and other import machinery treat it as a real module. Everything else imports streaming from here:
 
-    from data_pipeline.streaming_compat import streaming
+    from .streaming_compat import streaming
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from launch.errors import UserError
+from ..errors import UserError
 
 # The files of an HF tokenizer folder that define its encoding (hashed for identity, copied along).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

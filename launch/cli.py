@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from launch.errors import UserError
+from ..errors import UserError
 
 
 def _dispatch(target: str):
@@ -26,13 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cptrain", description="Pretraining and continual pretraining of Llama-family LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _add(sub, "demo", "trainer.demo:main", "The built-in end-to-end demo on the shipped corpus (CPU is enough).")
+    p = _add(sub, "demo", "cptrain.launch.demo:main", "The built-in end-to-end demo on the shipped corpus (CPU is enough).")
     p.add_argument("--out", default="demo_out", help="output folder (data, runs, plots)")
     p.add_argument("--steps", type=int, default=None, help="override the demo's pretraining steps")
     p.add_argument("--continual-steps", type=int, default=None, help="override the demo's continual-pretraining steps")
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
-    p = _add(data, "prepare", "data_pipeline.prepare:main", "Tokenize, pack and write MDS shards plus manifest.json.")
+    p = _add(data, "prepare", "cptrain.data_pipeline.prepare:main", "Tokenize, pack and write MDS shards plus manifest.json.")
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (jsonl/json, parquet, txt)")
     p.add_argument("--out", required=True, help="output directory")
     tok = p.add_mutually_exclusive_group(required=True)
@@ -53,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-mb", type=float, default=64.0,
                    help="MB of text per chunk, the unit a rerun after an interruption skips when done")
 
-    p = _add(sub, "train", "trainer.loop:main", "Train from a YAML config, in this process or under a launcher.")
+    p = _add(sub, "train", "cptrain.launch.commands:train", "Train from a YAML config, in this process or under a launcher.")
     p.add_argument("config", help="YAML config")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest good checkpoint")
 
-    p = _add(sub, "launch", "launch.launchers:main", "Print and run (or, for slurm, write) the real launcher command.")
+    p = _add(sub, "launch", "cptrain.launch.launchers:main", "Print and run (or, for slurm, write) the real launcher command.")
     p.add_argument("--launcher", choices=["deepspeed", "torchrun", "slurm"], required=True)
     p.add_argument("--hostfile", help="deepspeed hostfile (`HOST slots=GPUS` per line); written for --nodes > 1 if absent")
     p.add_argument("--nodes", type=int, default=None, help="number of machines (default 1, or every host of --hostfile)")
@@ -76,15 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
 
     conv = sub.add_parser("convert", help="checkpoint import/export").add_subparsers(dest="convert_command", required=True)
-    p = _add(conv, "hf-to-cptrain", "model.hf:cli_hf_to_cptrain", "Import an HF Llama folder as cptrain weights.")
+    p = _add(conv, "hf-to-cptrain", "cptrain.launch.commands:hf_to_cptrain", "Import an HF Llama folder as cptrain weights.")
     p.add_argument("src")
     p.add_argument("out")
-    p = _add(conv, "cptrain-to-hf", "trainer.checkpoint:cli_export_hf", "Export a cptrain checkpoint (any engine) as an HF folder.")
+    p = _add(conv, "cptrain-to-hf", "cptrain.launch.commands:cptrain_to_hf", "Export a cptrain checkpoint (any engine) as an HF folder.")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
-    p = _add(sub, "anneal", "trainer.continual:cli_anneal",
+    p = _add(sub, "anneal", "cptrain.launch.commands:anneal",
              "Anneal branch: from a checkpoint of a constant (WSD stable, infinite) phase, decay to the floor in a new run "
              "directory, resuming the checkpoint exactly; the main run is left untouched. Extra --section.key=value "
              "overrides apply to the branch (e.g. --eval.interval_tokens=1M).")
@@ -95,23 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the branch's run directory")
     p.add_argument("--no-train", action="store_true", help="write the branch's config and checkpoint link only")
 
-    p = _add(sub, "forgetting", "trainer.continual:cli_forgetting",
+    p = _add(sub, "forgetting", "cptrain.launch.commands:forgetting",
              "Forgetting report of a run: old- and new-domain validation losses against its first evaluation.")
     p.add_argument("run_dir")
     p.add_argument("--old", default=None, help="comma-separated old domains (default: continual.old_domains or replay)")
     p.add_argument("--new", default=None, help="comma-separated new domains (default: continual.new_domains or data.domains)")
 
     sched = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
-    p = _add(sched, "plot", "trainer.schedule:cli_plot", "Draw a config's LR schedule before running it.")
+    p = _add(sched, "plot", "cptrain.launch.commands:schedule_plot", "Draw a config's LR schedule before running it.")
     p.add_argument("config")
     p.add_argument("--out", required=True)
 
-    p = _add(sub, "report", "trainer.report:main", "Plots and a summary of a run.")
+    p = _add(sub, "report", "cptrain.trainer.analysis.report:main", "Plots and a summary of a run.")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
 
     scaling = sub.add_parser("scaling", help="scaling-law fitting").add_subparsers(dest="scaling_command", required=True)
-    p = _add(scaling, "fit", "trainer.scaling.cli:fit", "Fit a scaling law; writes DIR/fit.json and plots.")
+    p = _add(scaling, "fit", "cptrain.trainer.analysis.scaling.cli:fit", "Fit a scaling law; writes DIR/fit.json and plots.")
     p.add_argument("inputs", nargs="+", help="run directories or CSV files (loss-curve laws: step,lr,loss CSVs or run directories)")
     p.add_argument("--law", required=True, help="chinchilla, chinchilla_sparse, kaplan, gadre (over N, D); multipower, tissue (loss curves)")
     p.add_argument("--out", required=True, help="output directory for fit.json and plots")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--starts", type=int, default=0, help="(N, D) laws: L-BFGS from the K best grid starts only (0 = the whole published grid)")
     p.add_argument("--holdout-largest", type=int, default=0, metavar="K", help="hold out the K runs of largest compute 6ND and report the extrapolation error")
     p.add_argument("--holdout-above-n", type=float, default=None, metavar="N", help="hold out every run with at least N parameters")
-    p = _add(scaling, "predict", "trainer.scaling.cli:predict", "Predictions from a fit.")
+    p = _add(scaling, "predict", "cptrain.trainer.analysis.scaling.cli:predict", "Predictions from a fit.")
     p.add_argument("--fit", required=True, help="DIR/fit.json written by `cptrain scaling fit`")
     p.add_argument("--curve", default=None, help="loss-curve laws: schedule CSV (step,lr[,loss]); writes step,lr,loss_pred to --out")
     p.add_argument("--out", default=None, help="output CSV")

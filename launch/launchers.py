@@ -1,7 +1,7 @@
 """`cptrain launch`: build the real deepspeed / torchrun command for `cptrain train`, print it, run it;
 or write a Slurm batch script that does so on every node and survives pre-emption.
 
-Every process a launcher starts runs `python -m launch.cli train CONFIG [--resume] [overrides]`;
+Every process a launcher starts runs `python -m cptrain.launch.cli train CONFIG [--resume] [overrides]`;
 the trainer reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.errors import UserError
+from ..errors import UserError
 
 
 def _tool(name: str) -> str:
@@ -22,7 +22,7 @@ def _tool(name: str) -> str:
 
 
 def train_entry(config: str, overrides: list[str], resume: bool) -> list[str]:
-    return ["-m", "launch.cli", "train", config, *(["--resume"] if resume else []), *overrides]
+    return ["-m", "cptrain.launch.cli", "train", config, *(["--resume"] if resume else []), *overrides]
 
 
 def gpus_per_node(args) -> int:
@@ -100,7 +100,7 @@ def torchrun_command(args, entry: list[str], run_dir: Path) -> list[str]:
 
 
 # The pre-emption warning goes to the batch shell (B:), which forwards it to the trainer processes
-# (started as `python -u -m launch.cli train`, which the launchers' own command lines are not) on
+# (started as `python -u -m cptrain.launch.cli train`, which the launchers' own command lines are not) on
 # every node; each checkpoints after its current step and exits (trainer/faults.py), and the job
 # requeues itself to continue with --resume.
 _SLURM_TEMPLATE = """#!/bin/bash
@@ -140,11 +140,11 @@ def slurm_script(args, config: str, overrides: list[str], run_dir: Path) -> str:
                 f"--master_addr $MASTER_ADDR --master_port $MASTER_PORT {shlex.join(entry)}")
     return _SLURM_TEMPLATE.format(name=f"cptrain-{run_dir.name}", nodes=_nodes(args), gpus=g, run_dir=run_dir,
                                   warning=args.slurm_warning, workdir=shlex.quote(str(Path.cwd())), port=args.master_port,
-                                  pattern=shlex.quote(f"-u -m launch.cli train {config}"), node_cmd=shlex.quote(node))
+                                  pattern=shlex.quote(f"-u -m cptrain.launch.cli train {config}"), node_cmd=shlex.quote(node))
 
 
 def main(args) -> int:
-    from trainer.config import load_config
+    from ..trainer.config import load_config
 
     _check_multinode(args)
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process starts

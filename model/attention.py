@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from launch.errors import UserError
+from ..errors import UserError
 
 try:  # flash-attn has no CPU build; without it flash_attn falls back to sdpa
     from flash_attn import flash_attn_func, flash_attn_varlen_func

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from launch.errors import UserError
+from ..errors import UserError
 
 ATTENTION_BACKENDS = ("sdpa", "flash_attn", "flex")
 # The keys of a Llama-3 `rope_scaling` dict (HF `rope_type: llama3`, Llama 3.1 report sec. 3.x / the

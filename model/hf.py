@@ -10,9 +10,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from launch.errors import UserError
-from model.config import LlamaConfig, from_hf_config, to_hf_config
-from model.llama import Llama
+from ..errors import UserError
+from .config import LlamaConfig, from_hf_config, to_hf_config
+from .llama import Llama
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
 HF_INDEX_FILE = "model.safetensors.index.json"
@@ -192,17 +192,3 @@ def load_weights(dir: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]
     sd = _load_safetensors(dir / WEIGHTS_FILE)
     _check_tensors(sd, cfg, str(dir / WEIGHTS_FILE))
     return cfg, sd
-
-
-def cli_hf_to_cptrain(args) -> int:
-    """`cptrain convert hf-to-cptrain SRC OUT`: an HF Llama folder -> our weights + its tokenizer files."""
-    src, out = Path(args.src), Path(args.out)
-    cfg, sd = load_hf_dir(src)
-    save_weights(out, cfg, sd)
-    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    for name in copied:
-        shutil.copy2(src / name, out / name)
-    n_params = sum(t.numel() for t in sd.values())
-    print(f"wrote {out / WEIGHTS_FILE} and {CONFIG_FILE} ({n_params / 1e6:.1f}M parameters, "
-          f"{next(iter(sd.values())).dtype}) from {src}; tokenizer files: {', '.join(copied) or 'none found'}")
-    return 0

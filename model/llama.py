@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import AttentionContext, attend, build_context, doc_positions
-from model.config import LlamaConfig
+from .attention import AttentionContext, attend, build_context, doc_positions
+from .config import LlamaConfig
 
 
 def rope_inv_freq(cfg: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:

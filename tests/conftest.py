@@ -14,7 +14,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def austen_data(tmp_path_factory) -> Path:
     """Real text (Pride and Prejudice chapters) prepared once: sentencepiece vocab 512, seq_len 64."""
-    from launch.cli import main
+    from cptrain.launch.cli import main
 
     out = tmp_path_factory.mktemp("data") / "austen"
     rc = main(["data", "prepare", "--input", str(FIXTURES / "text" / "austen_pp.jsonl"), "--out", str(out),

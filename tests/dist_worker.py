@@ -5,12 +5,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from trainer.config import load_config  # noqa: E402
-from trainer.loop import run  # noqa: E402
+from cptrain.trainer.config import load_config
+from cptrain.trainer.loop import run
 
 
 def main(jobs_file: str) -> None:

@@ -22,7 +22,7 @@ def free_port() -> int:
 def run_processes(cmds: list[list[str]], envs: list[dict] | None = None, timeout: float = 400) -> list[str]:
     """Run commands side by side; assert each exits 0; return their combined stdout/stderr.
     Output goes to files, not pipes, so a chatty rank never blocks on a full pipe mid-collective."""
-    base = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    base = {**os.environ, "OMP_NUM_THREADS": "1"}
     envs = envs or [{}] * len(cmds)
     logs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]
     procs = [subprocess.Popen(c, cwd=REPO, env={**base, **{k: str(v) for k, v in e.items()}}, stdout=log,
@@ -36,7 +36,7 @@ def run_processes(cmds: list[list[str]], envs: list[dict] | None = None, timeout
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        from data_pipeline.streaming_compat import clean_stale_shared_memory
+        from cptrain.data_pipeline.streaming_compat import clean_stale_shared_memory
 
         clean_stale_shared_memory()
     outs = []

@@ -1,4 +1,4 @@
-"""One rank of tests/test_reweighting.py's two-rank run: `python reweighting_worker.py OUT` with the
+"""One rank of tests/test_reweighting.py's two-rank run: `python -m tests.reweighting_worker OUT` with the
 usual RANK/WORLD_SIZE/MASTER_* environment and the config overrides in OUT/args.json.
 
 The first step's sample weights are computed through the real all-gather on the real (DDP) engine
@@ -7,14 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from tests.test_reweighting import first_step_weights  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
+from tests.test_reweighting import first_step_weights
+from cptrain.trainer.config import load_config
+from cptrain.trainer.loop import Trainer
 
 
 def main(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""One rank of tests/test_sparsity.py's sharded runs: `python sparsity_worker.py OUT` with the usual
+"""One rank of tests/test_sparsity.py's sharded runs: `python -m tests.sparsity_worker OUT` with the usual
 RANK/WORLD_SIZE/MASTER_* environment and the config overrides in OUT/args.json.
 
 The trainer is built with the configured engine, the masks are selected on the initial weights
@@ -8,14 +8,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from trainer.config import load_config  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
-from trainer.sparsity import collect_targets  # noqa: E402
+from cptrain.trainer.config import load_config
+from cptrain.trainer.loop import Trainer
+from cptrain.trainer.sparsity import collect_targets
 
 
 def quantize(targets) -> None:

@@ -1,8 +1,8 @@
 """The config schema: typos and wrong types fail at load with the key path; overrides apply."""
 import pytest
 
-from launch.errors import UserError
-from trainer.config import load_config, save_config
+from cptrain.errors import UserError
+from cptrain.trainer.config import load_config, save_config
 
 pytestmark = pytest.mark.faults
 

@@ -9,10 +9,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launch.cli import main as cli_main
-from launch.errors import UserError
-from model.config import LlamaConfig
-from trainer.config import TrainConfig, load_config
+from cptrain.launch.cli import main as cli_main
+from cptrain.errors import UserError
+from cptrain.model.config import LlamaConfig
+from cptrain.trainer.config import TrainConfig, load_config
 
 pytestmark = pytest.mark.faults
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main as cli
-from launch.errors import UserError
+from cptrain.launch.cli import main as cli
+from cptrain.errors import UserError
 from tests.conftest import FIXTURES, tiny_overrides
-from trainer.checkpoint import verify
-from trainer.config import load_config
-from trainer.continual import prepare_branch
-from trainer.loop import run
+from cptrain.trainer.checkpoint import verify
+from cptrain.trainer.config import load_config
+from cptrain.trainer.branch import prepare_branch
+from cptrain.trainer.loop import run
 
 STEP = 1024  # tokens per step of tiny_overrides
 

@@ -1,7 +1,7 @@
 """Two real ranks (gloo) read the training stream; a run stopped there resumes on one rank with
 twice the micro-batch and sees exactly the samples an uninterrupted run sees.
 
-Run as a script, this file is one rank: `python test_data_distributed.py ROOT OUT` with the
+Run as a module, this file is one rank: `python -m tests.test_data_distributed ROOT OUT` with the
 usual RANK/WORLD_SIZE/MASTER_* environment."""
 import json
 import sys
@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, when run as a script
-
-from data_pipeline.loader import DataConfig, DomainConfig, build_train_loader, build_val_loaders  # noqa: E402
+from cptrain.data_pipeline.loader import DataConfig, DomainConfig, build_train_loader, build_val_loaders
 from tests.multiproc import run_ranks
 
 SEQ, STEPS, ACCUM = 32, 3, 2
@@ -40,7 +38,7 @@ def rank_main(root: Path, out: Path) -> None:
 
 
 def _run_ranks(root: Path, out: Path, world: int) -> list[dict]:
-    run_ranks([sys.executable, __file__, str(root), str(out)], world, timeout=120)
+    run_ranks([sys.executable, "-m", "tests.test_data_distributed", str(root), str(out)], world, timeout=120)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.loader import (DataConfig, DomainConfig, Mixture, PhaseConfig, build_train_loader,
+from cptrain.data_pipeline.loader import (DataConfig, DomainConfig, Mixture, PhaseConfig, build_train_loader,
                                   build_val_loaders, validate_data)
-from launch.errors import UserError
+from cptrain.errors import UserError
 from test_data_support import make_domains
 
 pytestmark = pytest.mark.data
@@ -205,8 +205,8 @@ def test_loader_imports_without_datasets_and_streaming_shim():
     import (later torchvision probes, e.g. transformers', must see the truth)."""
     import subprocess
     import sys
-    code = ("import importlib.util, sys, data_pipeline.loader\n"
-            "from data_pipeline.streaming_compat import streaming\n"
+    code = ("import importlib.util, sys, cptrain.data_pipeline.loader\n"
+            "from cptrain.data_pipeline.streaming_compat import streaming\n"
             "assert 'datasets' not in sys.modules, 'datasets imported'\n"
             "assert streaming.StreamingDataset and streaming.MDSWriter and 'streaming.vision' in sys.modules\n"
             "if importlib.util.find_spec('torchvision') is None:\n"

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from data_pipeline import tokenizer as tokenizers
-from data_pipeline.loader import open_split
-from data_pipeline.prepare import pack
-from launch.cli import main as cli_main
-from launch.errors import UserError
+from cptrain.data_pipeline import tokenizer as tokenizers
+from cptrain.data_pipeline.loader import open_split
+from cptrain.data_pipeline.prepare import pack
+from cptrain.launch.cli import main as cli_main
+from cptrain.errors import UserError
 from test_data_support import AUSTEN, FIXTURES, SPANISH, run_prepare
 
 pytestmark = pytest.mark.data
@@ -146,7 +146,7 @@ def test_rerun_after_interruption_gives_same_output(spm_model, tmp_path):
 @pytest.mark.faults
 def test_killed_prepare_resumes(spm_model, tmp_path):
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "launch.cli", "data", "prepare", "--input", *AUSTEN, "--out", str(out),
+    cmd = [sys.executable, "-m", "cptrain.launch.cli", "data", "prepare", "--input", *AUSTEN, "--out", str(out),
            "--tokenizer", str(spm_model), "--seq-len", "32", "--chunk-mb", "0.002"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

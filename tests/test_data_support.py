@@ -1,8 +1,8 @@
 """Helpers shared by the data tests (no tests here): prepare real fixture text into MDS folders."""
 from pathlib import Path
 
-from data_pipeline import prepare
-from launch.cli import build_parser
+from cptrain.data_pipeline import prepare
+from cptrain.launch.cli import build_parser
 
 FIXTURES = Path(__file__).parent / "fixtures" / "text"
 AUSTEN = [str(FIXTURES / "austen_pp.jsonl"), str(FIXTURES / "austen_persuasion.jsonl")]

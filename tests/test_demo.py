@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from launch.cli import main
+from cptrain.launch.cli import main
 
 pytestmark = pytest.mark.data
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.errors import UserError
-from launch.launchers import deepspeed_command, slurm_script, torchrun_command
+from cptrain.errors import UserError
+from cptrain.launch.launchers import deepspeed_command, slurm_script, torchrun_command
 from tests.conftest import tiny_overrides
 from tests.multiproc import free_port, run_processes
 
@@ -80,8 +80,8 @@ def _assert_close(got: dict, want: dict, rtol: float, steps) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, austen_data):
     """All launches, chained; each test below checks a part of what they produced."""
-    from trainer.config import load_config
-    from trainer.loop import run
+    from cptrain.trainer.config import load_config
+    from cptrain.trainer.loop import run
 
     root = tmp_path_factory.mktemp("dist")
     d = {name: root / name for name in ("local", "zero0", "zero1", "zero2", "zero3", "fsdp2", "zero3_bf16", "fsdp2_bf16")}
@@ -105,7 +105,7 @@ def runs(tmp_path_factory, austen_data):
 
     # Two nodes on one machine: `cptrain launch --launcher deepspeed --no-ssh --node-rank {0,1}`. The two
     # "nodes" share this machine's /dev/shm, so streaming is told they are one node (LOCAL_WORLD_SIZE=2).
-    node = [sys.executable, "-m", "launch.cli", "launch", "--launcher", "deepspeed", "--nodes", "2", "--gpus-per-node", "1",
+    node = [sys.executable, "-m", "cptrain.launch.cli", "launch", "--launcher", "deepspeed", "--nodes", "2", "--gpus-per-node", "1",
             "--no-ssh", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     cfg = _overrides(d["fsdp2"], austen_data, **{"train.engine": "fsdp2"})
     (root / "empty.yaml").write_text("{}\n")
@@ -149,7 +149,7 @@ def test_bf16_with_activation_checkpointing_trains(runs):
 def test_fsdp2_on_two_simulated_nodes_matches_and_checkpoints(runs):
     d, logs, _ = runs
     for r in (0, 1):  # each node printed the deepspeed command it ran
-        assert f"--no_ssh --node_rank {r} --no_local_rank --module launch.cli train" in logs["two_nodes"]
+        assert f"--no_ssh --node_rank {r} --no_local_rank --module cptrain.launch.cli train" in logs["two_nodes"]
     _assert_close(_losses(d["fsdp2"]), _losses(d["local"]), RTOL, range(1, STEPS + 1))
     state = json.loads((d["fsdp2"] / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["engine"] == "fsdp2"
@@ -172,7 +172,7 @@ def test_exported_hf_folders_load_in_transformers(runs, tmp_path):
     """Every engine's final checkpoint exports to an HF folder whose logits match the local run's."""
     from transformers import AutoModelForCausalLM
 
-    from launch.cli import main
+    from cptrain.launch.cli import main
 
     d, _, _ = runs
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -188,12 +188,12 @@ def test_exported_hf_folders_load_in_transformers(runs, tmp_path):
 
 def test_launcher_commands(tmp_path):
     """The commands and batch script that multi-node runs use (the local forms run above)."""
-    entry = ["-m", "launch.cli", "train", "c.yaml"]
+    entry = ["-m", "cptrain.launch.cli", "train", "c.yaml"]
     args = _launch_args(nodes=2, gpus_per_node=8, no_ssh=True, node_rank=1, master_addr="10.0.0.1", master_port=29500)
     cmd = deepspeed_command(args, entry, tmp_path)
     assert cmd[1:] == ["--hostfile", str(tmp_path / "hostfile"), "--num_nodes", "2", "--num_gpus", "8", "--master_port",
                        "29500", "--master_addr", "10.0.0.1", "--no_ssh", "--node_rank", "1", "--no_local_rank",
-                       "--module", "launch.cli", "train", "c.yaml"]
+                       "--module", "cptrain.launch.cli", "train", "c.yaml"]
     assert (tmp_path / "hostfile").read_text() == "node0 slots=8\nnode1 slots=8\n"
     rdzv = torchrun_command(_launch_args(nodes=4, gpus_per_node=8, master_addr="h0", master_port=29500), entry, tmp_path)
     assert rdzv[1:9] == ["--nnodes", "4", "--nproc_per_node", "8", "--rdzv_backend", "c10d", "--rdzv_endpoint", "h0:29500"]
@@ -207,8 +207,8 @@ def test_launcher_commands(tmp_path):
 
 @pytest.mark.faults
 def test_bad_launch_and_engine_options_are_refused(tmp_path, capsys):
-    from launch.cli import main
-    from trainer.config import load_config
+    from cptrain.launch.cli import main
+    from cptrain.trainer.config import load_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train: {engine: deepspeed}\n")

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch.cli import main as cli_main
+from cptrain.launch.cli import main as cli_main
 from tests.conftest import tiny_overrides
-from trainer import checkpoint as ckpt
-from trainer.config import load_config
-from trainer.faults import FaultMonitor, FaultsSection, GracefulStop, RunAborted
-from trainer.loop import run
+from cptrain.trainer import checkpoint as ckpt
+from cptrain.trainer.config import load_config
+from cptrain.trainer.faults import FaultMonitor, FaultsSection, GracefulStop, RunAborted
+from cptrain.trainer.loop import run
 from tests.multiproc import free_port
 
 STEPS = 12  # tiny model, 1024 tokens a step
@@ -57,7 +57,7 @@ class Launched:
         self.run_dir = run_dir
         empty = run_dir.parent / "empty.yaml"
         empty.write_text("{}\n")
-        command = [*(launcher or [sys.executable]), "-m", "launch.cli", "train", str(empty), *_overrides(run_dir, data, **extra)]
+        command = [*(launcher or [sys.executable]), "-m", "cptrain.launch.cli", "train", str(empty), *_overrides(run_dir, data, **extra)]
         self.proc = subprocess.Popen(command,
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
@@ -335,7 +335,7 @@ def test_two_ranks_skip_a_one_rank_nan_and_stop_together(tmp_path, austen_data):
 
 
 def _step_with(fused: bool, grad_fill: float | None, clip: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer, float]:
-    from trainer.engine import clip_and_step
+    from cptrain.trainer.engines.base import clip_and_step
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from model import attention
-from model.config import preset
-from model.llama import Llama
-from trainer.loss import lm_loss
+from cptrain.model import attention
+from cptrain.model.config import preset
+from cptrain.model.llama import Llama
+from cptrain.trainer.loss import lm_loss
 
 pytestmark = [pytest.mark.model, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEV = torch.device("cuda")

@@ -12,9 +12,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from launch.errors import UserError
-from model.hf import cli_hf_to_cptrain, load_hf_dir, load_weights, save_hf_dir, save_weights
-from model.llama import Llama
+from cptrain.errors import UserError
+from cptrain.launch.commands import hf_to_cptrain as cli_hf_to_cptrain
+from cptrain.model.hf import load_hf_dir, load_weights, save_hf_dir, save_weights
+from cptrain.model.llama import Llama
 
 pytestmark = pytest.mark.hf
 

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import preset
-from model.llama import Llama
-from trainer.loss import lm_loss, token_losses
+from cptrain.model.config import preset
+from cptrain.model.llama import Llama
+from cptrain.trainer.loss import lm_loss, token_losses
 
 pytestmark = pytest.mark.model
 

@@ -9,10 +9,10 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from launch.errors import UserError
-from model import attention
-from model.config import LlamaConfig, flops_per_token, param_counts, preset, to_hf_config
-from model.llama import Llama, rope_inv_freq
+from cptrain.errors import UserError
+from cptrain.model import attention
+from cptrain.model.config import LlamaConfig, flops_per_token, param_counts, preset, to_hf_config
+from cptrain.model.llama import Llama, rope_inv_freq
 
 pytestmark = pytest.mark.model
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from launch.errors import UserError
-from trainer.report import main, plot_loss, read_metrics, summarize
+from cptrain.errors import UserError
+from cptrain.trainer.analysis.report import main, plot_loss, read_metrics, summarize
 
 pytestmark = pytest.mark.schedules
 
@@ -81,7 +81,7 @@ def test_missing_metrics_file(tmp_path):
 
 
 def test_cli_dispatch_and_out_dir(tmp_path, capsys):
-    from launch.cli import main as cli
+    from cptrain.launch.cli import main as cli
 
     run = _run_dir(tmp_path)
     assert cli(["report", str(run), "--out", str(tmp_path / "elsewhere")]) == 0

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from launch.errors import UserError
+from cptrain.errors import UserError
 from tests.conftest import tiny_overrides
-from trainer.config import load_config
-from trainer.reweighting import DomainSection, DomainWeights, attach_sample_weights, eg_update, sample_weights
+from cptrain.trainer.config import load_config
+from cptrain.trainer.reweighting import DomainSection, DomainWeights, attach_sample_weights, eg_update, sample_weights
 from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.reweighting
@@ -51,8 +51,8 @@ def test_delta_and_degenerate_batches():
 
 
 def _tiny_model():
-    from model.config import preset
-    from model.llama import Llama
+    from cptrain.model.config import preset
+    from cptrain.model.llama import Llama
     torch.manual_seed(0)
     model = Llama(preset("tiny"))
     model.init_weights()
@@ -61,7 +61,7 @@ def _tiny_model():
 
 @pytest.mark.parametrize("chunk", [0, 40])
 def test_weighted_loss_is_backpropagated_plain_loss_is_reported(chunk):
-    from trainer.loss import lm_loss, token_losses
+    from cptrain.trainer.loss import lm_loss, token_losses
     model = _tiny_model()
     tokens = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(1))
     m = torch.tensor([0.5, 1.5, 0.25, 1.75])
@@ -148,7 +148,7 @@ def _compared(row: dict) -> dict:
 
 @pytest.mark.resume
 def test_resumed_run_reproduces_weights_and_losses(tmp_path, two_domains):
-    from trainer.loop import run
+    from cptrain.trainer.loop import run
     extra = {"reweighting.instance.strategy": "linupper", "reweighting.instance.warmup_tokens": 1024,
              "reweighting.domain.signal": "train", "reweighting.domain.interval_tokens": 1024,
              "reweighting.domain.eta": 2.0, "checkpoint.interval_tokens": 2048, "eval.interval_tokens": 2048,
@@ -170,7 +170,7 @@ def test_resumed_run_reproduces_weights_and_losses(tmp_path, two_domains):
 def test_domain_weights_follow_the_excess_loss_in_a_run(tmp_path, two_domains):
     """Constructed case: en's reference loss is 0, es's is its first evaluation, so en's excess
     loss is far higher; its weight rises and the loader samples it more."""
-    from trainer.loop import Trainer
+    from cptrain.trainer.loop import Trainer
     extra = {"reweighting.domain.signal": "val", "reweighting.domain.reference": "{en: 0.0}",
              "reweighting.domain.eta": 0.5, "reweighting.domain.smoothing": 0.2, "eval.interval_tokens": 1024,
              "eval.at_start": True, "train.max_tokens": 4096}
@@ -190,8 +190,8 @@ def test_domain_weights_follow_the_excess_loss_in_a_run(tmp_path, two_domains):
 def first_step_weights(trainer) -> dict:
     """Sample weights of the first step's micro-batches on this rank (from a fresh loader at the
     run's start position) with their global sample ids, through the real collective."""
-    from data_pipeline.loader import build_train_loader
-    from trainer.engine import autocast_for
+    from cptrain.data_pipeline.loader import build_train_loader
+    from cptrain.trainer.engines.base import autocast_for
     cfg, ctx = trainer.cfg, trainer.ctx
     loader = build_train_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank,
                                 world_size=ctx.world_size, seed=cfg.seed)
@@ -203,14 +203,14 @@ def first_step_weights(trainer) -> dict:
 
 def _launch(overrides: list[str], out: Path, world: int = 2) -> None:
     (out / "args.json").write_text(json.dumps(overrides))
-    run_ranks([sys.executable, str(Path(__file__).with_name("reweighting_worker.py")), str(out)], world)
+    run_ranks([sys.executable, "-m", "tests.reweighting_worker", str(out)], world)
 
 
 @pytest.mark.distributed
 def test_two_ranks_give_the_weights_of_one(tmp_path, austen_data):
     """The global batch of 32 samples: one rank with 4 accumulation micro-batches, or two DDP ranks
     with 2 each; the weights (in global sample order) and the first step agree bit for bit."""
-    from trainer.loop import Trainer
+    from cptrain.trainer.loop import Trainer
     extra = {"reweighting.instance.strategy": "extremes", "train.global_batch_tokens": 2048, "train.max_tokens": 6144}
     out = tmp_path / "out"
     out.mkdir()

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from launch.cli import main
-from launch.errors import UserError
-from trainer.scaling import curves as C
-from trainer.scaling import inputs as I
-from trainer.scaling import laws as L
+from cptrain.launch.cli import main
+from cptrain.errors import UserError
+from cptrain.trainer.analysis.scaling import curves as C
+from cptrain.trainer.analysis.scaling import inputs as I
+from cptrain.trainer.analysis.scaling import laws as L
 
 pytestmark = pytest.mark.scaling
 FIX = Path(__file__).parent / "fixtures" / "scaling"

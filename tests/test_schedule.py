@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launch.errors import UserError
-from trainer.schedule import PhaseConfig, ScheduleConfig, anneal_branch, build_schedule
+from cptrain.errors import UserError
+from cptrain.trainer.schedule import PhaseConfig, ScheduleConfig, anneal_branch, build_schedule
 
 pytestmark = pytest.mark.schedules
 approx = lambda x: pytest.approx(x, rel=1e-12, abs=1e-15)  # noqa: E731
@@ -298,7 +298,7 @@ def test_nonpositive_horizon_is_refused():
 @pytest.mark.parametrize("cfg", [ScheduleConfig(), ScheduleConfig(kind="rewarm", warmup_tokens=100),
                                  ScheduleConfig(kind="power", lr=1e-3)])
 def test_plot_schedule_writes_a_png(tmp_path, cfg):
-    from trainer.report import plot_schedule
+    from cptrain.trainer.analysis.report import plot_schedule
 
     s = build_schedule(cfg, 10**9, 10**5)
     before = s.describe()
@@ -308,13 +308,13 @@ def test_plot_schedule_writes_a_png(tmp_path, cfg):
 
 
 def test_yaml_config_and_cli_plot(tmp_path, capsys):
-    from trainer import config
+    from cptrain.trainer import config
     p = tmp_path / "c.yaml"
     p.write_text("data:\n  seq_len: 256\ntrain:\n  max_tokens: 10M\n  global_batch_tokens: 65536\n"
                  "schedule:\n  kind: wsd\n  lr: 1e-3\n  warmup_tokens: 100K\n  decay_shape: cosine\n")
     cfg = config.load_config(str(p))
     assert cfg.schedule == ScheduleConfig(kind="wsd", lr=1e-3, warmup_tokens=100_000, decay_shape="cosine")
-    from trainer.schedule import cli_plot
+    from cptrain.launch.commands import schedule_plot as cli_plot
 
     assert cli_plot(argparse.Namespace(config=str(p), out=str(tmp_path / "s.png"), overrides=[])) == 0
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
@@ -327,7 +327,7 @@ def test_yaml_config_and_cli_plot(tmp_path, capsys):
 
 
 def test_every_yaml_example_in_the_docs_builds():
-    from trainer import config
+    from cptrain.trainer import config
     import pathlib
     import re
 

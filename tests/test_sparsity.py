@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.errors import UserError
-from model.llama import Llama
+from cptrain.errors import UserError
+from cptrain.model.llama import Llama
 from tests.conftest import tiny_overrides
 from tests.sparsity_worker import quantize
-from trainer.checkpoint import load_full_weights
-from trainer.config import load_config
-from trainer.engine import DistContext, LocalEngine
-from trainer.loop import run
+from cptrain.trainer.checkpoint import load_full_weights
+from cptrain.trainer.config import load_config
+from cptrain.trainer.engines.base import DistContext
+from cptrain.trainer.engines.local import LocalEngine
+from cptrain.trainer.loop import run
 from tests.multiproc import run_ranks
-from trainer.sparsity import (MASK_FILE, Pruner, SparsityConfig, _read_masks, collect_targets, prune_point,
+from cptrain.trainer.sparsity import (MASK_FILE, Pruner, SparsityConfig, _read_masks, collect_targets, prune_point,
                               target_at)
 
 pytestmark = pytest.mark.sparsity
@@ -206,12 +207,12 @@ def test_continual_pretraining_from_sparse_checkpoint(tmp_path, austen_data):
 
 def _launch(overrides: list[str], out: Path, world: int = 2) -> None:
     (out / "args.json").write_text(json.dumps(overrides))
-    run_ranks([sys.executable, str(Path(__file__).with_name("sparsity_worker.py")), str(out)], world)
+    run_ranks([sys.executable, "-m", "tests.sparsity_worker", str(out)], world)
 
 
 def _val_loss(cfg, weights: dict) -> float:
-    from data_pipeline.loader import build_val_loaders
-    from trainer.loop import evaluate
+    from cptrain.data_pipeline.loader import build_val_loaders
+    from cptrain.trainer.loop import evaluate
 
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):

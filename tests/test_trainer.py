@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from launch.errors import UserError
+from cptrain.errors import UserError
 from tests.conftest import tiny_overrides
-from trainer.checkpoint import find_resume, verify
-from trainer.config import load_config
-from trainer.loop import run
+from cptrain.trainer.checkpoint import find_resume, verify
+from cptrain.trainer.config import load_config
+from cptrain.trainer.loop import run
 
 
 def _cfg(tmp_path, data, **extra):
@@ -69,7 +69,7 @@ def test_bad_data_is_refused_before_work(tmp_path, austen_data):
 def test_cli_errors_are_one_line(tmp_path, austen_data):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  max_tokns: 5\n")
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "cptrain.launch.cli", "train", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"cptrain: error: {cfg}: unknown key 'train.max_tokns'; did you mean 'train.max_tokens'?"]
 
@@ -96,9 +96,9 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, austen_data):
 def test_export_to_hf_loads_in_transformers(tmp_path, austen_data):
     from transformers import AutoModelForCausalLM
 
-    from launch.cli import main
-    from model.hf import load_weights
-    from model.llama import Llama
+    from cptrain.launch.cli import main
+    from cptrain.model.hf import load_weights
+    from cptrain.model.llama import Llama
 
     run(_cfg(tmp_path, austen_data, **{"train.max_tokens": 2048}))
     assert main(["convert", "cptrain-to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0

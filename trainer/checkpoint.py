@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from launch.errors import UserError
+from ..errors import UserError
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -204,7 +204,7 @@ def is_hf_folder(path: str | Path) -> bool:
 
 def model_config_of(path: str | Path):
     """The LlamaConfig of an HF folder, a cptrain weights/checkpoint folder, or a run directory."""
-    from model.config import LlamaConfig, from_hf_config
+    from ..model.config import LlamaConfig, from_hf_config
 
     p = Path(path)
     if is_hf_folder(p):
@@ -218,7 +218,7 @@ def model_config_of(path: str | Path):
 
 def load_full_weights(path: str | Path):
     """(LlamaConfig, full state dict) from an HF folder, any engine's checkpoint or a weights folder."""
-    from model.hf import load_hf_dir, load_weights
+    from ..model.hf import load_hf_dir, load_weights
 
     if is_hf_folder(path):
         return load_hf_dir(path)
@@ -227,19 +227,9 @@ def load_full_weights(path: str | Path):
         return load_weights(p)
     engine = read_state(p).get("engine", "local") if (p / STATE).is_file() else "local"
     if engine == "deepspeed":
-        from trainer.deepspeed_engine import consolidate
+        from .engines.deepspeed import consolidate
     elif engine == "fsdp2":
-        from trainer.fsdp_engine import consolidate
+        from .engines.fsdp import consolidate
     else:
         raise UserError(f"{p}: no model.safetensors in this checkpoint; is the folder complete?")
     return model_config_of(p), consolidate(p)
-
-
-def cli_export_hf(args) -> int:
-    from model.hf import save_hf_dir
-
-    cfg, state = load_full_weights(args.src)
-    dtype = getattr(torch, args.dtype)
-    save_hf_dir(cfg, state, Path(args.out), dtype=dtype)
-    print(f"wrote HF Llama folder {args.out} ({args.dtype}) from {args.src}")
-    return 0

@@ -18,23 +18,23 @@ from typing import Any, Literal
 
 import yaml
 
-from data_pipeline.loader import DataConfig
-from launch.errors import UserError
-from model.config import LlamaConfig, preset
-from trainer.continual import ContinualSection
-from trainer.deepspeed_engine import DeepSpeedSection
-from trainer.faults import FaultsSection
-from trainer.fsdp_engine import FSDPSection
-from trainer.schedule import ScheduleConfig
-from trainer.reweighting import ReweightingConfig
-from trainer.sparsity import SparsityConfig
+from ..data_pipeline.loader import DataConfig
+from ..errors import UserError
+from ..model.config import LlamaConfig, preset
+from .continual import ContinualSection
+from .engines.deepspeed import DeepSpeedSection
+from .faults import FaultsSection
+from .engines.fsdp import FSDPSection
+from .schedule import ScheduleConfig
+from .reweighting import ReweightingConfig
+from .sparsity import SparsityConfig
 
 _SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"  # a named shape from model.config.PRESETS; ignored when init_from gives one
+    preset: str = "tiny"  # a named shape from cptrain.model.config.PRESETS; ignored when init_from gives one
     init_from: str = ""  # HF Llama folder or cptrain checkpoint/weights folder to start from
     load: Literal["weights", "weights+optimizer", "all"] = "weights"  # what init_from restores (cptrain checkpoints)
     reset_optimizer: bool = False  # with load=weights+optimizer/all: zero the Adam moments anyway
@@ -98,8 +98,8 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # with train.engine=deepspeed (trainer/deepspeed_engine.py)
-    fsdp: FSDPSection = field(default_factory=FSDPSection)  # with train.engine=fsdp2 (trainer/fsdp_engine.py)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # with train.engine=deepspeed (trainer/engines/deepspeed.py)
+    fsdp: FSDPSection = field(default_factory=FSDPSection)  # with train.engine=fsdp2 (trainer/engines/fsdp.py)
     faults: FaultsSection = field(default_factory=FaultsSection)  # signals, NaNs, loss spikes (trainer/faults.py)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # pruning and sparse-then-dense (trainer/sparsity.py)
     reweighting: ReweightingConfig = field(default_factory=ReweightingConfig)  # loss-based sample and domain weights (trainer/reweighting.py)
@@ -108,7 +108,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- generic dataclass <- dict
 
-def _parse_int(value: Any, path: str, src: str) -> int:
+def parse_int(value: Any, path: str, src: str) -> int:
     if isinstance(value, bool):
         raise UserError(f"{src}: {path} must be an integer, got {value!r}")
     if isinstance(value, int):
@@ -152,7 +152,7 @@ def _coerce(tp: Any, value: Any, path: str, src: str) -> Any:
     if tp is Any:
         return value
     if tp is int:
-        return _parse_int(value, path, src)
+        return parse_int(value, path, src)
     if tp is float:
         if isinstance(value, str):
             try:
@@ -235,7 +235,7 @@ def _resolve_model(raw: dict, src: str) -> ModelSection:
         raw.update(raw.pop("arch") or {})
     section = from_dict(ModelSection, {k: raw.pop(k) for k in ("preset", "init_from", "load", "reset_optimizer") if k in raw}, "model", src)
     if section.init_from:
-        from trainer.checkpoint import model_config_of
+        from .checkpoint import model_config_of
 
         base = model_config_of(section.init_from)
         shape_keys = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings"}

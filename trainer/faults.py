@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from launch.errors import UserError
+from ..errors import UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # Ctrl-C under torchrun reaches a worker twice within milliseconds (from the terminal, then forwarded

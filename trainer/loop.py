@@ -16,20 +16,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.loader import build_train_loader, build_val_loaders, validate_data
-from launch.errors import UserError
-from model.config import flops_per_token, param_counts
-from model.llama import Llama
-from trainer import checkpoint as ckpt
-from trainer import continual
-from trainer.config import TrainConfig, load_config, save_config
-from trainer.engine import DistContext, LocalEngine, autocast_for, init_distributed
-from trainer.faults import FaultMonitor, GracefulStop
-from trainer.reweighting import Reweighter
-from trainer.loss import lm_loss, token_losses
-from trainer.metrics import MetricsLogger, Throughput, device_peak_tflops, truncate_after
-from trainer.schedule import build_schedule
-from trainer.sparsity import Pruner, WithMasks
+from ..data_pipeline.loader import build_train_loader, build_val_loaders, validate_data
+from ..errors import UserError
+from ..model.config import flops_per_token, param_counts
+from ..model.llama import Llama
+from . import checkpoint as ckpt
+from . import continual
+from .config import TrainConfig, save_config
+from .engines import build_engine
+from .engines.base import DistContext, autocast_for, init_distributed
+from .faults import FaultMonitor, GracefulStop
+from .reweighting import Reweighter
+from .loss import lm_loss, token_losses
+from .metrics import MetricsLogger, Throughput, device_peak_tflops, truncate_after
+from .schedule import build_schedule
+from .sparsity import Pruner, WithMasks
+from .start import StartPlan, decide_on_rank0, plan_start
 
 
 @dataclass
@@ -42,18 +44,6 @@ class Progress:
     schedule: dict = field(default_factory=dict)
     faults: dict = field(default_factory=dict)
     reweighting: dict = field(default_factory=dict)
-
-
-def build_engine(cfg: TrainConfig, model: Llama, ctx: DistContext, initial_state: dict | None):
-    if cfg.train.engine == "deepspeed":
-        from trainer.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, cfg, ctx, initial_state)
-    if cfg.train.engine == "fsdp2":
-        from trainer.fsdp_engine import FSDPEngine
-
-        return FSDPEngine(model, cfg, ctx, initial_state)
-    return LocalEngine(model, cfg, ctx, initial_state)
 
 
 def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
@@ -69,23 +59,6 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
-
-
-# Model fields that may differ between a checkpoint and the run that loads it.
-_RUNTIME_FIELDS = {"attention", "doc_masking", "max_seq_len", "init_std"}
-
-
-def _check_shape(folder: Path, cfg: TrainConfig) -> None:
-    saved, now = dataclasses.asdict(ckpt.model_config_of(folder)), dataclasses.asdict(cfg.model.arch)
-    diff = [k for k in saved if k not in _RUNTIME_FIELDS and saved[k] != now.get(k)]
-    if diff:
-        raise UserError(f"{folder}: checkpoint model differs from the config in {', '.join(diff)}; "
-                        f"resume with the run's own config ({folder / 'config.yaml'}) or use a new run_dir")
-
-
-def _initial_state(cfg: TrainConfig) -> dict | None:
-    """Full weights to start from (HF folder or cptrain checkpoint), or None for a fresh init."""
-    return ckpt.load_full_weights(cfg.model.init_from)[1] if cfg.model.init_from else None
 
 
 def evaluate(engine, val_loaders: dict, ctx: DistContext, cfg: TrainConfig) -> dict:
@@ -117,18 +90,17 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, stop: GracefulStop | None = None):
         self.cfg = cfg
-        self.stop = stop or GracefulStop()  # installed by main()/run(); a bare one is never signalled
+        self.stop = stop or GracefulStop()  # installed by run(); a bare one is never signalled
         self.ctx = init_distributed(cfg.train.device)
         self.run_dir = Path(cfg.run_dir)
         arch = cfg.model.arch
         self.manifest = validate_data(cfg.data, arch.vocab_size)  # before any expensive work
         self.accum = grad_accumulation(cfg, self.ctx.world_size)
         self.total_steps = cfg.train.max_tokens // cfg.train.global_batch_tokens
-        resume_from = ckpt.find_resume(self.run_dir, log=self._say) if resume else None
-        if resume and resume_from is None:
-            self._say(f"no complete checkpoint in {self.run_dir}; starting from the beginning")
-        if resume_from is not None:
-            _check_shape(resume_from, cfg)
+        self.plan = decide_on_rank0(lambda: plan_start(cfg, resume, say=self._say))
+        for line in self.plan.skipped:
+            self._say(line)
+        self._say(self.plan.describe())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.ctx.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -136,18 +108,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         with torch.device("meta"):
             model = Llama(arch)
-        self.engine = build_engine(cfg, model, self.ctx, None if resume_from else _initial_state(cfg))
-        self.progress = Progress()
-        if resume_from is not None:
-            self.engine.load(resume_from, optimizer=True)
-            self.progress = Progress(**ckpt.read_state(resume_from)["progress"])
-            ckpt.restore_rng(resume_from, self.ctx.rank)
-            self._say(f"resumed from {resume_from} at step {self.progress.step} ({self.progress.tokens:,} tokens)")
-        elif cfg.model.init_from:
-            self._continue_from(Path(cfg.model.init_from))
+        initial = ckpt.load_full_weights(self.plan.source)[1] if self.plan.initial_weights else None
+        self.engine = build_engine(cfg, model, self.ctx, initial)
+        self.progress = self._restore(self.plan)
         self.pruner = Pruner(cfg.sparsity, cfg.train.max_tokens, param_counts(arch)[0], self.engine, self._say)
-        if resume_from is not None or cfg.model.init_from:  # masks of a sparse checkpoint (kept or, if disabled, dropped)
-            self.pruner.load(resume_from or ckpt.resolve_checkpoint(cfg.model.init_from), resume=resume_from is not None)
+        if self.plan.masks:  # masks of a sparse checkpoint (kept or, if sparsity is disabled, dropped)
+            self.pruner.load(Path(self.plan.source), resume=self.plan.counters)
 
         self.faults = FaultMonitor(cfg.faults, self.progress.faults)
         self.schedule = build_schedule(cfg.schedule, cfg.train.max_tokens, cfg.train.global_batch_tokens)
@@ -170,24 +136,18 @@ class Trainer:
         if self.ctx.is_main:
             print(text, flush=True)
 
-    def _continue_from(self, src: Path) -> None:
-        """Continual pretraining from a cptrain checkpoint, restoring what `model.load` asks for."""
-        folder = ckpt.resolve_checkpoint(src)
-        if not (folder / ckpt.STATE).is_file():  # an HF or weights-only folder
-            if self.cfg.model.load != "weights":
-                raise UserError(f"{src}: holds weights only, so model.load={self.cfg.model.load} cannot be restored; "
-                                "set model.load=weights or start from a cptrain checkpoint")
-            return
-        saved = Progress(**ckpt.read_state(folder)["progress"])
-        self.progress.last_lr = saved.last_lr  # where a `rewarm_from: checkpoint` schedule starts, whatever is loaded
-        if self.cfg.model.load == "weights":
-            return
-        with_optimizer = not self.cfg.model.reset_optimizer
-        self.engine.load(folder, optimizer=with_optimizer)
-        if self.cfg.model.load == "all":
-            self.progress.data = saved.data
-        self._say(f"continuing from {folder}: weights{' + optimizer' if with_optimizer else ''}"
-                  f"{' + data position' if self.cfg.model.load == 'all' else ''}")
+    def _restore(self, plan: StartPlan) -> Progress:
+        """Engine state, counters and RNG as the plan says; the Progress the run continues from."""
+        source = Path(plan.source)
+        if plan.engine_state:
+            self.engine.load(source, optimizer=plan.optimizer)
+        if plan.counters:
+            ckpt.restore_rng(source, self.ctx.rank)
+            return Progress(**ckpt.read_state(source)["progress"])
+        progress = Progress(last_lr=plan.last_lr or 0.0)  # where a `rewarm_from: checkpoint` schedule starts
+        if plan.data_position:
+            progress.data = ckpt.read_state(source)["progress"]["data"]
+        return progress
 
     def _write_run_info(self) -> None:
         total, non_emb = param_counts(self.cfg.model.arch)
@@ -325,15 +285,6 @@ class Trainer:
         if self.ctx.is_main and p.step == self.total_steps:
             continual.at_end_of_run(cfg, self.run_dir, self._say)  # the forgetting report
         return rows
-
-
-def main(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    with GracefulStop() as stop:
-        Trainer(cfg, resume=args.resume, stop=stop).train()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
 
 
 def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launch.errors import UserError
+from ..errors import UserError
 
 STRATEGIES = ("linupper", "quadratic", "extremes")
 
@@ -104,7 +104,7 @@ def global_losses(local: torch.Tensor) -> torch.Tensor:
 def attach_sample_weights(engine, batches: list[dict], cfg: InstanceSection, chunk_tokens: int, autocast) -> dict:
     """Sets batch['sample_weight'] ([B] multipliers, mean 1 over the global batch: what lm_loss
     scales each sample's loss by) on this rank's micro-batches of a step; returns stats to log."""
-    from trainer.loss import token_losses
+    from .loss import token_losses
 
     with torch.no_grad(), autocast():
         local = torch.stack([token_losses(engine.model, b, chunk_tokens).mean(dim=1) for b in batches])  # [A, B]

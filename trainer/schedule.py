@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional, get_args
 
-from launch.errors import UserError
+from ..errors import UserError
 
 Shape = Literal["constant", "linear", "cosine", "1-sqrt", "exponential", "inv-sqrt", "power"]
 DecayShape = Literal["linear", "cosine", "1-sqrt", "exponential"]
@@ -405,17 +405,3 @@ def anneal_branch(cfg: ScheduleConfig, at_tokens: int, anneal_tokens: int, shape
             phases.append(PhaseConfig(s.shape, length_tokens=min(s.t1, at_tokens) - s.t0, end=s.lr1 / cfg.lr, name=s.name))
     phases.append(PhaseConfig(shape, length_tokens=anneal_tokens, end=cfg.min_lr_ratio, name="anneal"))
     return replace(cfg, kind="phases", phases=phases)
-
-
-def cli_plot(args) -> int:
-    """`cptrain schedule plot CONFIG.yaml --out FILE.png`."""
-    from trainer.config import load_config
-    from trainer.report import plot_schedule
-
-    cfg = load_config(args.config, getattr(args, "overrides", None) or [])
-    schedule = build_schedule(cfg.schedule, cfg.train.max_tokens, cfg.train.global_batch_tokens)
-    path = plot_schedule(schedule, args.out)
-    for name, t0, t1, lr0, lr1 in schedule.describe():
-        print(f"{name:<20} tokens {t0:>14,} -> {t1:>14,}   lr {lr0:.3g} -> {lr1:.3g}")
-    print(f"wrote {path}")
-    return 0

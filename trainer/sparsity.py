@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from launch.errors import UserError
+from ..errors import UserError
 
 # Parameter names (of the unwrapped Llama) for each choice in `sparsity.params`. Norms are never pruned.
 PARAM_PATTERNS = {

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from scipy.signal import lfilter
 
-from launch.errors import UserError
-from trainer.scaling.laws import batched_lbfgs, huber, polish
+from ....errors import UserError
+from .laws import batched_lbfgs, huber, polish
 
 TISSUE_DECAY = 0.999  # Tissue et al. 2024, the momentum factor lambda of S2
 MPL_NAMES = ("L0", "A", "alpha", "B", "C", "beta", "gamma")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.errors import UserError
-from trainer.scaling.curves import Curve
+from ....errors import UserError
+from .curves import Curve
 
 FINAL_WINDOW = 5
 # The parameter count each law uses from RUN/run_info.json (Kaplan et al. count non-embedding

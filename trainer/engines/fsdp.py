@@ -20,9 +20,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from launch.errors import UserError
-from trainer.engine import (DistContext, LossFn, build_optimizer, clip_and_step, full_initial_state, param_groups,
-                            uses_bf16, wrap_blocks)
+from ...errors import UserError
+from .base import (DistContext, LossFn, build_optimizer, clip_and_step, full_initial_state, param_groups,
+                   uses_bf16, wrap_blocks)
 
 DCP_DIR = "dcp"  # the checkpoint's subfolder
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launch.errors import UserError
-from trainer.scaling import curves as C
-from trainer.scaling import inputs as I
-from trainer.scaling import laws as L
+from ....errors import UserError
+from . import curves as C
+from . import inputs as I
+from . import laws as L
 
 COMPUTE_TABLE = [1e18, 1e19, 1e20, 1e21, 1e22, 1e23, 1e24]
 
@@ -73,7 +73,7 @@ def _fit_points(args, out: Path) -> dict:
         thetas = L.bootstrap(law, train.n, train.d, train.loss, fit, args.bootstrap, args.seed)
         res["ci"] = _ci(law, thetas)
         res["bootstrap"] = {"k": args.bootstrap, "seed": args.seed, "thetas": thetas.tolist()}
-    from trainer.scaling import plots
+    from . import plots
     plots.plot_points(law, fit.theta, pts, held, out)
     return res
 
@@ -85,7 +85,7 @@ def _fit_curves(args, out: Path) -> dict:
     t0 = time.perf_counter()
     cf = C.fit_curves(args.law, curves)
     metrics = {c.name: C.curve_metrics(C.predict_curve(cf.law, cf.params, c, c.steps), c.loss) for c in curves}
-    from trainer.scaling import plots
+    from . import plots
     plots.plot_curves(cf.law, cf.params, curves, out / "curves.png")
     return {"law": cf.law, "params": cf.params, "objective": cf.objective,
             "objective_kind": f"sum of Huber(delta={L.HUBER_DELTA}) of log-loss residuals",
@@ -163,7 +163,7 @@ def _predict_curve(res: dict, args) -> int:
     if len(sched.steps):
         m = C.curve_metrics(C.predict_curve(res["law"], res["params"], sched, sched.steps), sched.loss)
         print("against the logged losses: " + ", ".join(f"{k} {v:.5g}" for k, v in m.items()))
-    from trainer.scaling import plots
+    from . import plots
     plots.plot_curves(res["law"], res["params"], [sched], Path(args.out).with_suffix(".png"))
     return 0
 

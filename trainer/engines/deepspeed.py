@@ -24,8 +24,9 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from launch.errors import UserError
-from trainer.engine import DistContext, LossFn, full_initial_state, param_groups, uses_bf16, wrap_blocks
+from ...errors import UserError
+from .base import (DistContext, LossFn, build_optimizer, full_initial_state, param_groups, uses_bf16,
+                   wrap_blocks)
 
 TAG = "deepspeed"  # the checkpoint's subfolder (DeepSpeed's "tag")
 
@@ -131,8 +132,6 @@ class DeepSpeedEngine:
         groups = param_groups(module, cfg.optim.weight_decay)
         client = None
         if not _use_ds_optimizer(cfg, ctx.device):
-            from trainer.engine import build_optimizer
-
             client = build_optimizer(groups, cfg.optim, ctx.device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, model_parameters=groups,
                                                                 config=conf)
@@ -222,7 +221,7 @@ def _build_zero3(arch, conf: dict, full: dict | None):
     a time."""
     import deepspeed
 
-    from model.llama import Llama
+    from ...model.llama import Llama
 
     with torch.random.fork_rng(), deepspeed.zero.Init(config_dict_or_path=conf):
         module = Llama(arch)

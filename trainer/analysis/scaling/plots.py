@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-from trainer.scaling import curves as C
-from trainer.scaling import laws as L
+from . import curves as C
+from . import laws as L
 
 
 def plot_points(law: L.Law, theta: np.ndarray, pts, held: np.ndarray, out: Path) -> None:

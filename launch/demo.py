@@ -3,7 +3,7 @@
 Trains a sentencepiece tokenizer on Jane Austen, writes MDS shards, pretrains a tiny Llama and
 shows the loss falling; writes a checkpoint, metrics.jsonl and a loss plot under --out. Then
 continues it on Spanish (the shifted domain, English tokenizer) with a rewarm and 10% English
-replay, and prints the forgetting report (configs/demo_continual.yaml, trainer/continual.py).
+replay, and prints the forgetting report (trainer/configs/demo_continual.yaml, trainer/continual.py).
 """
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from launch.cli import main as cli
-from trainer.config import load_config
-from trainer.loop import run
-from trainer.report import plot_loss
+from .cli import main as cli
+from ..trainer.config import load_config
+from ..trainer.loop import run
+from ..trainer.analysis.report import plot_loss
 
-CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
-CONTINUAL_CONFIG = Path(__file__).parent / "configs" / "demo_continual.yaml"
+CONFIGS = Path(str(resources.files("cptrain.trainer") / "configs"))
+CONFIG, CONTINUAL_CONFIG = CONFIGS / "demo.yaml", CONFIGS / "demo_continual.yaml"
 
 
 def corpus(name: str) -> Path:
-    return Path(str(resources.files("data_pipeline") / "demo" / name))
+    return Path(str(resources.files("cptrain.data_pipeline") / "demo" / name))
 
 
 def prepare(out: Path, name: str, text: str, tokenizer: list[str]) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from launch.errors import UserError
+from ....errors import UserError
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, Sec. D.2
 

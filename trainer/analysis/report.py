@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on headless nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
-from launch.errors import UserError  # noqa: E402
+from ...errors import UserError  # noqa: E402
 
 VAL_PREFIX, TRAIN_PREFIX = "val/", "train/"
 

@@ -1,0 +1,99 @@
+"""The bodies of the `cptrain` commands that join several layers (train, anneal, forgetting,
+schedule plot, convert). Each reads its arguments, calls the owners' functions and prints what was
+done; none holds logic of its own. Commands with one owner dispatch to it directly (launch/cli.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..trainer.config import load_config, parse_int
+
+
+def train(args) -> int:
+    """`cptrain train CONFIG [--resume] [overrides]`."""
+    import torch.distributed as dist
+
+    from ..trainer.loop import run
+
+    run(load_config(args.config, args.overrides), resume=args.resume)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def anneal(args) -> int:
+    """`cptrain anneal RUN_DIR --tokens N [--checkpoint step-X] [--shape S] --out BRANCH [overrides]`."""
+    from ..trainer.branch import BRANCH_FILE, prepare_branch
+    from ..trainer.loop import run
+
+    tokens = parse_int(args.tokens, "--tokens", "cptrain anneal")
+    cfg = prepare_branch(args.run_dir, args.out, tokens, args.shape, args.checkpoint, args.overrides)
+    info = json.loads((Path(args.out) / BRANCH_FILE).read_text())
+    print(f"anneal branch of {info['parent_run']} at {info['parent_checkpoint']} ({info['at_tokens']:,} tokens, "
+          f"lr {info['parent_lr']:.4g}): {args.shape} to {cfg.schedule.min_lr_ratio * cfg.schedule.lr:.4g} over "
+          f"{tokens:,} tokens in {args.out}")
+    if args.no_train:
+        print(f"wrote {Path(args.out) / 'config.yaml'}; train it with `cptrain train {Path(args.out) / 'config.yaml'} --resume` "
+              "(or under `cptrain launch`)")
+        return 0
+    run(cfg, resume=True)
+    return 0
+
+
+def forgetting(args) -> int:
+    """`cptrain forgetting RUN_DIR [--old A,B] [--new C]`: the report for any finished run."""
+    from ..trainer.analysis.forgetting import format_forgetting, write_forgetting
+    from ..trainer.continual import split_domains
+
+    run_dir = Path(args.run_dir)
+    old, new = split_domains(load_config(run_dir / "config.yaml"))
+    old = args.old.split(",") if args.old else old
+    new = args.new.split(",") if args.new else new
+    rep = write_forgetting(run_dir, old, new)
+    print(format_forgetting(rep, str(run_dir)), end="")
+    print(f"wrote {run_dir / 'forgetting.md'}, .json and .png")
+    return 0
+
+
+def schedule_plot(args) -> int:
+    """`cptrain schedule plot CONFIG.yaml --out FILE.png`."""
+    from ..trainer.analysis.report import plot_schedule
+    from ..trainer.schedule import build_schedule
+
+    cfg = load_config(args.config, getattr(args, "overrides", None) or [])
+    schedule = build_schedule(cfg.schedule, cfg.train.max_tokens, cfg.train.global_batch_tokens)
+    path = plot_schedule(schedule, args.out)
+    for name, t0, t1, lr0, lr1 in schedule.describe():
+        print(f"{name:<20} tokens {t0:>14,} -> {t1:>14,}   lr {lr0:.3g} -> {lr1:.3g}")
+    print(f"wrote {path}")
+    return 0
+
+
+def hf_to_cptrain(args) -> int:
+    """`cptrain convert hf-to-cptrain SRC OUT`: an HF folder -> our weights + its tokenizer files."""
+    from ..model.hf import TOKENIZER_FILES, WEIGHTS_FILE, CONFIG_FILE, load_hf_dir, save_weights
+
+    src, out = Path(args.src), Path(args.out)
+    cfg, sd = load_hf_dir(src)
+    save_weights(out, cfg, sd)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, out / name)
+    n_params = sum(t.numel() for t in sd.values())
+    print(f"wrote {out / WEIGHTS_FILE} and {CONFIG_FILE} ({n_params / 1e6:.1f}M parameters, "
+          f"{next(iter(sd.values())).dtype}) from {src}; tokenizer files: {', '.join(copied) or 'none found'}")
+    return 0
+
+
+def cptrain_to_hf(args) -> int:
+    """`cptrain convert cptrain-to-hf CKPT OUT [--dtype D]`: any engine's checkpoint -> an HF folder."""
+    from ..model.hf import save_hf_dir
+    from ..trainer.checkpoint import load_full_weights
+
+    cfg, state = load_full_weights(args.src)
+    save_hf_dir(cfg, state, Path(args.out), dtype=getattr(torch, args.dtype))
+    print(f"wrote HF folder {args.out} ({args.dtype}) from {args.src}")
+    return 0

@@ -1,0 +1,109 @@
+"""The distribution is one import package, `cptrain`, whose modules import each other bottom-up only:
+no circles, model and data know nothing of training, the loop nothing of the commands, analysis
+nothing of the engines. The import graph is read from the source (every import, also the ones inside
+functions), so a lazy import cannot hide a circle."""
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FOLDERS = ("model", "data_pipeline", "trainer", "launch")
+
+
+def _modules() -> dict[str, Path]:
+    """cptrain module name -> file, for the root package and every folder it maps."""
+    out = {"cptrain": REPO / "__init__.py", "cptrain.errors": REPO / "errors.py"}
+    for folder in FOLDERS:
+        for f in (REPO / folder).rglob("*.py"):
+            parts = f.relative_to(REPO).with_suffix("").parts
+            name = ".".join(("cptrain",) + (parts[:-1] if parts[-1] == "__init__" else parts))
+            out[name] = f
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict) -> set[str]:
+    """The cptrain modules that module `name` (file `path`) imports, anywhere in the file."""
+    package = name if path.name == "__init__.py" or name == "cptrain" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: `from ..model import x` inside cptrain.trainer
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        for n in names:
+            while n and n not in modules:
+                n = n.rpartition(".")[0]
+            if n.startswith("cptrain.") or n == "cptrain":
+                found.add(n)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        deps = _imports(name, path, modules) - {name}
+        # A package's __init__ is imported with each of its modules: only a real edge counts.
+        graph[name] = {d for d in deps if not name.startswith(d + ".")}
+    return graph
+
+
+def test_pyproject_lists_every_package():
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {"cptrain"} | {"cptrain." + ".".join(p.parent.relative_to(REPO).parts)
+                             for folder in FOLDERS for p in (REPO / folder).rglob("__init__.py")}
+    assert listed == on_disk
+
+
+def test_no_import_circles():
+    graph = _graph()
+    assert sum(map(len, graph.values())) > 100  # the imports were read
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_layers_read_bottom_up():
+    graph = _graph()
+
+    def reach(prefix: str) -> dict[str, set[str]]:
+        return {m: deps for m, deps in graph.items() if m == prefix or m.startswith(prefix + ".")}
+
+    for low in ("cptrain.model", "cptrain.data_pipeline"):
+        for m, deps in reach(low).items():
+            bad = {d for d in deps if d.startswith(("cptrain.trainer", "cptrain.launch"))}
+            assert not bad, f"{m} imports {bad}: model and data know nothing of training or commands"
+    for m, deps in reach("cptrain.trainer").items():
+        bad = {d for d in deps if d.startswith("cptrain.launch")}
+        assert not bad, f"{m} imports {bad}: the trainer knows nothing of the commands that call it"
+    for m, deps in reach("cptrain.trainer.analysis").items():
+        bad = {d for d in deps if d.startswith(("cptrain.trainer.engines", "cptrain.trainer.loop"))}
+        assert not bad, f"{m} imports {bad}: analysis reads run directories and imports no engine"
+
+
+def test_installed_package_outside_the_checkout(tmp_path):
+    code = ("import importlib.util, cptrain.trainer.loop, cptrain.launch.cli; "
+            "print(all(importlib.util.find_spec(n) is None for n in ('model', 'trainer', 'launch', 'data_pipeline')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+    for cmd in ([sys.executable, "-m", "cptrain.launch.cli", "--help"], [str(Path(sys.executable).with_name("cptrain")), "--help"]):
+        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0 and "continual pretraining" in r.stdout, r.stderr
