@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "train", "cptrain.launch.commands:train", "Train from a YAML config, in this process or under a launcher.")
     p.add_argument("config", help="YAML config")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest good checkpoint")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the run directory's latest good checkpoint")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start anew in a run directory that holds a run, moving the old run aside (never deleted)")
 
     p = _add(sub, "launch", "cptrain.launch.launchers:main", "Print and run (or, for slurm, write) the real launcher command.")
     p.add_argument("--launcher", choices=["deepspeed", "torchrun", "slurm"], required=True)
@@ -66,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-addr", default=None, help="address of node 0")
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--no-ssh", action="store_true", help="deepspeed: start each node separately (with --node-rank)")
-    p.add_argument("--resume", action="store_true", help="pass --resume to `cptrain train`")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="pass --resume to `cptrain train`")
+    mode.add_argument("--overwrite", action="store_true", help="pass --overwrite to `cptrain train`")
     p.add_argument("--slurm-backend", choices=["deepspeed", "torchrun"], default="torchrun",
                    help="the per-node launcher inside the sbatch script")
     p.add_argument("--slurm-out", default=None, help="where to write the sbatch script (default RUN_DIR/launch.sbatch)")

@@ -13,12 +13,12 @@ from ..trainer.config import load_config, parse_int
 
 
 def train(args) -> int:
-    """`cptrain train CONFIG [--resume] [overrides]`."""
+    """`cptrain train CONFIG [--resume | --overwrite] [overrides]`."""
     import torch.distributed as dist
 
     from ..trainer.loop import run
 
-    run(load_config(args.config, args.overrides), resume=args.resume)
+    run(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -39,7 +39,7 @@ def main(args) -> int:
     if args.steps:
         overrides.append(f"--train.max_tokens={args.steps * 8192}")
     cfg = load_config(CONFIG, overrides)
-    rows = run(cfg)
+    rows = run(cfg, overwrite=True)  # a second demo moves the first one's runs aside
     losses = [r["loss"] for r in rows if "loss" in r]
     run_dir = Path(cfg.run_dir)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -60,4 +60,4 @@ def continue_on_spanish(out: Path, english: Path, pretrained: Path, steps: int |
                  f"--data.domains=[{{name: spanish, path: {spanish}}}]", f"--data.replay=[{{name: english, path: {english}}}]"]
     if steps:
         overrides.append(f"--train.max_tokens={steps * 8192}")
-    run(load_config(CONTINUAL_CONFIG, overrides))
+    run(load_config(CONTINUAL_CONFIG, overrides), overwrite=True)

@@ -1,7 +1,7 @@
 """`cptrain launch`: build the real deepspeed / torchrun command for `cptrain train`, print it, run it;
 or write a Slurm batch script that does so on every node and survives pre-emption.
 
-Every process a launcher starts runs `python -m cptrain.launch.cli train CONFIG [--resume] [overrides]`;
+Every process a launcher starts runs `python -m cptrain.launch.cli train CONFIG [--resume | --overwrite] [overrides]`;
 the trainer reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ def _tool(name: str) -> str:
     return str(local) if local.is_file() else name
 
 
-def train_entry(config: str, overrides: list[str], resume: bool) -> list[str]:
-    return ["-m", "cptrain.launch.cli", "train", config, *(["--resume"] if resume else []), *overrides]
+def train_entry(config: str, overrides: list[str], resume: bool, overwrite: bool = False) -> list[str]:
+    flags = ["--resume"] * resume + ["--overwrite"] * overwrite
+    return ["-m", "cptrain.launch.cli", "train", config, *flags, *overrides]
 
 
 def gpus_per_node(args) -> int:
@@ -155,7 +156,7 @@ def main(args) -> int:
         out.write_text(slurm_script(args, args.config, args.overrides, run_dir))
         print(f"wrote {out}; submit it with: sbatch {shlex.quote(str(out))}")
         return 0
-    entry = train_entry(args.config, args.overrides, args.resume)
+    entry = train_entry(args.config, args.overrides, args.resume, args.overwrite)
     build = deepspeed_command if args.launcher == "deepspeed" else torchrun_command
     cmd = build(args, entry, run_dir)
     print(shlex.join(cmd), flush=True)

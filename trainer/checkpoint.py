@@ -1,10 +1,15 @@
 """Checkpoint directories that are either complete or invisible.
 
-A checkpoint is written into `checkpoints/.tmp-<name>/` by every rank, then rank 0 writes a
-manifest of file sizes and xxh3 checksums, fsyncs, renames the folder to `checkpoints/<name>/` and
-only then moves `checkpoints/latest`. A crash at any moment leaves the previous checkpoint and
-`latest` intact. Resume takes the newest checkpoint whose manifest verifies and says which it
-skipped and why.
+A checkpoint is written into `checkpoints/.tmp-<name>/` by every rank, each rank hashing (xxh3) and
+fsyncing the files it wrote itself, so the cost does not grow with the world size. Rank 0 then writes
+the manifest of every file's size and hash (hashing only what no rank claimed), renames the folder
+to `checkpoints/<name>/` and only then moves `checkpoints/latest`. A crash at any moment leaves the
+previous checkpoint and `latest` intact. With `checkpoint.async` the engine's large files are
+written by a background thread and the checkpoint is published at the first step boundary after
+every rank has finished: invisible until complete, as a synchronous one.
+
+Resume takes `latest` when it verifies, else the newest checkpoint that does, and says which it
+skipped and why; rank 0 lists the candidates and every rank verifies a share of each one's files.
 """
 from __future__ import annotations
 
@@ -12,22 +17,19 @@ import json
 import os
 import random
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import xxhash
 
 from ..errors import UserError
+from . import collectives as cc
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+LATEST = "latest"
 
 
 def _file_hash(path: Path) -> str:
@@ -55,39 +57,64 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _digests(folder: Path, files: list[Path]) -> dict:
+    """{path relative to folder: {size, xxh3}} of `files`, each fsynced: a manifest's entries."""
+    out = {}
+    for p in files:
+        out[str(Path(p).relative_to(folder))] = {"size": Path(p).stat().st_size, "xxh3": _file_hash(Path(p))}
+        _fsync(Path(p))
+    return out
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path) -> None:
-    entries = {}
-    for p in _files(folder):
-        entries[str(p.relative_to(folder))] = {"size": p.stat().st_size, "xxh3": _file_hash(p)}
-        _fsync(p)
-    _atomic_write(folder / MANIFEST, json.dumps({"files": entries}, indent=1))
+def _share(entries: dict, world: int, rank: int) -> list[str]:
+    """This rank's part of a manifest's files, balanced by bytes (largest first to the least loaded
+    rank): the same split on every rank, whatever the world size that wrote the checkpoint."""
+    load, mine = [0] * world, []
+    for rel in sorted(entries, key=lambda r: (-int(entries[r]["size"]), r)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += int(entries[rel]["size"])
+        if r == rank:
+            mine.append(rel)
+    return mine
 
 
-def verify(folder: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason it is not."""
+def _read_manifest(folder: Path) -> tuple[dict, str | None]:
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        return "no manifest (incomplete write)"
+        return {}, "no manifest (incomplete write)"
     try:
         entries = json.loads(manifest.read_text())["files"]
-        checks = [(str(rel), int(meta["size"]), str(meta["xxh3"])) for rel, meta in entries.items()]
+        entries = {str(rel): {"size": int(m["size"]), "xxh3": str(m["xxh3"])} for rel, m in entries.items()}
     except (ValueError, KeyError, TypeError, AttributeError):  # a damaged manifest, whatever the damage
-        return "manifest unreadable"
-    if not checks:
-        return "manifest lists no files"
-    for rel, size, digest in checks:
-        p = folder / rel
+        return {}, "manifest unreadable"
+    return entries, None if entries else "manifest lists no files"
+
+
+def _check(folder: Path, entries: dict, names: list[str]) -> str | None:
+    for rel in names:
+        p, size = folder / rel, entries[rel]["size"]
         if not p.is_file():
             return f"{rel} missing"
         if p.stat().st_size != size:
             return f"{rel} has {p.stat().st_size} bytes, manifest says {size} (truncated?)"
-        if _file_hash(p) != digest:
+        if _file_hash(p) != entries[rel]["xxh3"]:
             return f"{rel} checksum mismatch (corrupted)"
     return None
+
+
+def verify(folder: Path, split: bool = False) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it is not. split=True is
+    collective: each rank checks its share of the files and every rank gets the same answer."""
+    entries, reason = _read_manifest(folder)
+    if not split:
+        return reason or _check(folder, entries, sorted(entries))
+    if reason is None:
+        reason = _check(folder, entries, _share(entries, cc.world_size(), cc.rank()))
+    return next((r for r in cc.all_gather_objects(reason) if r), None)
 
 
 def _step_of(folder: Path) -> int:
@@ -104,17 +131,27 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _step_of(p) >= 0), key=_step_of, reverse=True)
 
 
+def candidates(root: Path) -> list[Path]:
+    """The checkpoints a resume tries, in order: the one `latest` names, then the others newest first."""
+    found = list_checkpoints(root)
+    named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else ""
+    first = [c for c in found if c.name == named]
+    return first + [c for c in found if c.name != named]
+
+
 def find_resume(run_dir: Path, log=print) -> Path | None:
-    """The newest checkpoint of the run that verifies; reports the ones skipped."""
-    for ckpt in list_checkpoints(Path(run_dir) / "checkpoints"):
-        reason = verify(ckpt)
+    """The checkpoint a resume continues from, reporting the ones skipped. Collective: rank 0 lists
+    the candidates, every rank verifies a share of each, and all take the same one."""
+    root = Path(run_dir) / "checkpoints"
+    for name in cc.on_rank0(lambda: [c.name for c in candidates(root)]):
+        reason = verify(root / name, split=True)
         if reason is None:
-            return ckpt
-        log(f"skipping checkpoint {ckpt}: {reason}")
+            return root / name
+        log(f"skipping checkpoint {root / name}: {reason}")
     return None
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -144,53 +181,105 @@ def _prune(root: Path, keep_last: int, fresh: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, state: dict, config_text: str, model_cfg_json: str,
-                    rank: int, keep_last: int, before_publish=None) -> Path:
-    """Collective: every rank calls it. Returns the final folder. `before_publish` (a debugging
-    hook, faults.debug_checkpoint_delay_s) runs on rank 0 between writing the files and the rename."""
-    root = Path(run_dir) / "checkpoints"
-    name = f"step-{step:08d}"
-    tmp, final = root / f".tmp-{name}", root / name
-    if rank == 0:
-        for stale in root.glob(".tmp-*") if root.is_dir() else ():  # left by a killed save; never visible
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    engine.save(tmp)
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
-    _barrier()
-    if rank == 0:
-        (tmp / STATE).write_text(json.dumps(state, indent=1))
-        (tmp / "config.yaml").write_text(config_text)
-        (tmp / "model_config.json").write_text(model_cfg_json)
-        if before_publish is not None:
-            before_publish()
-        write_manifest(tmp)
-        replaced = root / f".tmp-replaced-{name}"
-        if final.exists():  # the same step saved again: hide the old one first, so a crash leaves a good one
-            final.rename(replaced)
-        tmp.rename(final)
-        shutil.rmtree(replaced, ignore_errors=True)
-        _fsync(root)
-        _atomic_write(root / "latest", name + "\n")
-        _prune(root, keep_last, final)
-    _barrier()
-    return final
+class Checkpointer:
+    """Writes one run's checkpoints. Collective: every rank calls every method at the same point of
+    the loop. `engine.save(dir)` returns the files this rank wrote; with async_save,
+    `engine.save_async(dir)` takes the snapshot and returns a function that finishes writing it,
+    which a background thread runs. `before_publish` (faults.debug_checkpoint_delay_s) runs on rank 0
+    between the files being written and the rename."""
+
+    def __init__(self, run_dir: Path, keep_last: int, async_save: bool, device: torch.device, before_publish=None):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last, self.device, self.before_publish = keep_last, device, before_publish
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if async_save else None
+        self._pending: tuple[Path, Path, Future] | None = None  # (tmp folder, final folder, this rank's digests)
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def save(self, step: int, engine, state: dict, texts: dict[str, str]) -> Path | None:
+        """Write checkpoint `step`; returns its folder once published (None while an async save runs).
+        `texts`: file name -> content, written by rank 0 (config.yaml, model_config.json)."""
+        self.wait()  # one checkpoint in flight at a time
+        name = f"step-{step:08d}"
+        tmp = self.root / f".tmp-{name}"
+        if cc.rank() == 0:
+            for stale in self.root.glob(".tmp-*") if self.root.is_dir() else ():  # left by a killed save; never visible
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        cc.barrier()
+        small = [tmp / f"rng-rank{cc.rank()}.pt"]
+        torch.save(rng_state(), small[0])
+        if cc.rank() == 0:
+            for fname, text in {STATE: json.dumps(state, indent=1), **texts}.items():
+                (tmp / fname).write_text(text)
+                small.append(tmp / fname)
+        if self._pool is not None:
+            finish = engine.save_async(tmp)
+            future = self._pool.submit(lambda: _digests(tmp, finish() + small))
+        else:
+            future = Future()
+            future.set_result(_digests(tmp, engine.save(tmp) + small))
+        self._pending = (tmp, self.root / name, future)
+        return None if self._pool is not None else self._publish()
+
+    def poll(self) -> Path | None:
+        """Publish the checkpoint being written if every rank has finished it; its folder, or None."""
+        if self._pending is None:
+            return None
+        done = torch.tensor([float(self._pending[2].done())], device=self.device)
+        if cc.all_reduce(done, op=torch.distributed.ReduceOp.MIN).item() < 1:
+            return None
+        return self._publish()
+
+    def wait(self) -> Path | None:
+        """Finish and publish the checkpoint being written, if any; its folder, or None."""
+        return self._publish() if self._pending is not None else None
+
+    def _publish(self) -> Path:
+        tmp, final, future = self._pending
+        self._pending = None
+        try:
+            mine = ("ok", future.result())
+        except Exception as e:  # reported by every rank below, not left to hang the others
+            mine = ("error", f"{type(e).__name__}: {e}")
+        everyone = cc.all_gather_objects(mine)
+        failed = [f"rank {r}: {v}" for r, (status, v) in enumerate(everyone) if status == "error"]
+        if failed:
+            raise RuntimeError(f"writing checkpoint {final.name} failed ({'; '.join(failed)}); it stays invisible in {tmp}")
+        if cc.rank() == 0:
+            entries = {k: v for _, digests in everyone for k, v in digests.items()}
+            if self.before_publish is not None:
+                self.before_publish()
+            entries.update(_digests(tmp, [p for p in _files(tmp) if str(p.relative_to(tmp)) not in entries]))
+            _atomic_write(tmp / MANIFEST, json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
+            replaced = self.root / f".tmp-replaced-{final.name}"
+            if final.exists():  # the same step saved again: hide the old one first, so a crash leaves a good one
+                final.rename(replaced)
+            tmp.rename(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            _fsync(self.root)
+            _atomic_write(self.root / LATEST, final.name + "\n")
+            _prune(self.root, self.keep_last, final)
+        cc.barrier()
+        return final
 
 
 def read_state(folder: Path) -> dict:
     return json.loads((folder / STATE).read_text())
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run directory / checkpoints folder meaning its newest good checkpoint."""
+def resolve_checkpoint(path: str | Path, verified: bool = True) -> Path:
+    """A checkpoint folder, or a run directory / checkpoints folder meaning the checkpoint a resume of
+    it takes. verified=False takes the first candidate unhashed: enough to read its config."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such checkpoint or run directory; check the path")
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if p.name == "checkpoints":
-        found = find_resume(p.parent)
+        found = next((c for c in candidates(p) if not verified or verify(c) is None), None)
         if found is None:
             raise UserError(f"{p}: no complete checkpoint found; train until one is saved or name a checkpoint folder")
         return found
@@ -209,7 +298,7 @@ def model_config_of(path: str | Path):
     p = Path(path)
     if is_hf_folder(p):
         return from_hf_config(json.loads((p / "config.json").read_text()), source=str(p / "config.json"))
-    p = resolve_checkpoint(p)
+    p = resolve_checkpoint(p, verified=False)
     f = p / "model_config.json"
     if not f.is_file():
         raise UserError(f"{p}: neither an HF folder (config.json) nor a cptrain checkpoint (model_config.json); pass one of those")

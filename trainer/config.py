@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import re
 import types
 import typing
@@ -77,6 +78,9 @@ class CheckpointSection:
     interval_tokens: int = 0  # save every this many tokens (0: only at the end)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a newer one is complete
     at_end: bool = True
+    # YAML key `async`: the engine's files are written by a background thread while training goes on;
+    # the checkpoint becomes visible once complete (engines local and fsdp2).
+    async_: bool = False
 
 
 @dataclass
@@ -116,7 +120,7 @@ def parse_int(value: Any, path: str, src: str) -> int:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([KMBT]?)\s*", value, re.IGNORECASE)
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([KMBT]?)\s*", value, re.IGNORECASE)
         if m:
             number = float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1)
             if number.is_integer():
@@ -184,10 +188,12 @@ def from_dict(cls: type, data: Any, path: str = "", src: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and keyword.iskeyword(key):
+            key = key + "_"  # a YAML key that is a Python keyword (`async`) names the field `async_`
         if key not in fields:
             key_path = key_path if key_path.isprintable() else repr(key_path)[1:-1]  # keep the error on one line
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            close = difflib.get_close_matches(str(key), [_yaml_key(f) for f in fields], n=1)
+            hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else f"; valid keys: {', '.join(map(_yaml_key, fields))}"
             raise UserError(f"{src}: unknown key '{key_path}'{hint}")
         kwargs[key] = _coerce(hints[key], value, key_path, src)
     try:
@@ -196,9 +202,13 @@ def from_dict(cls: type, data: Any, path: str = "", src: str = "config") -> Any:
         raise UserError(f"{src}: {e}") from None
 
 
+def _yaml_key(field_name: str) -> str:
+    return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {_yaml_key(f.name): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -288,6 +298,9 @@ def _check(cfg: TrainConfig, src: str) -> None:
         raise UserError(f"{src}: data.seq_len={seq} exceeds model.max_seq_len={cfg.model.arch.max_seq_len}; raise model.max_seq_len")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
+    if cfg.checkpoint.async_ and t.engine == "deepspeed":
+        raise UserError(f"{src}: checkpoint.async needs train.engine local or fsdp2 (DeepSpeed writes its checkpoints "
+                        "synchronously); set checkpoint.async: false")
     cfg.sparsity.check(t.max_tokens, cfg.model.arch, src)
     cfg.reweighting.check(cfg, src)
     cfg.continual.check(cfg.data, src)

@@ -28,10 +28,10 @@ from .engines.base import DistContext, autocast_for, init_distributed
 from .faults import FaultMonitor, GracefulStop
 from .reweighting import Reweighter
 from .loss import lm_loss, token_losses
-from .metrics import MetricsLogger, Throughput, device_peak_tflops, truncate_after
+from .metrics import DROPPED, MetricsLogger, Throughput, device_peak_tflops, set_aside
 from .schedule import build_schedule
 from .sparsity import Pruner, WithMasks
-from .start import StartPlan, decide_on_rank0, plan_start
+from .start import StartPlan, plan_start
 
 
 @dataclass
@@ -88,7 +88,7 @@ def _crossed(before: int, after: int, interval: int) -> bool:
 class Trainer:
     """Holds what one run needs; `train()` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, stop: GracefulStop | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop: GracefulStop | None = None):
         self.cfg = cfg
         self.stop = stop or GracefulStop()  # installed by run(); a bare one is never signalled
         self.ctx = init_distributed(cfg.train.device)
@@ -96,8 +96,7 @@ class Trainer:
         arch = cfg.model.arch
         self.manifest = validate_data(cfg.data, arch.vocab_size)  # before any expensive work
         self.accum = grad_accumulation(cfg, self.ctx.world_size)
-        self.total_steps = cfg.train.max_tokens // cfg.train.global_batch_tokens
-        self.plan = decide_on_rank0(lambda: plan_start(cfg, resume, say=self._say))
+        self.plan = plan_start(cfg, resume, overwrite, say=self._say)
         for line in self.plan.skipped:
             self._say(line)
         self._say(self.plan.describe())
@@ -111,12 +110,16 @@ class Trainer:
         initial = ckpt.load_full_weights(self.plan.source)[1] if self.plan.initial_weights else None
         self.engine = build_engine(cfg, model, self.ctx, initial)
         self.progress = self._restore(self.plan)
+        self.end_tokens = self._end_tokens()
         self.pruner = Pruner(cfg.sparsity, cfg.train.max_tokens, param_counts(arch)[0], self.engine, self._say)
         if self.plan.masks:  # masks of a sparse checkpoint (kept or, if sparsity is disabled, dropped)
             self.pruner.load(Path(self.plan.source), resume=self.plan.counters)
 
         self.faults = FaultMonitor(cfg.faults, self.progress.faults)
-        self.schedule = build_schedule(cfg.schedule, cfg.train.max_tokens, cfg.train.global_batch_tokens)
+        self.saved_step = -1  # the step of the last checkpoint this process started
+        self.saver = ckpt.Checkpointer(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_, self.ctx.device,
+                                       self.faults.before_publish)
+        self.schedule = build_schedule(cfg.schedule, self.end_tokens, cfg.train.global_batch_tokens)
         if self.progress.schedule:
             self.schedule.load_state_dict(self.progress.schedule)
         if self.progress.tokens or self.progress.last_lr:
@@ -135,6 +138,16 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.ctx.is_main:
             print(text, flush=True)
+
+    def _end_tokens(self) -> int:
+        """Where this run stops: train.max_tokens, rounded down to whole steps of the global batch from
+        where it starts (a resume may change the batch size), with a line saying so."""
+        start, batch, budget = self.progress.tokens, self.cfg.train.global_batch_tokens, self.cfg.train.max_tokens
+        end = start + max(budget - start, 0) // batch * batch
+        if end != budget:
+            self._say(f"train.max_tokens={budget:,} is not a whole number of steps of train.global_batch_tokens={batch:,} "
+                      f"from {start:,} tokens: this run ends at {end:,} tokens")
+        return end
 
     def _restore(self, plan: StartPlan) -> Progress:
         """Engine state, counters and RNG as the plan says; the Progress the run continues from."""
@@ -199,22 +212,31 @@ class Trainer:
                 row[f"train/{name}"] = (acc[1 + d] / acc[1 + n_dom + d]).item()
         return row
 
-    def save(self) -> Path:
+    def save(self, log: MetricsLogger, wait: bool = False) -> Path | None:
+        """Checkpoint the state after this step; returns its folder once published (with `wait`, or
+        always without checkpoint.async), else None: poll() publishes it later."""
         self.progress.data = self.loader.state_dict()
         self.progress.schedule = self.schedule.state_dict()
         self.progress.faults = self.faults.state_dict()
         self.progress.reweighting = self.reweighter.state_dict()
         state = {"progress": dataclasses.asdict(self.progress), "engine": self.cfg.train.engine,
                  "world_size": self.ctx.world_size, "time": time.time()}
-        cfg_text = (self.run_dir / "config.yaml").read_text() if self.ctx.is_main else ""
-        model_json = json.dumps(dataclasses.asdict(self.cfg.model.arch))
+        texts = {"model_config.json": json.dumps(dataclasses.asdict(self.cfg.model.arch))}
+        if self.ctx.is_main:
+            texts["config.yaml"] = (self.run_dir / "config.yaml").read_text()
         engine = WithMasks(self.engine, self.pruner, self.ctx.rank)  # the masks go into the same checkpoint
-        return ckpt.save_checkpoint(self.run_dir, self.progress.step, engine, state, cfg_text, model_json,
-                                    self.ctx.rank, self.cfg.checkpoint.keep_last, self.faults.before_publish)
+        self.saved_step = self.progress.step
+        folder = self.saver.save(self.progress.step, engine, state, texts)
+        if wait and folder is None:
+            folder = self.saver.wait()
+        if folder is not None:
+            log.message(f"saved checkpoint {folder}")
+        return folder
 
     def _rollback(self, log: MetricsLogger, note: str) -> bool:
         """Back to the newest good checkpoint's weights, optimizer and counters. The loader is not
         rewound: the batches since the checkpoint, which led to the spike, are skipped."""
+        self._published(self.saver.wait(), log)
         folder = ckpt.find_resume(self.run_dir, log=log.message)
         if folder is None:
             log.message(f"{note}: no checkpoint to roll back to; the update was skipped instead")
@@ -225,70 +247,80 @@ class Trainer:
         p.step, p.tokens, p.last_lr, p.schedule = saved.step, saved.tokens, saved.last_lr, saved.schedule
         if p.schedule:
             self.schedule.load_state_dict(p.schedule)
-        if self.ctx.is_main:
-            truncate_after(self.run_dir / "metrics.jsonl", p.step)  # the abandoned branch's rows
+        log.set_aside(p.step)  # the abandoned branch's rows
         log.log({"step": p.step, "tokens": p.tokens, "fault": note, "fault_action": "rollback", **self.faults.row()})
         log.message(f"{note}: rolled back to {folder}")
         return True
 
+    def _published(self, folder: Path | None, log: MetricsLogger) -> None:
+        if folder is not None:
+            log.message(f"saved checkpoint {folder}")
+
+    def _after_step(self, before: int, row: dict, log: MetricsLogger, speed: Throughput) -> dict:
+        """The hooks of a finished step, in order: masks, metrics, evaluation, reweighting, logging,
+        checkpointing. Returns the step's row."""
+        cfg, p = self.cfg, self.progress
+        last = p.tokens >= self.end_tokens
+        row.update(self.pruner.after_step(before, p.tokens))  # re-mask what the optimizer wrote; prune/densify on schedule
+        speed.add(p.tokens - before)
+        row = {"step": p.step, "tokens": p.tokens, **row}
+        if p.step % cfg.log.interval_steps == 0 or last:
+            row["tokens_per_s"] = speed.read()
+            if self.peak:
+                row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.ctx.world_size)
+            log.progress(p.step, row["loss"], row["tokens_per_s"])
+        t0 = time.perf_counter()
+        if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and self.val_loaders):
+            row.update(evaluate(self.engine, self.val_loaders, self.ctx, cfg))
+        row.update(self.reweighter.after_step(before, p.tokens, row))  # mixture weights from the next step on
+        if "tokens_per_s" in row or any(k.startswith(("val/", "domain_weight/")) for k in row) or "fault" in row:
+            log.log(row)
+        if "fault" in row:
+            log.message(row["fault"])
+        self._published(self.saver.poll(), log)
+        if _crossed(before, p.tokens, cfg.checkpoint.interval_tokens) or (last and cfg.checkpoint.at_end):
+            self.save(log)
+        speed.pause(time.perf_counter() - t0)
+        return row
+
     def train(self) -> list[dict]:
         cfg, p = self.cfg, self.progress
-        if self.ctx.is_main:
-            truncate_after(self.run_dir / "metrics.jsonl", p.step)
-        log = MetricsLogger(self.run_dir, self.ctx.is_main, cfg.log.tensorboard, cfg.log.progress, self.total_steps, p.step)
+        if self.ctx.is_main and (moved := set_aside(self.run_dir / "metrics.jsonl", p.step)):
+            self._say(f"moved {moved} metrics rows logged after step {p.step} to {self.run_dir / DROPPED}")
+        steps = p.step + (self.end_tokens - p.tokens) // cfg.train.global_batch_tokens
+        log = MetricsLogger(self.run_dir, self.ctx.is_main, cfg.log.tensorboard, cfg.log.progress, steps, p.step)
         rows = []
         if p.step == 0 and cfg.eval.at_start and self.val_loaders:
             row = {"step": 0, "tokens": 0, **evaluate(self.engine, self.val_loaders, self.ctx, cfg)}
             row.update(self.reweighter.after_step(0, 0, row))  # signal=val: the first evaluation is the reference
             log.log(row)
             rows.append(row)
-        speed = Throughput()
-        data_iter = iter(self.loader)
-        while p.step < self.total_steps:
+        speed, data_iter = Throughput(), iter(self.loader)
+        while p.tokens < self.end_tokens:
             row = self.train_step(data_iter)
             if row.get("fault_action") == "rollback" and self._rollback(log, row["fault"]):
                 continue
             before = p.tokens
             p.step, p.tokens, p.last_lr = p.step + 1, p.tokens + cfg.train.global_batch_tokens, row["lr"]
-            row.update(self.pruner.after_step(before, p.tokens))  # re-mask what the optimizer wrote; prune/densify on schedule
-            speed.add(cfg.train.global_batch_tokens)
-            last = p.step == self.total_steps
-            if p.step % cfg.log.interval_steps == 0 or last:
-                tps = speed.read()
-                row = {"step": p.step, "tokens": p.tokens, **row, "tokens_per_s": tps}
-                if self.peak:
-                    row["mfu"] = self.flops_per_token * tps / (self.peak * self.ctx.world_size)
-                log.progress(p.step, row["loss"], tps)
-            else:
-                row = {"step": p.step, "tokens": p.tokens, **row}
-            t0 = time.perf_counter()
-            if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and self.val_loaders):
-                row.update(evaluate(self.engine, self.val_loaders, self.ctx, cfg))
-            row.update(self.reweighter.after_step(before, p.tokens, row))  # mixture weights from the next step on
-            if p.step % cfg.log.interval_steps == 0 or last or any(k.startswith(("val/", "domain_weight/")) for k in row) or "fault" in row:
-                log.log(row)
-            if "fault" in row:
-                log.message(row["fault"])
-            rows.append(row)
-            saved = None
-            if _crossed(before, p.tokens, cfg.checkpoint.interval_tokens) or (last and cfg.checkpoint.at_end):
-                saved = self.save()
-                log.message(f"saved checkpoint {saved}")
-            speed.pause(time.perf_counter() - t0)
-            if self.stop.agreed(self.ctx.device) and not last:
-                saved = saved or self.save()
-                log.message(f"stopped by {self.stop.name} after step {p.step}; saved checkpoint {saved}; "
-                            f"continue with `cptrain train CONFIG --resume`")
+            rows.append(self._after_step(before, row, log, speed))
+            if self.stop.agreed(self.ctx.device) and p.tokens < self.end_tokens:
+                self._published(self.saver.wait(), log)
+                if self.saved_step != p.step:
+                    self.save(log, wait=True)
+                log.message(f"stopped by {self.stop.name} after step {p.step}; saved checkpoint "
+                            f"{self.run_dir / 'checkpoints' / f'step-{p.step:08d}'}; continue with `cptrain train CONFIG --resume`")
                 break
+        self._published(self.saver.wait(), log)
         self.pruner.finish(self.run_dir, self.ctx.is_main)
         log.close()
-        if self.ctx.is_main and p.step == self.total_steps:
+        if self.ctx.is_main and p.tokens >= self.end_tokens:
             continual.at_end_of_run(cfg, self.run_dir, self._say)  # the forgetting report
         return rows
 
 
-def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
-    """Programmatic entry (tests, demo): train one config in this process."""
+def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> list[dict]:
+    """Train one config in this process (the `cptrain train` command, tests, the demo). resume:
+    continue from the run directory's checkpoint; overwrite: move a run already there aside."""
     with GracefulStop() as stop:
-        return Trainer(cfg, resume=resume, stop=stop).train()
+        return Trainer(cfg, resume=resume, overwrite=overwrite, stop=stop).train()
 

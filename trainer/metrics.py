@@ -20,18 +20,28 @@ def device_peak_tflops(device: torch.device, configured: float) -> float:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint's step (they will be logged again)."""
+DROPPED = "metrics.dropped.jsonl"
+
+
+def set_aside(path: Path, step: int) -> int:
+    """Move the rows logged after `step` (a resume or rollback goes back there, and they will be
+    logged again) from metrics.jsonl to metrics.dropped.jsonl beside it, appended: a run's record is
+    never lost. Returns the number of rows moved."""
     if not path.is_file():
-        return
-    kept = []
+        return 0
+    kept, moved = [], []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(line + "\n" for line in kept))
+            (kept if json.loads(line).get("step", 0) <= step else moved).append(line)
+        except json.JSONDecodeError:  # a row cut short by a crash mid-write
+            moved.append(line)
+    if moved:
+        with open(path.with_name(DROPPED), "a") as f:
+            f.write("".join(line + "\n" for line in moved))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return len(moved)
 
 
 class Throughput:
@@ -68,6 +78,15 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def set_aside(self, step: int) -> int:
+        """set_aside() on this run's metrics.jsonl, keeping this logger appending to the new file."""
+        if not self.is_main:
+            return 0
+        self.file.close()
+        moved = set_aside(self.path, step)
+        self.file = open(self.path, "a")
+        return moved
 
     def log(self, row: dict) -> None:
         if not self.is_main:

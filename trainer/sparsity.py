@@ -374,17 +374,21 @@ class Pruner:
         """Non-zero parameters averaged over this run's tokens (The Journey Matters' N for scaling laws)."""
         return self.state.param_tokens / self.state.tokens if self.state.tokens else float(self.total - self.state.pruned)
 
-    def save(self, folder: Path, rank: int) -> None:
-        """Every rank writes its pieces of the masks (rank 0 alone when ranks hold full tensors)."""
+    def save(self, folder: Path, rank: int) -> list[Path]:
+        """Every rank writes its pieces of the masks (rank 0 alone when ranks hold full tensors);
+        returns the files this rank wrote."""
         from safetensors.torch import save_file
 
+        written = []
         targets, sharded = self._targets() if self.masks else ([], False)
         if self.masks and (sharded or rank == 0):
             starts = {t.name: str(t.start) for t in targets}
-            save_file({k: v.contiguous().cpu() for k, v in self.masks.items()}, str(folder / MASK_FILE.format(rank=rank)),
-                      metadata=starts)
+            written.append(folder / MASK_FILE.format(rank=rank))
+            save_file({k: v.contiguous().cpu() for k, v in self.masks.items()}, str(written[-1]), metadata=starts)
         if rank == 0:
-            (folder / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=1))
+            written.append(folder / STATE_FILE)
+            written[-1].write_text(json.dumps(asdict(self.state), indent=1))
+        return written
 
     def load(self, folder: Path, resume: bool) -> None:
         """Masks kept while sparsity is enabled, dropped when it is not (SPDF's dense phase, e.g.
@@ -449,15 +453,18 @@ def _regather_persistent(engine, targets) -> None:
 
 
 class WithMasks:
-    """The engine as checkpoint.save_checkpoint sees it: its own files plus the masks, written into the
+    """The engine as checkpoint.Checkpointer sees it: its own files plus the masks, written into the
     checkpoint folder before the manifest is computed (so masks are checksummed and atomic with it)."""
 
     def __init__(self, engine, pruner: Pruner, rank: int):
         self.engine, self.pruner, self.rank = engine, pruner, rank
 
-    def save(self, path: Path) -> None:
-        self.engine.save(path)
-        self.pruner.save(path, self.rank)
+    def save(self, path: Path) -> list[Path]:
+        return self.engine.save(path) + self.pruner.save(path, self.rank)
+
+    def save_async(self, path: Path):
+        finish, masks = self.engine.save_async(path), self.pruner.save(path, self.rank)  # masks are small: now
+        return lambda: finish() + masks
 
     def __getattr__(self, name: str):  # anything else checkpointing asks of the engine
         return getattr(self.engine, name)

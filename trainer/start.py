@@ -1,18 +1,19 @@
 """How a run starts, decided once before anything is built: fresh, resumed from one of its own
 checkpoints, or initialized from another model (continual pretraining). The decision is one small
-dataclass, printed in one line; the trainer only carries it out.
+dataclass, printed in one line; the trainer only carries it out. A run directory holds one run: a
+new run never writes into a directory that holds another.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch.distributed as dist
-
 from ..errors import UserError
 from . import checkpoint as ckpt
+from . import collectives as cc
 
 # Model fields that may differ between a checkpoint and the run that loads it.
 RUNTIME_FIELDS = {"attention", "doc_masking", "max_seq_len", "init_std"}
@@ -67,35 +68,49 @@ def _init_plan(cfg) -> StartPlan:
                      data_position=m.load == "all", masks=True, last_lr=last_lr)
 
 
-def plan_start(cfg, resume: bool, say=print) -> StartPlan:
-    """The plan for `cfg`: with `resume`, the newest good checkpoint of the run directory (none: as
-    without `resume`); else `model.init_from` if set; else fresh."""
+def holds_run(run_dir: Path) -> list[str]:
+    """What in `run_dir` belongs to a run (empty: nothing; launch scripts and hostfiles do not count)."""
+    found = [name for name in ("config.yaml", "metrics.jsonl") if (run_dir / name).is_file()]
+    n = len(ckpt.list_checkpoints(run_dir / "checkpoints"))
+    return found + ([f"{n} checkpoint{'s' * (n != 1)}"] if n else [])
+
+
+def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, say) -> None:
+    """A new run never writes into another run's directory: refuse, or with --overwrite move the old
+    run aside (renamed, never deleted)."""
+    held = holds_run(run_dir)
+    if resume or not held:
+        return
+    if not overwrite:
+        raise UserError(f"{run_dir} holds a run ({', '.join(held)}); continue it with --resume, or start anew in "
+                        "another directory with --run_dir=NEW (or move it aside with --overwrite)")
+    base = f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = run_dir.with_name(base), 0
+    while aside.exists():  # two --overwrite starts within a second
+        n += 1
+        aside = run_dir.with_name(f"{base}-{n}")
+    run_dir.rename(aside)
+    say(f"--overwrite: moved the run that was in {run_dir} to {aside}")
+
+
+def plan_start(cfg, resume: bool, overwrite: bool = False, say=print) -> StartPlan:
+    """The plan for `cfg`: with `resume`, the checkpoint find_resume picks (none: as without
+    `resume`); else `model.init_from` if set; else fresh. Collective: every rank calls it and gets
+    the same plan (rank 0 reads the directories, every rank verifies a share of the checkpoint)."""
+    run_dir = Path(cfg.run_dir)
+    cc.on_rank0(lambda: _claim_run_dir(run_dir, resume, overwrite, say))
     skipped: list[str] = []
     if resume:
-        folder = ckpt.find_resume(Path(cfg.run_dir), log=skipped.append)
+        folder = ckpt.find_resume(run_dir, log=skipped.append)
         if folder is not None:
-            _check_shape(folder, cfg.model.arch)
-            progress = ckpt.read_state(folder)["progress"]
-            return StartPlan("resume", str(folder), engine_state=True, optimizer=True, data_position=True, counters=True,
-                             masks=True, step=progress["step"], tokens=progress["tokens"], skipped=tuple(skipped))
-        say(f"no complete checkpoint in {cfg.run_dir}; starting from the beginning")
-    plan = _init_plan(cfg) if cfg.model.init_from else StartPlan("fresh")
+            return cc.on_rank0(lambda: _resume_plan(folder, cfg.model.arch, tuple(skipped)))
+        say(f"no complete checkpoint in {run_dir}; starting from the beginning")
+    plan = cc.on_rank0(lambda: _init_plan(cfg) if cfg.model.init_from else StartPlan("fresh"))
     return dataclasses.replace(plan, skipped=tuple(skipped))
 
 
-def decide_on_rank0(decide):
-    """decide() on rank 0 only, its result (or its UserError) on every rank: ranks never disagree on
-    what they read from a file system that may show them different states."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return decide()
-    box: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = ("ok", decide())
-        except UserError as e:
-            box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise UserError(value)
-    return value
+def _resume_plan(folder: Path, arch, skipped: tuple) -> StartPlan:
+    _check_shape(folder, arch)
+    progress = ckpt.read_state(folder)["progress"]
+    return StartPlan("resume", str(folder), engine_state=True, optimizer=True, data_position=True, counters=True,
+                     masks=True, step=progress["step"], tokens=progress["tokens"], skipped=skipped)

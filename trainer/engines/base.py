@@ -47,8 +47,43 @@ def init_distributed(device_pref: str) -> DistContext:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group(process_group_backend(use_cuda), device_id=device if use_cuda else None)
     return DistContext(rank, world, local_rank, device)
+
+
+def process_group_backend(cuda: bool) -> str:
+    """NCCL for CUDA tensors and gloo for CPU ones: FSDP2's CPU offload and DeepSpeed's offloaded
+    optimizer reduce host tensors (the gradient norm, the skip flag) over the same group."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def cpu_snapshot(tree, into=None):
+    """A copy in host memory of every tensor in `tree` (dicts, lists, tuples), taken now: a background
+    checkpoint writer then reads state that later steps cannot change. From a GPU the copies go to
+    pinned memory without a sync per tensor. `into`, a previous snapshot of the same structure whose
+    writer has finished, is reused: pinning gigabytes anew at every checkpoint would cost more than the copy."""
+    devices = set()
+
+    def copy(x, old):
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            if not (isinstance(old, torch.Tensor) and old.shape == x.shape and old.dtype == x.dtype):
+                old = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
+            if x.device.type == "cuda":
+                devices.add(x.device)
+            return old.copy_(x, non_blocking=x.device.type == "cuda")
+        if isinstance(x, dict):
+            old = old if isinstance(old, dict) else {}
+            return {k: copy(v, old.get(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            old = old if isinstance(old, (list, tuple)) and len(old) == len(x) else [None] * len(x)
+            return type(x)(copy(v, o) for v, o in zip(x, old))
+        return x
+
+    out = copy(tree, into)
+    for device in devices:
+        torch.cuda.synchronize(device)
+    return out
 
 
 class Engine(Protocol):
@@ -64,8 +99,9 @@ class Engine(Protocol):
     def zero_grad(self) -> None:
         """Discard the accumulated gradients without an update (a step the loop decided to skip)."""
 
-    def save(self, path: Path) -> None:
-        """Every rank writes its part of model + optimizer state into the folder `path`."""
+    def save(self, path: Path) -> list[Path]:
+        """Every rank writes its part of model + optimizer state into the folder `path`; returns the
+        files this rank wrote (it hashes them for the manifest)."""
 
     def load(self, path: Path, optimizer: bool) -> None:
         """Restore from a folder written by save(); optimizer=False loads the weights only."""

@@ -74,6 +74,9 @@ def deepspeed_config(cfg, ctx: DistContext) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         # check_grad_overflow: a non-finite gradient norm skips the update on every rank (fp32 does so already).
         "bf16": {"enabled": uses_bf16(t.precision, ctx.device), "check_grad_overflow": True},
+        # Gradients accumulate over micro-batches in fp32, as the other engines do (the default under
+        # bf16 would be bf16 buffers, which lose the low bits of each added micro-batch).
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # a torch AdamW may run the offloaded step
@@ -165,8 +168,11 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         self.model.optimizer.zero_grad(set_to_none=True)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> list[Path]:
         self.model.save_checkpoint(str(path), tag=TAG, save_latest=False)
+        # Each rank's partition is zero_pp_rank_<rank>_mp_rank_*; what rank 0 writes besides (model
+        # states, DeepSpeed's zero_to_fp32.py) is hashed by the checkpoint's publisher.
+        return sorted((path / TAG).glob(f"*zero_pp_rank_{self.ctx.rank}_mp_rank_*"))
 
     def load(self, path: Path, optimizer: bool) -> None:
         if not (path / TAG).is_dir():
@@ -175,8 +181,9 @@ class DeepSpeedEngine:
         if saved_world == self.ctx.world_size or self.cfg.deepspeed.zero_stage == 0:
             self._load(path, optimizer)
             return
-        # ZeRO partitions are per rank: another world size needs the universal (per-parameter) format.
-        universal = path.parent / f".universal-{path.name}"
+        # ZeRO partitions are per rank: another world size needs the universal (per-parameter) format,
+        # converted into this run's directory (removed after), never beside the source checkpoint.
+        universal = Path(self.cfg.run_dir) / f".tmp-universal-{path.name}"
         if self.ctx.is_main:
             to_universal(path / TAG, universal / TAG, self.cfg.deepspeed.zero_stage)
         dist.barrier()

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from ...errors import UserError
 from .base import (DistContext, LossFn, build_optimizer, clip_and_step, full_initial_state, param_groups,
-                   uses_bf16, wrap_blocks)
+                   process_group_backend, uses_bf16, wrap_blocks)
 
 DCP_DIR = "dcp"  # the checkpoint's subfolder
 
@@ -38,7 +38,7 @@ def ensure_process_group(ctx: DistContext) -> None:
     """FSDP2 needs a process group even for one process (a resume at world size 1)."""
     if not dist.is_initialized():
         cuda = ctx.device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+        dist.init_process_group(process_group_backend(cuda), store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=ctx.device if cuda else None)
 
 
@@ -51,14 +51,14 @@ class FSDPEngine:
         ensure_process_group(ctx)
         self.ctx, self.cfg = ctx, cfg
         f = cfg.fsdp
-        if f.cpu_offload and ctx.device.type == "cpu":
-            raise UserError("fsdp.cpu_offload needs a GPU (train.device=cuda); on CPU everything is already on the CPU")
         mesh = init_device_mesh(ctx.device.type, (dist.get_world_size(),))
         bf16 = uses_bf16(cfg.train.precision, ctx.device)
         # Mixed precision as in torchtitan: bf16 compute, fp32 sharded master weights and fp32
         # gradient reduction, so the sum over ranks does not lose low bits.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        shard = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if f.cpu_offload else OffloadPolicy())
+        # Pinned host memory exists only beside a GPU; on a CPU-only machine the offload path runs unpinned.
+        offload = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if f.cpu_offload else OffloadPolicy()
+        shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
         wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
         for block in model.layers:
             fully_shard(block, reshard_after_forward=f.reshard_after_forward, **shard)
@@ -72,6 +72,9 @@ class FSDPEngine:
         set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         self.model = model
         self.optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, ctx.device)
+        # A background save runs DCP's collectives on a group of its own, so they never interleave with
+        # the training step's (torch's advice for async_save); gloo, since it moves host tensors.
+        self._save_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_ else None
 
     def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
         self.model.set_requires_gradient_sync(sync or not self.cfg.fsdp.defer_grad_sync)
@@ -85,9 +88,28 @@ class FSDPEngine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save(self, path: Path) -> None:
+    def _own_files(self, path: Path) -> list[Path]:
+        # DCP's file system writer names each rank's data files __<rank>_<n>.distcp; rank 0's
+        # coordinator also writes .metadata, which the checkpoint's publisher hashes.
+        return sorted((path / DCP_DIR).glob(f"__{self.ctx.rank}_*.distcp"))
+
+    def save(self, path: Path) -> list[Path]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+        return self._own_files(path)
+
+    def save_async(self, path: Path):
+        """DCP's async_save: the shards are staged in host memory now and written by DCP's thread; the
+        returned function waits for this rank's files."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        result = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR),
+                                process_group=self._save_group)
+        future = getattr(result, "upload_completion", result)  # torch >= 2.12 may return an AsyncSaveResponse
+
+        def finish() -> list[Path]:
+            future.result()
+            return self._own_files(path)
+        return finish
 
     def load(self, path: Path, optimizer: bool) -> None:
         if not (path / DCP_DIR / ".metadata").is_file():

@@ -7,11 +7,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import UserError
 from ...model.hf import load_weights, save_weights
 from ...model.llama import Llama
-from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step,
-                   param_groups, wrap_blocks)
+from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step, cpu_snapshot, param_groups,
+                   wrap_blocks)
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class _LossForward(nn.Module):
+    """What DDP wraps: a forward that runs the loss function on the model. DDP synchronizes the
+    gradients of whatever its forward computed, so the fused loss, which calls model.hidden() and
+    reads the head weight itself, is covered like the plain one."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, loss_fn: LossFn):
+        return loss_fn(self.model, batch)
 
 
 class LocalEngine:
@@ -19,25 +33,22 @@ class LocalEngine:
 
     def __init__(self, model: Llama, cfg, ctx: DistContext, initial_state: dict | None):
         self.ctx, self.cfg = ctx, cfg
-        if ctx.world_size > 1 and cfg.train.loss_chunk_tokens > 0:
-            # The fused loss calls model.hidden(), which DDP's forward hooks never see (no gradient sync).
-            raise UserError("train.loss_chunk_tokens needs train.engine=fsdp2 or deepspeed when running on several "
-                            "processes; set it to 0 for the local (DDP) engine")
         model.to_empty(device=ctx.device)
         model.init_weights()
         if initial_state is not None:
             model.load_state_dict(initial_state, strict=True)
         wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
-        self.inner = model
-        self.model = nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
+        self.model = self.inner = model  # evaluation and checkpoints use the plain model
+        self.ddp = nn.parallel.DistributedDataParallel(_LossForward(model)) if ctx.world_size > 1 else None
         self.optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, ctx.device)
         self.autocast = lambda: autocast_for(ctx.device, cfg.train.precision)
+        self._snapshot = None  # host buffers of the last async checkpoint, reused by the next
 
     def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
-        no_sync = self.model.no_sync if (not sync and isinstance(self.model, nn.parallel.DistributedDataParallel)) else contextlib.nullcontext
+        no_sync = self.ddp.no_sync if (self.ddp is not None and not sync) else contextlib.nullcontext
         with no_sync():
             with self.autocast():
-                loss, stats = loss_fn(self.model, batch)
+                loss, stats = self.ddp(batch, loss_fn) if self.ddp is not None else loss_fn(self.model, batch)
             loss.backward()
         return stats
 
@@ -47,16 +58,28 @@ class LocalEngine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save(self, path: Path) -> None:
-        if self.ctx.is_main:
-            save_weights(path, self.inner.cfg, self.full_state_dict())
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+    def _write(self, path: Path, weights: dict, optimizer: dict) -> list[Path]:
+        save_weights(path, self.inner.cfg, weights)
+        torch.save(optimizer, path / OPTIMIZER_FILE)
+        return [path / "model.safetensors", path / "model_config.json", path / OPTIMIZER_FILE]
+
+    def save(self, path: Path) -> list[Path]:
+        """Rank 0 writes the whole model and optimizer (every rank holds the same)."""
+        return self._write(path, self.full_state_dict(), self.optimizer.state_dict()) if self.ctx.is_main else []
+
+    def save_async(self, path: Path):
+        """Snapshot weights and optimizer state into host memory now; the returned function writes them."""
+        if not self.ctx.is_main:
+            return lambda: []
+        self._snapshot = cpu_snapshot((self.inner.state_dict(), self.optimizer.state_dict()), into=self._snapshot)
+        weights, optimizer = self._snapshot
+        return lambda: self._write(path, weights, optimizer)
 
     def load(self, path: Path, optimizer: bool) -> None:
         _, state = load_weights(path)
         self.inner.load_state_dict(state, strict=True)
         if optimizer:
-            opt_file = path / "optimizer.pt"
+            opt_file = path / OPTIMIZER_FILE
             self.optimizer.load_state_dict(torch.load(opt_file, map_location=self.ctx.device, weights_only=True))
 
     def full_state_dict(self) -> dict:
