@@ -382,6 +382,12 @@ def run(args) -> dict:
     if not totals["train"]["samples"]:
         raise UserError(f"{' '.join(args.input)}: {totals['train']['tokens']} training tokens cannot fill one "
                         f"sample of {args.seq_len}+1 tokens; use a smaller --seq-len or more text")
+    if args.val_fraction > 0 and not totals["val"]["samples"]:
+        docs = totals["train"]["documents"] + totals["val"]["documents"]
+        fix = ("read .txt inputs as paragraphs or lines with --txt-split paragraph|line"
+               if any(f.suffix == ".txt" for f in files) and args.txt_split == "document" else "give more documents")
+        print(f"warning: --val-fraction {args.val_fraction} left no validation sample ({docs} document{'s' * (docs != 1)} "
+              f"in all); training evaluates nothing - {fix}", file=sys.stderr)
     for split in ("train", "val"):
         merge_split(out, split, len(done))
     manifest = {

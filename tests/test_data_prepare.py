@@ -200,3 +200,15 @@ def test_empty_or_missing_corpus_fails_before_work(spm_model, tmp_path):
         assert not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="cannot fill one sample"):
         run_prepare([FIXTURES / "rv1909_0.txt"], tmp_path / "o", "--tokenizer", spm_model, "--seq-len", 100000)
+
+
+def test_no_validation_documents_warns_with_the_fix(spm_model, tmp_path, capsys):
+    """One .txt file read as one document leaves --val-fraction with nothing to hold out."""
+    run_prepare([FIXTURES / "rv1909_0.txt"], tmp_path / "one", "--tokenizer", spm_model, "--seq-len", 64,
+                "--val-fraction", 0.03)
+    err = capsys.readouterr().err
+    assert "warning: --val-fraction 0.03 left no validation sample (1 document in all)" in err
+    assert "--txt-split paragraph|line" in err
+    run_prepare([FIXTURES / "rv1909_0.txt"], tmp_path / "lines", "--tokenizer", spm_model, "--seq-len", 64,
+                "--val-fraction", 0.03, "--txt-split", "line")
+    assert "warning" not in capsys.readouterr().err

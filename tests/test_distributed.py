@@ -4,11 +4,13 @@ and an exported HF folder that transformers loads.
 
 One run of each engine is compared with one LocalEngine reference run (8 steps, checkpoints every
 4). The launches are chained, so that each is spent on several checks:
-  1. deepspeed, 2 ranks: ZeRO-0, -1, -2 (checkpoints), -3 (partitioned from the start); bf16 ZeRO-3
-     and FSDP2 with activation checkpointing
+  1. deepspeed, 2 ranks: ZeRO-0, -1 (fused loss), -2, -3 (partitioned from the start), all with
+     checkpoints but ZeRO-0; the offload paths (ZeRO-2 optimizer offload with the fused loss, ZeRO-3
+     parameter + optimizer offload, FSDP2 CPUOffloadPolicy with the fused loss and async checkpoints);
+     DDP with the fused loss; bf16 ZeRO-3 and FSDP2 with activation checkpointing
   2. deepspeed --no_ssh as two nodes (two `cptrain launch --node-rank` calls): FSDP2 (checkpoints)
-  3. one process: resume ZeRO-2 and FSDP2 from step 4 (2 -> 1 ranks), checkpointing step 6
-  4. torchrun, 2 ranks: resume both from step 6 (1 -> 2 ranks)
+  3. one process: resume ZeRO-1, -2, -3 and FSDP2 from step 4 (2 -> 1 ranks), checkpointing step 6
+  4. torchrun, 2 ranks: resume them from step 6 (1 -> 2 ranks); the shipped GPU configs on a tiny shape
 Measured in fp32: every engine, and every resumed run, matches the reference losses to ~2e-8
 relative (float rounding of reductions in another order); the tests allow 1e-6.
 """
@@ -23,6 +25,7 @@ import torch
 
 from cptrain.errors import UserError
 from cptrain.launch.launchers import deepspeed_command, slurm_script, torchrun_command
+from cptrain.trainer import checkpoint as ckpt
 from tests.conftest import tiny_overrides
 from tests.multiproc import free_port, run_processes
 
@@ -31,6 +34,15 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("dist_worker.py")
 STEPS, TOKENS_PER_STEP = 8, 2048
 RTOL = 1e-6  # measured: at most ~2e-8 relative (float rounding of reductions in another order)
+FUSED = {"train.loss_chunk_tokens": 256}  # the fused chunked cross-entropy: 4 chunks of a micro-batch's 1024 tokens
+OFFLOAD = {
+    "zero2_offload": {"train.engine": "deepspeed", "deepspeed.zero_stage": 2, "deepspeed.offload_optimizer": True, **FUSED},
+    "zero3_offload": {"train.engine": "deepspeed", "deepspeed.zero_stage": 3, "deepspeed.offload_params": True,
+                      "deepspeed.offload_optimizer": True},
+    "fsdp2_offload": {"train.engine": "fsdp2", "fsdp.cpu_offload": True, "checkpoint.async": True, **FUSED},
+}
+RESUMED = ("zero1", "zero2", "zero3", "fsdp2")
+GPU_CONFIGS = ("gpu_350m", "gpu_1.3b", "gpu_1b")
 
 
 def _overrides(run_dir: Path, data: Path, **extra) -> list[str]:
@@ -84,7 +96,8 @@ def runs(tmp_path_factory, austen_data):
     from cptrain.trainer.loop import run
 
     root = tmp_path_factory.mktemp("dist")
-    d = {name: root / name for name in ("local", "zero0", "zero1", "zero2", "zero3", "fsdp2", "zero3_bf16", "fsdp2_bf16")}
+    d = {name: root / name for name in ("local", "zero0", "zero1", "zero2", "zero3", "fsdp2", "zero3_bf16", "fsdp2_bf16",
+                                        *OFFLOAD, "ddp_fused", *GPU_CONFIGS)}
     run(load_config(None, _overrides(d["local"], austen_data)))
     logs = {}
 
@@ -93,12 +106,14 @@ def runs(tmp_path_factory, austen_data):
     no_ckpt = {"checkpoint.interval_tokens": 0, "checkpoint.at_end": False}
     # bf16 with activation checkpointing: 2 steps, to show that those paths train.
     bf16 = {"train.precision": "bf16", "train.activation_checkpointing": True, "train.max_tokens": 2 * TOKENS_PER_STEP, **no_ckpt}
-    jobs = [{"overrides": ds(0, **no_ckpt)}, {"overrides": ds(1, **no_ckpt)}, {"overrides": ds(2)},
+    jobs = [{"overrides": ds(0, **no_ckpt)}, {"overrides": ds(1, **FUSED)}, {"overrides": ds(2)},
             # Persistence 0: even the tiny model's norms are partitioned (the default keeps them whole).
             {"overrides": ds(3, **{"deepspeed.extra": "{zero_optimization: {stage3_param_persistence_threshold: 0}}"})},
             {"overrides": _overrides(d["zero3_bf16"], austen_data, **{"train.engine": "deepspeed", "deepspeed.zero_stage": 3},
                                      **bf16)},
-            {"overrides": _overrides(d["fsdp2_bf16"], austen_data, **{"train.engine": "fsdp2"}, **bf16)}]
+            {"overrides": _overrides(d["fsdp2_bf16"], austen_data, **{"train.engine": "fsdp2"}, **bf16)},
+            *({"overrides": _overrides(d[name], austen_data, **extra)} for name, extra in OFFLOAD.items()),
+            {"overrides": _overrides(d["ddp_fused"], austen_data, **FUSED, **{"checkpoint.async": True})}]
     args = _launch_args()
     logs["deepspeed"] = _launch([deepspeed_command(args, [str(WORKER), _jobs(root / "a.json", jobs)], root)])
     logs["deepspeed_port"] = args.master_port
@@ -112,18 +127,24 @@ def runs(tmp_path_factory, austen_data):
     logs["two_nodes"] = _launch([node + ["--node-rank", str(r), str(root / "empty.yaml"), *cfg] for r in (0, 1)],
                                 env={"LOCAL_WORLD_SIZE": "2"})
 
-    for engine in ("zero2", "fsdp2"):
+    for engine in RESUMED:
         _rewind(d[engine], 4)
     every2 = {"checkpoint.interval_tokens": 2 * TOKENS_PER_STEP}
-    resume = [{"overrides": _overrides(d["zero2"], austen_data, **{"train.engine": "deepspeed", "deepspeed.zero_stage": 2},
-                                       **every2), "resume": True},
-              {"overrides": _overrides(d["fsdp2"], austen_data, **{"train.engine": "fsdp2"}, **every2), "resume": True}]
+    resume = [{"overrides": _overrides(d[f"zero{stage}"], austen_data, **{"train.engine": "deepspeed", "deepspeed.zero_stage": stage},
+                                       **every2, **(FUSED if stage == 1 else {})), "resume": True} for stage in (1, 2, 3)]
+    resume.append({"overrides": _overrides(d["fsdp2"], austen_data, **{"train.engine": "fsdp2"}, **every2), "resume": True})
     logs["to_1"] = _launch([[sys.executable, str(WORKER), _jobs(root / "b.json", resume)]])
-    losses_1 = {k: _losses(d[k]) for k in ("zero2", "fsdp2")}
+    losses_1 = {k: _losses(d[k]) for k in RESUMED}
 
-    for engine in ("zero2", "fsdp2"):
+    for engine in RESUMED:
         _rewind(d[engine], 6)
-    logs["to_2"] = _launch([torchrun_command(_launch_args(), [str(WORKER), _jobs(root / "c.json", resume)], root)])
+    # The shipped GPU configs, unchanged but for the shape, the data and the device; compile off (the
+    # inductor's CPU compile of each block would dominate the test; tests/test_model.py compiles).
+    small = {"train.max_tokens": 2 * TOKENS_PER_STEP, "train.global_batch_tokens": TOKENS_PER_STEP, "train.micro_batch_size": 16,
+             "train.device": "cpu", "train.compile": False, "eval.max_samples": 8}
+    gpu = [{"overrides": tiny_overrides(d[name], austen_data, **small), "config": str(REPO / "trainer" / "configs" / f"{name}.yaml")}
+           for name in GPU_CONFIGS]
+    logs["to_2"] = _launch([torchrun_command(_launch_args(), [str(WORKER), _jobs(root / "c.json", resume + gpu)], root)])
     return d, logs, losses_1
 
 
@@ -132,6 +153,8 @@ def test_zero_stages_match_single_process(runs):
     want = _losses(d["local"])
     for stage in (0, 1, 2, 3):
         _assert_close(_losses(d[f"zero{stage}"]), want, RTOL, range(1, STEPS + 1))
+    ds = json.loads((d["zero2"] / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert ds["world_size"] == 2
     leftovers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{logs['deepspeed_port']}_*"))
     assert not leftovers, "DeepSpeed's shared-memory comm op was not disabled"
 
@@ -155,16 +178,37 @@ def test_fsdp2_on_two_simulated_nodes_matches_and_checkpoints(runs):
     assert state["world_size"] == 2 and state["engine"] == "fsdp2"
 
 
+def test_offload_and_fused_loss_paths_match_single_process(runs):
+    """Every offload option and the fused loss under DDP, ZeRO and FSDP2 train like one process; the
+    async checkpoints of two of them are complete."""
+    d, _, _ = runs
+    want = _losses(d["local"])
+    for name in (*OFFLOAD, "ddp_fused"):
+        _assert_close(_losses(d[name]), want, RTOL, range(1, STEPS + 1))
+    for name in ("fsdp2_offload", "ddp_fused"):
+        root = d[name] / "checkpoints"
+        assert [c.name for c in ckpt.list_checkpoints(root)] == ["step-00000008", "step-00000004"]
+        assert all(ckpt.verify(c) is None for c in ckpt.list_checkpoints(root))
+
+
+def test_shipped_gpu_configs_run_on_two_ranks(runs):
+    d, _, _ = runs
+    for name in GPU_CONFIGS:
+        rows = _losses(d[name])
+        assert sorted(rows) == [1, 2] and rows[2] < rows[1], (name, rows)
+
+
 @pytest.mark.resume
 def test_resume_at_another_world_size_continues_the_run(runs):
     d, logs, losses_1 = runs
     want = _losses(d["local"])
-    for engine in ("zero2", "fsdp2"):
+    for engine in RESUMED:
         assert f"resumed from {d[engine]}/checkpoints/step-00000004 at step 4" in logs["to_1"]
         _assert_close(losses_1[engine], want, RTOL, range(5, STEPS + 1))  # 2 ranks -> 1
         assert f"resumed from {d[engine]}/checkpoints/step-00000006 at step 6" in logs["to_2"]
         _assert_close(_losses(d[engine]), want, RTOL, range(1, STEPS + 1))  # ... -> 2 ranks
-    assert not list(d["zero2"].glob("checkpoints/.universal-*")), "the universal conversion is temporary"
+    for engine in ("zero1", "zero2", "zero3"):  # the universal conversion is temporary, in the run's own directory
+        assert not list(d[engine].rglob("*universal*")), engine
 
 
 @pytest.mark.hf
@@ -218,6 +262,37 @@ def test_bad_launch_and_engine_options_are_refused(tmp_path, capsys):
         load_config(None, ["--deepspeed.zero_stage=2", "--deepspeed.offload_params=true"])
     with pytest.raises(UserError, match="deepspeed.zero_stage must be one of"):
         load_config(None, ["--deepspeed.zero_stage=4"])
+
+
+def test_deepspeed_bf16_accumulates_gradients_in_fp32(tmp_path, austen_data):
+    """bf16 under ZeRO-1/2/3: fp32 gradient accumulation (DeepSpeed's own default would be bf16), a step
+    that trains; ZeRO-0 in bf16 (bf16 weights, no master copy) is refused at load."""
+    code = f"""
+import json, sys, torch
+from cptrain.trainer.config import load_config
+from cptrain.trainer.loop import Trainer
+out = {{}}
+for stage in (1, 2, 3):
+    cfg = load_config(None, {tiny_overrides(tmp_path / "run", austen_data, **{"train.max_tokens": 2048, "train.micro_batch_size": 4,
+                                                                              "train.precision": "bf16", "train.engine": "deepspeed",
+                                                                              "eval.at_start": False, "checkpoint.at_end": False})!r}
+                      + [f"--deepspeed.zero_stage={{stage}}", f"--run_dir={tmp_path}/run{{stage}}"])
+    t = Trainer(cfg)
+    rows = t.train()
+    out[stage] = [str(d) for d in t.engine.model.get_data_types()] + [type(t.engine.model.optimizer).__name__, rows[-1]["loss"]]
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for stage, (model_dtype, accum_dtype, optimizer, loss) in got.items():
+        assert (model_dtype, accum_dtype) == ("torch.bfloat16", "torch.float32"), stage
+        assert loss == loss and loss > 0
+    assert got["1"][2] == "BF16_Optimizer"  # DeepSpeed's fp32-accumulating path for ZeRO-1 in bf16
+    from cptrain.trainer.config import load_config
+    with pytest.raises(UserError, match="deepspeed.zero_stage=0 in bf16 trains bf16 weights"):
+        load_config(None, tiny_overrides(tmp_path, austen_data, **{"train.engine": "deepspeed", "deepspeed.zero_stage": 0,
+                                                                    "train.precision": "bf16"}))
 
 
 @pytest.mark.slow

@@ -142,10 +142,12 @@ def test_kill9_mid_step_then_resume(tmp_path, austen_data, reference, capsys):
 
 @pytest.mark.faults
 @pytest.mark.resume
-def test_kill9_mid_checkpoint_write_leaves_it_invisible(tmp_path, austen_data, reference, capsys):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_kill9_mid_checkpoint_write_leaves_it_invisible(tmp_path, austen_data, reference, capsys, background):
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
-    job = Launched(run_dir, austen_data, **{"checkpoint.interval_tokens": 4096, "faults.debug_checkpoint_delay_s": 2})
+    job = Launched(run_dir, austen_data, **{"checkpoint.interval_tokens": 4096, "faults.debug_checkpoint_delay_s": 2,
+                                            "checkpoint.async": background})
     job.wait_for(lambda: (root / ".tmp-step-00000008" / "model.safetensors").is_file())  # files written, not published
     job.kill9()
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000004"]

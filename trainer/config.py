@@ -137,9 +137,11 @@ def _coerce(tp: Any, value: Any, path: str, src: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, path, src)
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            choices = ", ".join(repr(a) for a in typing.get_args(tp))
-            raise UserError(f"{src}: {path} must be one of {choices}, got {value!r}")
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
+        if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):  # true is not 1
+            raise UserError(f"{src}: {path} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -298,6 +300,8 @@ def _check(cfg: TrainConfig, src: str) -> None:
         raise UserError(f"{src}: data.seq_len={seq} exceeds model.max_seq_len={cfg.model.arch.max_seq_len}; raise model.max_seq_len")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
+    if t.engine == "deepspeed":
+        cfg.deepspeed.check(t, src)
     if cfg.checkpoint.async_ and t.engine == "deepspeed":
         raise UserError(f"{src}: checkpoint.async needs train.engine local or fsdp2 (DeepSpeed writes its checkpoints "
                         "synchronously); set checkpoint.async: false")

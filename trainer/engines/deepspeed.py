@@ -39,6 +39,13 @@ class DeepSpeedSection:
     optimizer: Literal["auto", "torch", "deepspeed"] = "auto"  # torch AdamW, or DeepSpeed's fused/CPU Adam (JIT-built; auto: on GPU only)
     extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, deep-merged last
 
+    def check(self, train, src: str) -> None:
+        """Checks that need the train section (called at config load)."""
+        bf16 = train.precision == "bf16" or (train.precision == "auto" and train.device != "cpu" and torch.cuda.is_available())
+        if self.zero_stage == 0 and bf16:
+            raise UserError(f"{src}: deepspeed.zero_stage=0 in bf16 trains bf16 weights with bf16 gradient accumulation "
+                            "(no fp32 master copy); use deepspeed.zero_stage >= 1, or train.engine=local for plain data parallelism")
+
     def __post_init__(self):
         if self.offload_params and self.zero_stage != 3:
             raise UserError("deepspeed.offload_params needs deepspeed.zero_stage=3; raise the stage or drop the offload")
@@ -76,7 +83,7 @@ def deepspeed_config(cfg, ctx: DistContext) -> dict:
         "bf16": {"enabled": uses_bf16(t.precision, ctx.device), "check_grad_overflow": True},
         # Gradients accumulate over micro-batches in fp32, as the other engines do (the default under
         # bf16 would be bf16 buffers, which lose the low bits of each added micro-batch).
-        "data_types": {"grad_accum_dtype": "fp32"},
+        "data_types": {"grad_accum_dtype": "fp32"} if ds.zero_stage >= 1 else {},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # a torch AdamW may run the offloaded step
@@ -139,6 +146,8 @@ class DeepSpeedEngine:
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, model_parameters=groups,
                                                                 config=conf)
         self.inner = module
+        # Each parameter group's hyperparameters as configured (weight decay differs between groups).
+        self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
 
     def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
         # The loop scales the loss for accumulation itself; DeepSpeed reduces at the boundary we set.
@@ -199,6 +208,16 @@ class DeepSpeedEngine:
     def _load(self, folder: Path, optimizer: bool) -> None:
         self.model.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=optimizer, load_lr_scheduler_states=False,
                                    load_module_only=not optimizer)
+        # Two mends for ZeRO-3's universal load (DeepSpeed 0.19.8), which (a) hands every parameter
+        # sub-group the same `step` tensor, which torch's AdamW then advances once per group per step, and
+        # (b) gives every parameter group the first group's settings (weight decay on the norms): each
+        # step tensor gets its own copy, each group its configured settings.
+        inner = getattr(self.model.optimizer, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        for group, settings in zip(self.optimizer.param_groups, self._group_settings):
+            group.update(settings)
 
     def full_state_dict(self) -> dict:
         """The fp32 master weights (collective under ZeRO-3: every rank must call it)."""
