@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cptrain.model.llama import Llama
+from cptrain.model.decoder import Decoder
 from cptrain.trainer import checkpoint as ckpt
 from cptrain.trainer.config import load_config
 from cptrain.trainer.engines import build_engine
@@ -40,7 +40,7 @@ def measure(engine_name: str, args, root: Path) -> dict:
     ctx = init_distributed(cfg.train.device)
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Llama(cfg.model.arch)
+        model = Decoder(cfg.model.arch)
     engine = build_engine(cfg, model, ctx, None)
     tokens = torch.randint(0, cfg.model.arch.vocab_size, (mb, seq + 1), device=ctx.device)
 

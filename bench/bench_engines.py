@@ -42,7 +42,7 @@ def _time_engine(args, engine: str, ctx) -> dict:
     import torch.distributed as dist
 
     from cptrain.model.config import flops_per_token
-    from cptrain.model.llama import Llama
+    from cptrain.model.decoder import Decoder
     from cptrain.trainer.loop import build_engine
     from cptrain.trainer.loss import lm_loss
     from cptrain.trainer.metrics import device_peak_tflops
@@ -51,7 +51,7 @@ def _time_engine(args, engine: str, ctx) -> dict:
     arch = cfg.model.arch
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Llama(arch)
+        model = Decoder(arch)
     eng = build_engine(cfg, model, ctx, None)
     gen = torch.Generator().manual_seed(ctx.rank)
     batch = {"tokens": torch.randint(0, arch.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(ctx.device)}

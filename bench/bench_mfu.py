@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 
-from cptrain.model.config import flops_per_token, preset, to_hf_config
+from cptrain.model.config import flops_per_token
+from cptrain.model.families import to_hf_config
+from cptrain.model.presets import preset
 
 DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1}
 SEQ = 2048
@@ -70,7 +72,7 @@ def random_batch(mb: int, vocab: int, device, gen: torch.Generator, mean_doc: in
 
 
 def build_ours(model_name: str, run: dict, device):
-    from cptrain.model.llama import Llama
+    from cptrain.model.decoder import Decoder
     from cptrain.trainer.config import load_config
     from cptrain.trainer.engines.base import DistContext
     from cptrain.trainer.engines.local import LocalEngine
@@ -85,7 +87,7 @@ def build_ours(model_name: str, run: dict, device):
     set_fa4(bool(run["fa4"]), device)
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Llama(cfg.model.arch)
+        model = Decoder(cfg.model.arch)
     engine = LocalEngine(model, cfg, DistContext(device=device), None)
     if run["bf16"]:
         engine.inner.to(torch.bfloat16)  # optimizer state is created lazily, so it follows in bf16

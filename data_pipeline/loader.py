@@ -419,12 +419,29 @@ def build_train_loader(cfg: DataConfig, *, micro_batch_size: int, rank: int, wor
     return TrainLoader(cfg, readers, seed, micro_batch_size, rank, world_size, state)
 
 
-def _val_batches(reader: SplitReader, d: int, n: int, cfg: DataConfig, b: int, rank: int, world: int):
-    samples = _Samples({d: reader}, cfg.seq_len, cfg.verify_shards)
+def _val_batches(reader: SplitReader, d: int, n: int, seq_len: int, verify: bool, b: int, rank: int, world: int):
+    samples = _Samples({d: reader}, seq_len, verify)
     per_rank = n // world
     lo = rank * per_rank
     for start in range(lo, lo + per_rank, b):
         yield collate([samples[(d, k)] for k in range(start, min(start + b, lo + per_rank))])
+
+
+def split_batches(folder: Path, split: str, micro_batch_size: int, max_samples: int | None = None,
+                  rank: int = 0, world_size: int = 1) -> tuple[dict, Iterator[dict]]:
+    """(manifest, batches) of the first max_samples samples (all when None) of one split of a
+    prepared directory, in order, this rank's contiguous share of them: `cptrain eval`'s input."""
+    folder = Path(folder)
+    manifest = _read_manifest(DomainConfig(name=folder.name, path=str(folder)))
+    root = folder / split
+    if not (root / "index.json").exists():
+        raise UserError(f"{root}: no such split in {folder} (it has {', '.join(k for k in manifest['splits'])}); "
+                        "pass --split train or val")
+    reader = open_split(root, with_dataset=True)
+    n = reader.num_samples if max_samples is None else min(max_samples, reader.num_samples)
+    if n < world_size:
+        raise UserError(f"{root}: {n} samples, fewer than {world_size} ranks; evaluate a larger split or on fewer ranks")
+    return manifest, _val_batches(reader, 0, n - n % world_size, manifest["seq_len"], True, micro_batch_size, rank, world_size)
 
 
 def build_val_loaders(cfg: DataConfig, *, micro_batch_size: int, rank: int, world_size: int,
@@ -444,5 +461,5 @@ def build_val_loaders(cfg: DataConfig, *, micro_batch_size: int, rank: int, worl
                           f"domain '{dom.name}' is not evaluated")
             continue
         out[dom.name] = (lambda r=reader, d=d, n=n - n % world_size:
-                         _val_batches(r, d, n, cfg, micro_batch_size, rank, world_size))
+                         _val_batches(r, d, n, cfg.seq_len, cfg.verify_shards, micro_batch_size, rank, world_size))
     return out

@@ -2,8 +2,10 @@
 tokenizer folder so continual pretraining keeps the model's own vocabulary).
 
 Both kinds present the same small surface: `encode_batch`, `vocab_size`, `eos_id`, `identity()`,
-and `save_to(dir)` (the copy a prepared data directory carries). Documents are encoded without
-special tokens; `prepare` appends `eos_id` after each document.
+and `save_to(dir)` (the copy a prepared data directory carries). A document is encoded as the
+tokenizer's own template begins it (an HF tokenizer whose post-processor puts a BOS first, as
+Gemma's and Llama 3's do, gets its BOS: continued pretraining sees documents as the model was
+trained on them; Gemma's loss without it is far higher), and `prepare` appends `eos_id` after it.
 """
 from __future__ import annotations
 
@@ -72,6 +74,16 @@ class HFTokenizer:
         self.tok = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos()
+        self.prefix = self._template_prefix()
+
+    def _template_prefix(self) -> list[int]:
+        """The ids the tokenizer's post-processor puts before a text (its BOS, if it adds one)."""
+        plain = self.tok.encode("a", add_special_tokens=False).ids
+        full = self.tok.encode("a", add_special_tokens=True).ids
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                return full[:i]
+        return []
 
     def _find_eos(self) -> int:
         cfg_file = self.path / "tokenizer_config.json"
@@ -88,13 +100,13 @@ class HFTokenizer:
                         "set \"eos_token\" in tokenizer_config.json")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [self.prefix + e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def _files(self) -> list[Path]:
         return [self.path / n for n in HF_TOKENIZER_FILES if (self.path / n).exists()]
 
     def identity(self) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "bos_ids": self.prefix,
                 "sha256": _sha256(self._files())}
 
     def save_to(self, out_dir: str | os.PathLike) -> str:

@@ -23,7 +23,7 @@ def _add(sub, name, target, help):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cptrain", description="Pretraining and continual pretraining of Llama-family LLMs.")
+    parser = argparse.ArgumentParser(prog="cptrain", description="Pretraining and continual pretraining of decoder LLMs (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3, OLMo 2).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _add(sub, "demo", "cptrain.launch.demo:main", "The built-in end-to-end demo on the shipped corpus (CPU is enough).")
@@ -81,13 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
 
     conv = sub.add_parser("convert", help="checkpoint import/export").add_subparsers(dest="convert_command", required=True)
-    p = _add(conv, "hf-to-cptrain", "cptrain.launch.commands:hf_to_cptrain", "Import an HF Llama folder as cptrain weights.")
+    p = _add(conv, "hf-to-cptrain", "cptrain.launch.commands:hf_to_cptrain", "Import an HF folder as cptrain weights.")
     p.add_argument("src")
     p.add_argument("out")
     p = _add(conv, "cptrain-to-hf", "cptrain.launch.commands:cptrain_to_hf", "Export a cptrain checkpoint (any engine) as an HF folder.")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+    p = _add(sub, "eval", "cptrain.launch.commands:evaluate",
+             "Score a model (HF folder, run directory, checkpoint or weights folder): mean next-token loss on a prepared split.")
+    p.add_argument("model", help="an HF folder, a cptrain run directory, checkpoint or weights folder")
+    p.add_argument("--data", required=True, help="a directory written by `cptrain data prepare`")
+    p.add_argument("--split", default="val", help="the split to score (val or train)")
+    p.add_argument("--max-samples", type=int, default=None, help="score only the first N samples of the split")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", default=None, help="write {\"loss\", \"tokens\", ...} to this file")
 
     p = _add(sub, "anneal", "cptrain.launch.commands:anneal",
              "Anneal branch: from a checkpoint of a constant (WSD stable, infinite) phase, decay to the floor in a new run "

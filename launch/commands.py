@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..trainer.config import load_config, parse_int
 
 
@@ -55,6 +56,22 @@ def forgetting(args) -> int:
     rep = write_forgetting(run_dir, old, new)
     print(format_forgetting(rep, str(run_dir)), end="")
     print(f"wrote {run_dir / 'forgetting.md'}, .json and .png")
+    return 0
+
+
+def evaluate(args) -> int:
+    """`cptrain eval MODEL --data DIR [--split val] [--max-samples N] [--json FILE]`."""
+    from ..trainer.evaluate import load_model, split_loss, write_json
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but this machine has no usable CUDA device; use --device auto or cpu")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    model = load_model(args.model, device)
+    result = split_loss(model, args.data, args.split, args.max_samples, args.batch_size, args.precision)
+    print(f"{args.model} on {args.data} ({args.split}, {result['samples']:,} samples, {result['tokens']:,} target tokens): "
+          f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+    if args.json:
+        write_json(args.json, result)
     return 0
 
 

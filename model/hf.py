@@ -11,8 +11,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from .config import LlamaConfig, from_hf_config, to_hf_config
-from .llama import Llama
+from .config import ModelConfig
+from .families import from_hf_config, to_hf_config
+from .decoder import Decoder
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
 HF_INDEX_FILE = "model.safetensors.index.json"
@@ -20,35 +21,42 @@ HF_INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
-# Per-block names: ours (Meta's naming) -> HF's, under `layers.{i}.` and `model.layers.{i}.`.
-_BLOCK_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
+# Per-block names: ours (Meta's naming) -> HF's, under `layers.{i}.` and `model.layers.{i}.`. The same
+# in every family; which of them a block has follows from its switches.
+_LINEARS = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+            "feed_forward.w2": "mlp.down_proj"}
+# HF calls Llama's pre-MLP norm `post_attention_layernorm`; with norms after attention as well (Gemma,
+# OLMo 2) that name is the post-attention norm and the MLP's are pre_/post_feedforward_layernorm.
+_NORMS = {
+    "pre": {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    "sandwich": {"attention_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
+    "post": {"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
 }
 
 
-def name_map(cfg: LlamaConfig) -> dict[str, str]:
-    """Our parameter name -> HF LlamaForCausalLM name, for every tensor of our state dict."""
+def name_map(cfg: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> the HF name, for every tensor of our state dict."""
+    block = {f"{ours}.weight": f"{hf}.weight" for ours, hf in _LINEARS.items()}
+    if cfg.qkv_bias:
+        block.update({f"attention.w{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"})
+    if cfg.qk_norm != "none":
+        block.update({"attention.q_norm.weight": "self_attn.q_norm.weight", "attention.k_norm.weight": "self_attn.k_norm.weight"})
+    block.update({f"{ours}.weight": f"{hf}.weight" for ours, hf in _NORMS[cfg.norm_placement].items()})
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     for i in range(cfg.n_layers):
-        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in _BLOCK_NAMES.items()})
+        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in block.items()})
     if not cfg.tie_embeddings:
         names["output.weight"] = "lm_head.weight"
     return names
 
 
-def _check_tensors(sd: dict[str, torch.Tensor], cfg: LlamaConfig, source: str,
+def _check_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str,
                    names: dict[str, str] | None = None) -> None:
-    """Names and shapes of `sd` against those of Llama(cfg); `names` maps our names to sd's."""
+    """Names and shapes of `sd` against those of Decoder(cfg); `names` maps our names to sd's."""
     with torch.device("meta"):
-        want = {k: v.shape for k, v in Llama(cfg).state_dict().items()}
+        want = {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
     if names is not None:
         want = {names[k]: shape for k, shape in want.items()}
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
@@ -62,10 +70,10 @@ def _check_tensors(sd: dict[str, torch.Tensor], cfg: LlamaConfig, source: str,
                         "is the config from the same model?")
 
 
-def hf_to_cptrain(cfg: LlamaConfig, hf_sd: dict[str, torch.Tensor],
+def hf_to_cptrain(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor],
                   source: str = "HF state dict") -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM tensors -> ours. A stored lm_head.weight of a tied model is dropped (HF
-    ties it to the embedding on load); stale `rotary_emb.inv_freq` buffers of old checkpoints too."""
+    """HF tensors -> ours. A stored lm_head.weight of a tied model is dropped (HF ties it to the
+    embedding on load); stale `rotary_emb.inv_freq` buffers of old checkpoints too."""
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
         hf_sd.pop("lm_head.weight", None)
@@ -74,9 +82,9 @@ def hf_to_cptrain(cfg: LlamaConfig, hf_sd: dict[str, torch.Tensor],
     return {ours: hf_sd[hf] for ours, hf in names.items()}
 
 
-def cptrain_to_hf(cfg: LlamaConfig, sd: dict[str, torch.Tensor],
+def cptrain_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor],
                   source: str = "state dict") -> dict[str, torch.Tensor]:
-    """Our tensors -> HF LlamaForCausalLM names (no lm_head.weight when tied, as save_pretrained does)."""
+    """Our tensors -> HF names (no lm_head.weight when tied, as save_pretrained does)."""
     _check_tensors(sd, cfg, source)
     return {hf: sd[ours] for ours, hf in name_map(cfg).items()}
 
@@ -99,11 +107,11 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: unreadable safetensors file ({e}); re-download or re-save it") from e
 
 
-def load_hf_dir(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """An HF Llama folder (config.json + model.safetensors, or a sharded index) -> (config, our
+def load_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """An HF folder (config.json + model.safetensors, or a sharded index) -> (config, our
     state dict). Tensors keep their stored dtype."""
     path = Path(path)
-    hf_cfg = _read_json(path / "config.json", "point to a Hugging Face Llama folder (config.json + model.safetensors)")
+    hf_cfg = _read_json(path / "config.json", "point to a Hugging Face model folder (config.json + model.safetensors)")
     cfg = from_hf_config(hf_cfg, source=str(path / "config.json"))
     index = path / HF_INDEX_FILE
     if index.is_file():
@@ -142,10 +150,10 @@ def _shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, max_byt
     return groups
 
 
-def save_hf_dir(cfg: LlamaConfig, state_dict: dict[str, torch.Tensor], out: str | Path,
+def save_hf_dir(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out: str | Path,
                 dtype: torch.dtype | str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
                 extra_config: dict | None = None, generation_config: dict | None = None) -> Path:
-    """Write an HF LlamaForCausalLM folder that `AutoModelForCausalLM.from_pretrained(out)` loads.
+    """Write an HF folder that `AutoModelForCausalLM.from_pretrained(out)` loads as the family's architecture.
     dtype None keeps each tensor's dtype; extra_config adds config.json keys (e.g. bos/eos token ids);
     generation_config, when given, is written as generation_config.json. Returns `out`."""
     out, dtype = Path(out), _as_dtype(dtype)
@@ -172,7 +180,7 @@ def save_hf_dir(cfg: LlamaConfig, state_dict: dict[str, torch.Tensor], out: str 
     return out
 
 
-def save_weights(dir: str | Path, cfg: LlamaConfig, state_dict: dict[str, torch.Tensor]) -> Path:
+def save_weights(dir: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Path:
     """Our model-only checkpoint: dir/model.safetensors (our names, dtypes kept) + dir/model_config.json."""
     dir = Path(dir)
     _check_tensors(state_dict, cfg, "state dict")
@@ -183,11 +191,11 @@ def save_weights(dir: str | Path, cfg: LlamaConfig, state_dict: dict[str, torch.
     return dir
 
 
-def load_weights(dir: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+def load_weights(dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, state dict) from a folder written by save_weights."""
     dir = Path(dir)
     cfg_path = dir / CONFIG_FILE
-    cfg = LlamaConfig.from_dict(_read_json(cfg_path, "point to a cptrain weights folder "
+    cfg = ModelConfig.from_dict(_read_json(cfg_path, "point to a cptrain weights folder "
                                            "(model_config.json + model.safetensors)"), source=str(cfg_path))
     sd = _load_safetensors(dir / WEIGHTS_FILE)
     _check_tensors(sd, cfg, str(dir / WEIGHTS_FILE))

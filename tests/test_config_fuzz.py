@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cptrain.launch.cli import main as cli_main
 from cptrain.errors import UserError
-from cptrain.model.config import LlamaConfig
+from cptrain.model.config import ModelConfig
 from cptrain.trainer.config import TrainConfig, load_config
 
 pytestmark = pytest.mark.faults
@@ -34,7 +34,7 @@ def _keys(cls) -> list[str]:
 
 KEYS = [k for k in _keys(TrainConfig) if not k.startswith("model.")]
 KEYS += ["model.preset", "model.init_from", "model.load", "model.reset_optimizer"]
-KEYS += [f"model.{f.name}" for f in dataclasses.fields(LlamaConfig)]
+KEYS += [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
 
 scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
            | st.text(string.printable, max_size=12)

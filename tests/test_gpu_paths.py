@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cptrain.model import attention
-from cptrain.model.config import preset
-from cptrain.model.llama import Llama
+from cptrain.model.presets import preset
+from cptrain.model.decoder import Decoder
 from cptrain.trainer.loss import lm_loss
 
 pytestmark = [pytest.mark.model, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -81,7 +81,7 @@ def test_fa4_plain_causal_matches_sdpa():
 
 def test_fused_cross_entropy_matches_plain_in_bf16():
     torch.manual_seed(0)
-    model = Llama(dataclasses.replace(preset("tiny"), vocab_size=4096)).to(DEV)
+    model = Decoder(dataclasses.replace(preset("tiny"), vocab_size=4096)).to(DEV)
     batch = {"tokens": torch.randint(0, 4096, (4, 257), device=DEV)}
     grads = []
     for chunk in (0, 256):
@@ -100,8 +100,8 @@ def test_compiled_doc_masked_step_matches_eager():
     different document counts (the compiled step must not fail or recompile per batch)."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(preset("tiny"), vocab_size=4096, max_seq_len=512, attention="flash_attn")
-    fast = Llama(cfg).to(DEV)
-    plain = Llama(dataclasses.replace(cfg, attention="sdpa")).to(DEV)
+    fast = Decoder(cfg).to(DEV)
+    plain = Decoder(dataclasses.replace(cfg, attention="sdpa")).to(DEV)
     plain.load_state_dict(fast.state_dict())
     for block in fast.layers:
         block.compile()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from cptrain.errors import UserError
 from cptrain.launch.commands import hf_to_cptrain as cli_hf_to_cptrain
 from cptrain.model.hf import load_hf_dir, load_weights, save_hf_dir, save_weights
-from cptrain.model.llama import Llama
+from cptrain.model.decoder import Decoder
 
 pytestmark = pytest.mark.hf
 
@@ -41,10 +41,10 @@ def tiny_hf_model(kind: str) -> transformers.LlamaForCausalLM:
     return model
 
 
-def ours(path) -> Llama:
+def ours(path) -> Decoder:
     cfg, sd = load_hf_dir(path)
     with torch.device("meta"):  # as the trainer builds it; the checkpoint supplies every tensor
-        model = Llama(cfg)
+        model = Decoder(cfg)
     model.load_state_dict(sd, assign=True)
     return model.eval()
 
@@ -141,7 +141,8 @@ def test_bad_folders_raise_user_errors(tmp_path):
         "model.safetensors: unreadable": lambda d: (d / "model.safetensors").write_bytes(b"\x00garbage" * 10),
         "model.safetensors: not found": lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin.x"),
         "pytorch_model.bin only": lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
-        "not a LlamaForCausalLM": lambda d: _edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"]),
+        "model_type 'gpt_neox' / architectures \\['GPTNeoXForCausalLM'\\] is not supported; cptrain imports llama":
+            lambda d: _edit_config(d, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"]),
         "attention_bias=True is not supported": lambda d: _edit_config(d, attention_bias=True),
         "RoPE type 'yarn' is not supported":
             lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0}),

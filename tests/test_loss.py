@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from cptrain.model.config import preset
-from cptrain.model.llama import Llama
+from cptrain.model.presets import preset
+from cptrain.model.decoder import Decoder
 from cptrain.trainer.loss import lm_loss, token_losses
 
 pytestmark = pytest.mark.model
@@ -23,7 +23,7 @@ def grads_of(model, batch, chunk):
 @pytest.mark.parametrize("chunk", [16, 7])  # 7 does not divide the 3 x 40 tokens: a short last chunk
 def test_fused_loss_matches_plain(tied, chunk):
     torch.manual_seed(0)
-    model = Llama(dataclasses.replace(preset("tiny"), tie_embeddings=tied))
+    model = Decoder(dataclasses.replace(preset("tiny"), tie_embeddings=tied))
     model.init_weights()
     tokens = torch.randint(0, 512, (3, 41))
     doc_ids = (torch.arange(41) >= 20).int().expand(3, 41)

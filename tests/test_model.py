@@ -11,14 +11,16 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from cptrain.errors import UserError
 from cptrain.model import attention
-from cptrain.model.config import LlamaConfig, flops_per_token, param_counts, preset, to_hf_config
-from cptrain.model.llama import Llama, rope_inv_freq
+from cptrain.model.config import ModelConfig, flops_per_token, param_counts
+from cptrain.model.families import to_hf_config
+from cptrain.model.presets import preset
+from cptrain.model.decoder import Decoder, rope_inv_freq
 
 pytestmark = pytest.mark.model
 
 
-def build(cfg: LlamaConfig, seed: int = 0) -> Llama:
-    m = Llama(cfg)
+def build(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    m = Decoder(cfg)
     torch.manual_seed(seed)
     m.init_weights()
     return m.eval()
@@ -41,7 +43,7 @@ def test_shapes():
 def test_meta_build_then_init_is_deterministic():
     cfg = preset("tiny")
     with torch.device("meta"):
-        meta = Llama(cfg)
+        meta = Decoder(cfg)
     assert all(p.is_meta for p in meta.parameters())
     meta.to_empty(device="cpu")
     torch.manual_seed(0)
@@ -65,17 +67,17 @@ def test_init_statistics():
     assert torch.equal(layer.ffn_norm.weight, torch.ones(cfg.dim))
 
 
-def _mha_copy(gqa: Llama) -> Llama:
+def _mha_copy(gqa: Decoder) -> Decoder:
     """The same model with every kv head repeated explicitly (n_kv_heads = n_heads)."""
     cfg = gqa.cfg
-    mha = Llama(dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)).eval()
+    mha = Decoder(dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)).eval()
     sd = gqa.state_dict()
     rep = cfg.n_heads // cfg.n_kv_heads
     for i in range(cfg.n_layers):
         for w in ("wk", "wv"):
             key = f"layers.{i}.attention.{w}.weight"
-            heads = sd[key].view(cfg.n_kv_heads, cfg.head_dim, cfg.dim)
-            sd[key] = heads.repeat_interleave(rep, dim=0).reshape(cfg.n_heads * cfg.head_dim, cfg.dim)
+            heads = sd[key].view(cfg.n_kv_heads, cfg.head_size, cfg.dim)
+            sd[key] = heads.repeat_interleave(rep, dim=0).reshape(cfg.n_heads * cfg.head_size, cfg.dim)
     mha.load_state_dict(sd)
     return mha
 
@@ -126,7 +128,7 @@ def test_param_counts_tied_and_untied():
     tied = dataclasses.replace(untied, tie_embeddings=True)
     for cfg in (untied, tied):
         with torch.device("meta"):
-            m = Llama(cfg)
+            m = Decoder(cfg)
         assert param_counts(cfg)[0] == sum(p.numel() for p in m.parameters())
     assert param_counts(untied)[0] - param_counts(tied)[0] == untied.vocab_size * untied.dim
     assert param_counts(untied)[1] == param_counts(tied)[1]
@@ -153,11 +155,11 @@ def test_rope_llama3_scaling_matches_transformers():
         cfg = preset(name)
         hf_cfg = HFLlamaConfig(**to_hf_config(cfg))
         hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
-        assert torch.equal(rope_inv_freq(cfg), hf_inv_freq)
-        assert not torch.equal(rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None)), hf_inv_freq)
+        assert torch.equal(rope_inv_freq(cfg.rope_theta, cfg.head_size, cfg.rope_scaling), hf_inv_freq)
+        assert not torch.equal(rope_inv_freq(cfg.rope_theta, cfg.head_size, None), hf_inv_freq)
     cfg = preset("7B")
     hf_inv_freq, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(HFLlamaConfig(**to_hf_config(cfg)))
-    assert torch.equal(rope_inv_freq(cfg), hf_inv_freq)
+    assert torch.equal(rope_inv_freq(cfg.rope_theta, cfg.head_size, None), hf_inv_freq)
 
 
 @pytest.mark.parametrize("backend", ["flash_attn", "flex"])
@@ -192,7 +194,7 @@ def test_flex_block_mask_matches_dense_mask():
     from torch.nn.attention.flex_attention import flex_attention
     doc_ids = torch.tensor([[0] * 50 + [1] * 78, [0] * 128])
     q, k, v = (torch.randn(2, 4, 128, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    block_mask = attention._flex_block_mask(doc_ids, 2, 128, torch.device("cpu"))
+    block_mask = attention._flex_block_mask(doc_ids, 2, 128, torch.device("cpu"), None)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention.doc_causal_mask(doc_ids))
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), dense, atol=1e-5, rtol=0)
 
@@ -202,13 +204,14 @@ def test_config_errors():
         preset("13B")
     cases = [({"dim": 66}, "not divisible by n_heads"), ({"n_kv_heads": 3}, "multiple of n_kv_heads"),
              ({"attention": "xformers"}, "use one of sdpa, flash_attn, flex"),
-             ({"rope_scaling": {"factor": 8.0}}, "rope_scaling lacks"),
+             ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling lacks"),
+             ({"rope_scaling": {"factor": 8.0}}, "is not supported; use Llama-3 scaling"),
              ({"rope_theta": "1e4"}, "rope_theta must be a positive number")]
     for change, message in cases:
         with pytest.raises(UserError, match=message):
             dataclasses.replace(preset("tiny"), **change).validate()
     with pytest.raises(UserError, match="unknown model keys"):
-        LlamaConfig.from_dict({**preset("tiny").to_dict(), "n_expert": 8})
+        ModelConfig.from_dict({**preset("tiny").to_dict(), "n_expert": 8})
 
 
 def test_training_reduces_loss():

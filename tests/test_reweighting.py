@@ -51,10 +51,10 @@ def test_delta_and_degenerate_batches():
 
 
 def _tiny_model():
-    from cptrain.model.config import preset
-    from cptrain.model.llama import Llama
+    from cptrain.model.presets import preset
+    from cptrain.model.decoder import Decoder
     torch.manual_seed(0)
-    model = Llama(preset("tiny"))
+    model = Decoder(preset("tiny"))
     model.init_weights()
     return model
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cptrain.errors import UserError
-from cptrain.model.llama import Llama
+from cptrain.model.decoder import Decoder
 from tests.conftest import tiny_overrides
 from tests.sparsity_worker import quantize
 from cptrain.trainer.checkpoint import load_full_weights
@@ -34,7 +34,7 @@ def _cfg(tmp_path, data, **extra):
 def _engine(cfg) -> LocalEngine:
     torch.manual_seed(cfg.seed)  # as the trainer builds it
     with torch.device("meta"):
-        model = Llama(cfg.model.arch)
+        model = Decoder(cfg.model.arch)
     return LocalEngine(model, cfg, DistContext(), None)
 
 
@@ -216,7 +216,7 @@ def _val_loss(cfg, weights: dict) -> float:
 
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
-        model = Llama(cfg.model.arch)
+        model = Decoder(cfg.model.arch)
     engine = LocalEngine(model, cfg, DistContext(), weights)
     loaders = build_val_loaders(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1,
                                 max_samples=cfg.eval.max_samples)

@@ -98,13 +98,13 @@ def test_export_to_hf_loads_in_transformers(tmp_path, austen_data):
 
     from cptrain.launch.cli import main
     from cptrain.model.hf import load_weights
-    from cptrain.model.llama import Llama
+    from cptrain.model.decoder import Decoder
 
     run(_cfg(tmp_path, austen_data, **{"train.max_tokens": 2048}))
     assert main(["convert", "cptrain-to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     cfg, state = load_weights(tmp_path / "run" / "checkpoints" / "step-00000002")
-    ours = Llama(cfg)
+    ours = Decoder(cfg)
     ours.load_state_dict(state)
     tokens = torch.randint(0, 512, (2, 32))
     with torch.no_grad():

@@ -292,8 +292,9 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def model_config_of(path: str | Path):
-    """The LlamaConfig of an HF folder, a cptrain weights/checkpoint folder, or a run directory."""
-    from ..model.config import LlamaConfig, from_hf_config
+    """The ModelConfig of an HF folder, a cptrain weights/checkpoint folder, or a run directory."""
+    from ..model.config import ModelConfig
+    from ..model.families import from_hf_config
 
     p = Path(path)
     if is_hf_folder(p):
@@ -302,11 +303,11 @@ def model_config_of(path: str | Path):
     f = p / "model_config.json"
     if not f.is_file():
         raise UserError(f"{p}: neither an HF folder (config.json) nor a cptrain checkpoint (model_config.json); pass one of those")
-    return LlamaConfig.from_dict(json.loads(f.read_text()), source=str(f))
+    return ModelConfig.from_dict(json.loads(f.read_text()), source=str(f))
 
 
 def load_full_weights(path: str | Path):
-    """(LlamaConfig, full state dict) from an HF folder, any engine's checkpoint or a weights folder."""
+    """(ModelConfig, full state dict) from an HF folder, any engine's checkpoint or a weights folder."""
     from ..model.hf import load_hf_dir, load_weights
 
     if is_hf_folder(path):

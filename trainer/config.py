@@ -2,7 +2,7 @@
 
 Every key is checked at load time - unknown keys (with a did-you-mean), wrong types, bad values -
 so a typo fails in a second with the key path, not an hour into a run. Each section's dataclass
-lives with the code that owns it (LlamaConfig in model/, DataConfig in data_pipeline/,
+lives with the code that owns it (ModelConfig in model/, DataConfig in data_pipeline/,
 ScheduleConfig in trainer/schedule.py); this file composes them.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import yaml
 
 from ..data_pipeline.loader import DataConfig
 from ..errors import UserError
-from ..model.config import LlamaConfig, preset
+from ..model.config import ModelConfig
+from ..model.presets import preset
 from .continual import ContinualSection
 from .engines.deepspeed import DeepSpeedSection
 from .faults import FaultsSection
@@ -35,11 +36,11 @@ _SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"  # a named shape from cptrain.model.config.PRESETS; ignored when init_from gives one
-    init_from: str = ""  # HF Llama folder or cptrain checkpoint/weights folder to start from
+    preset: str = "tiny"  # a named shape from cptrain.model.presets.PRESETS; ignored when init_from gives one
+    init_from: str = ""  # HF folder or cptrain checkpoint/weights folder to start from
     load: Literal["weights", "weights+optimizer", "all"] = "weights"  # what init_from restores (cptrain checkpoints)
     reset_optimizer: bool = False  # with load=weights+optimizer/all: zero the Adam moments anyway
-    arch: LlamaConfig | None = None  # resolved shape: preset (or init_from) plus the keys given in YAML
+    arch: ModelConfig | None = None  # resolved shape: preset (or init_from) plus the keys given in YAML
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _coerce(tp: Any, value: Any, path: str, src: str) -> Any:
             raise UserError(f"{src}: {path} must be a list, got {value!r}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(item, v, f"{path}[{i}]", src) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:  # a bare `dict` too (LlamaConfig.rope_scaling)
+    if origin is dict or tp is dict:  # a bare `dict` too (ModelConfig.rope_scaling)
         if not isinstance(value, dict):
             raise UserError(f"{src}: {path} must be a mapping, got {value!r}")
         _, item = typing.get_args(tp) or (str, Any)
@@ -240,7 +241,7 @@ def _apply_override(raw: dict, override: str, src: str) -> None:
 
 
 def _resolve_model(raw: dict, src: str) -> ModelSection:
-    """The model section is flat in YAML (preset, init_from and any LlamaConfig key); the shape is
+    """The model section is flat in YAML (preset, init_from and any ModelConfig key); the shape is
     the preset's (or init_from's) with the given keys replaced."""
     raw = dict(raw or {})
     if "arch" in raw:  # a resolved config written by a previous run
@@ -256,7 +257,7 @@ def _resolve_model(raw: dict, src: str) -> ModelSection:
             raise UserError(f"{src}: model.{clash[0]} conflicts with the shape of {section.init_from}; remove it (the checkpoint sets the shape)")
     else:
         base = preset(section.preset)
-    arch = from_dict(LlamaConfig, {**to_dict(base), **raw}, "model", src)
+    arch = from_dict(ModelConfig, {**to_dict(base), **raw}, "model", src)
     arch.validate()
     section.arch = arch
     return section

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..data_pipeline.loader import build_train_loader, build_val_loaders, validate_data
 from ..errors import UserError
 from ..model.config import flops_per_token, param_counts
-from ..model.llama import Llama
+from ..model.decoder import Decoder
 from . import checkpoint as ckpt
 from . import continual
 from .config import TrainConfig, save_config
@@ -106,7 +106,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         with torch.device("meta"):
-            model = Llama(arch)
+            model = Decoder(arch)
         initial = ckpt.load_full_weights(self.plan.source)[1] if self.plan.initial_weights else None
         self.engine = build_engine(cfg, model, self.ctx, initial)
         self.progress = self._restore(self.plan)

@@ -9,18 +9,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _head_weight(model) -> torch.Tensor:
-    return model.tok_embeddings.weight if model.output is None else model.output.weight
+from ..model.decoder import softcap
 
 
-def _ce_and_dlogits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss [n] (float32) and d loss / d logits [n, V] (in h's dtype) of one chunk."""
+def _ce_and_dlogits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [n] (float32) and d loss / d logits [n, V] (in h's dtype) of one chunk; with a
+    final soft-cap the logits are cap * tanh(z / cap) and the gradient is taken through it."""
     logits = (h @ w.t()).float()  # [n, V]
+    if cap is not None:
+        capped = torch.tanh(logits / cap)
+        logits = capped * cap
     lse = torch.logsumexp(logits, dim=-1)
     loss = lse - logits.gather(1, t[:, None]).squeeze(1)
     probs = torch.exp(logits - lse[:, None])
     dlogits = probs.scatter_add(1, t[:, None], -torch.ones_like(probs[:, :1]))  # softmax - onehot
+    if cap is not None:
+        dlogits = dlogits * (1 - capped * capped)  # d(cap * tanh(z / cap)) / dz
     return loss, dlogits.to(h.dtype)
 
 
@@ -48,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype, row_weight=None):
+    def forward(ctx, hidden, weight, targets, chunk, dtype, row_weight=None, cap=None):
         # hidden [N, D], weight [V, D], targets [N]
         h_all, w = hidden.to(dtype), weight.to(dtype)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -57,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         fn = _chunk_fn(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = h_all[start:start + chunk], targets[start:start + chunk]
-            losses[start:start + chunk], dlogits = fn(h, w, t)
+            losses[start:start + chunk], dlogits = fn(h, w, t, cap)
             if row_weight is not None:
                 dlogits = dlogits * row_weight[start:start + chunk, None].to(dlogits.dtype)
             grad_h[start:start + chunk] = dlogits @ w
@@ -70,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h.to(ctx.dtypes[0]) * grad_total, grad_w.to(ctx.dtypes[1]) * grad_total, None, None, None, None)
+        return (grad_h.to(ctx.dtypes[0]) * grad_total, grad_w.to(ctx.dtypes[1]) * grad_total, None, None, None, None, None)
 
 
 def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
@@ -79,15 +83,15 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_tokens: int, row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                         row_weight: torch.Tensor | None = None, cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses with gradient, per-token losses [N] detached) for hidden [N, D]; the
-    sum is weighted by row_weight [N] when given."""
+    sum is weighted by row_weight [N] when given; `cap` soft-caps the logits (Gemma 2)."""
     dtype = _compute_dtype(hidden.device, weight.dtype)
     if torch.is_grad_enabled():
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, dtype, row_weight)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, dtype, row_weight, cap)
     h_all, w = hidden.to(dtype), weight.to(dtype)  # evaluation: losses only, still chunk by chunk
-    losses = torch.cat([F.cross_entropy((h @ w.t()).float(), t, reduction="none")
+    losses = torch.cat([F.cross_entropy(softcap((h @ w.t()).float(), cap), t, reduction="none")
                         for h, t in zip(h_all.split(chunk_tokens), targets.split(chunk_tokens))])
     return (losses.sum() if row_weight is None else (losses * row_weight).sum()), losses
 
@@ -106,7 +110,7 @@ def token_losses(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
         logits = model(inputs, doc_ids)  # [B, S, V]
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
     hidden = model.hidden(inputs, doc_ids).flatten(0, 1)  # [B*S, D]
-    _, losses = linear_cross_entropy(hidden, _head_weight(model), targets.flatten(), chunk_tokens)
+    _, losses = linear_cross_entropy(hidden, model.head_weight(), targets.flatten(), chunk_tokens, cap=model.cfg.final_softcap)
     return losses.view_as(targets)
 
 
@@ -125,7 +129,8 @@ def lm_loss(model, batch: dict, scale: float, chunk_tokens: int = 0) -> tuple[to
         inputs, doc_ids, targets = _inputs(batch)
         hidden = model.hidden(inputs, doc_ids).flatten(0, 1)  # [B*S, D]
         row_weight = None if weight is None else weight.repeat_interleave(targets.shape[1])
-        backprop, flat = linear_cross_entropy(hidden, _head_weight(model), targets.flatten(), chunk_tokens, row_weight)
+        backprop, flat = linear_cross_entropy(hidden, model.head_weight(), targets.flatten(), chunk_tokens, row_weight,
+                                              model.cfg.final_softcap)
         losses = flat.view_as(targets)
         total = backprop if weight is None else flat.sum()
     return backprop * scale, {"loss_sum": total.detach(), "sample_loss": losses.detach().mean(dim=1)}

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..errors import UserError
 
-# Parameter names (of the unwrapped Llama) for each choice in `sparsity.params`. Norms are never pruned.
+# Parameter names (of the unwrapped Decoder) for each choice in `sparsity.params`. Norms are never pruned.
 PARAM_PATTERNS = {
     "attention": r"layers\.\d+\.attention\.w[qkvo]\.weight",
     "mlp": r"layers\.\d+\.feed_forward\.w[123]\.weight",

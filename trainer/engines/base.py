@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...errors import UserError
-from ...model.llama import Llama
+from ...model.decoder import Decoder
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict]"]
 
@@ -132,7 +132,7 @@ def autocast_for(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def full_initial_state(model: Llama, initial_state: dict | None, ctx: DistContext) -> dict | None:
+def full_initial_state(model: Decoder, initial_state: dict | None, ctx: DistContext) -> dict | None:
     """The full weights a sharded engine starts from, on rank 0 only (None elsewhere): `initial_state`,
     or init_weights() run on a CPU copy - the same call on the same RNG stream as LocalEngine's, so
     every engine starts from identical weights. Rank 0's host memory holds one fp32 copy (4 bytes a
@@ -142,7 +142,7 @@ def full_initial_state(model: Llama, initial_state: dict | None, ctx: DistContex
     if initial_state is not None:
         return initial_state
     with torch.device("meta"):
-        cpu_model = Llama(model.cfg)
+        cpu_model = Decoder(model.cfg)
     cpu_model.to_empty(device="cpu")
     cpu_model.init_weights()
     return cpu_model.state_dict()
@@ -153,7 +153,7 @@ def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
-def wrap_blocks(model: Llama, activation_checkpointing: bool, compile_blocks: bool) -> None:
+def wrap_blocks(model: Decoder, activation_checkpointing: bool, compile_blocks: bool) -> None:
     """Per-block activation checkpointing and torch.compile, applied in place before sharding.
     Both are hook-based, so parameter names (and checkpoints) stay those of the plain model."""
     from torch.distributed._composable import checkpoint as checkpoint_block

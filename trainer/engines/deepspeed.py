@@ -247,10 +247,10 @@ def _build_zero3(arch, conf: dict, full: dict | None):
     a time."""
     import deepspeed
 
-    from ...model.llama import Llama
+    from ...model.decoder import Decoder
 
     with torch.random.fork_rng(), deepspeed.zero.Init(config_dict_or_path=conf):
-        module = Llama(arch)
+        module = Decoder(arch)
     for sub in module.modules():
         params = list(sub.parameters(recurse=False))
         if params:

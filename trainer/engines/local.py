@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...model.hf import load_weights, save_weights
-from ...model.llama import Llama
+from ...model.decoder import Decoder
 from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step, cpu_snapshot, param_groups,
                    wrap_blocks)
 
@@ -31,7 +31,7 @@ class _LossForward(nn.Module):
 class LocalEngine:
     """One process, or plain data parallelism (DDP) over a launched process group."""
 
-    def __init__(self, model: Llama, cfg, ctx: DistContext, initial_state: dict | None):
+    def __init__(self, model: Decoder, cfg, ctx: DistContext, initial_state: dict | None):
         self.ctx, self.cfg = ctx, cfg
         model.to_empty(device=ctx.device)
         model.init_weights()

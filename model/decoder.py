@@ -1,0 +1,226 @@
+"""The decoder: one block with a few switches (model/config.py) covers Llama, Mistral, Qwen2/2.5,
+Qwen3, Gemma 2/3 and OLMo 2. RMSNorm, RoPE (default, Llama-3 or linear scaling; a base of its own
+for sliding-window layers), grouped-query attention with optional q/k biases and q/k norms, a gated
+MLP (SwiGLU or tanh-GELU GeGLU), norms before and/or after attention and MLP, soft-capped logits.
+Knows nothing of distribution, data or training.
+
+RoPE uses the rotate-half convention of HF transformers, so HF q/k weights load without the
+permutation that Meta's interleaved checkpoints need.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionContext, attend, build_context, doc_positions
+from .config import ModelConfig
+
+
+def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (float32). The arithmetic follows transformers'
+    `_compute_default_rope_parameters` / `_compute_linear_scaling_rope_parameters` /
+    `_compute_llama3_parameters` op for op, so results match bitwise."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":  # positions divided by the factor (Chen et al. 2023, position interpolation)
+        return inv_freq / scaling["factor"]
+    # Llama 3.1: wavelengths longer than original_len / low_freq_factor are stretched by `factor`,
+    # shorter than original_len / high_freq_factor are kept, and the band between is interpolated.
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_of(cfg: ModelConfig, kind: str) -> tuple[float, dict | None]:
+    """(theta, scaling) of a layer kind: sliding layers have a base of their own when set (Gemma 3)."""
+    if kind == "sliding" and cfg.rope_local_theta:
+        return cfg.rope_local_theta, None
+    return cfg.rope_theta, cfg.rope_scaling
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, S] -> (cos, sin) [B, S, head_dim] float32."""
+    freqs = positions[..., None].float() * inv_freq  # [B, S, head_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, heads, hd] rotated by cos/sin [B, S, hd]."""
+    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma scales by (1 + w) in float32, then casts (transformers PR 29402)
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)  # normalize in float32, scale in the input dtype, as HF's Llama
+
+
+def _norm(cfg: ModelConfig, dim: int, present: bool = True) -> nn.Module:
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_unit_offset) if present else nn.Identity()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+        q, kv = cfg.n_heads * cfg.head_size, cfg.n_kv_heads * cfg.head_size
+        self.wq = nn.Linear(cfg.dim, q, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q, cfg.dim, bias=False)
+        # q/k norm: over each head (Qwen3, Gemma 3) or over the whole projection (OLMo 2).
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = _norm(cfg, cfg.head_size if per_head else q)
+            self.k_norm = _norm(cfg, cfg.head_size if per_head else kv)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, self.n_heads, self.head_dim)  # [B, S, H, hd]
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, KV, hd]
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        out = attend(q, k, v, ctx)  # [B, S, H, hd]
+        return self.wo(out.reshape(b, s, -1))  # [B, S, D]
+
+
+class FeedForward(nn.Module):
+    """Gated MLP: w2(act(w1 x) * w3 x) with SiLU (SwiGLU, Shazeer 2020) or tanh GELU (GeGLU, Gemma)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.gelu = cfg.activation == "gelu_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = F.gelu(self.w1(x), approximate="tanh") if self.gelu else F.silu(self.w1(x))
+        return self.w2(gate * self.w3(x))
+
+
+class Block(nn.Module):
+    """One decoder block; takes hidden states [B, S, D] and the AttentionContext of its kind. Norms sit
+    before attention and MLP ("pre", Llama), after them ("post", OLMo 2) or both ("sandwich", Gemma);
+    an absent one is an Identity, so the state dict holds exactly the norms a family has."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind  # "full" or "sliding": which context of the forward it reads
+        before, after = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("post", "sandwich")
+        self.attention_norm, self.attention_out_norm = _norm(cfg, cfg.dim, before), _norm(cfg, cfg.dim, after)
+        self.attention = Attention(cfg)
+        self.ffn_norm, self.ffn_out_norm = _norm(cfg, cfg.dim, before), _norm(cfg, cfg.dim, after)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, contexts: dict[str, AttentionContext]) -> torch.Tensor:
+        h = x + self.attention_out_norm(self.attention(self.attention_norm(x), contexts[self.kind]))
+        return h + self.ffn_out_norm(self.feed_forward(self.ffn_norm(h)))
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); identity without a cap."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+class Decoder(nn.Module):
+    """RoPE frequencies are computed in each forward (a few hundred floats) rather than kept in a
+    buffer: nothing can go stale after a meta build + to_empty(), a checkpoint load that skips
+    init_weights(), or a cast of the model to bf16."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.kinds)
+        self.norm = _norm(cfg, cfg.dim)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter in place, in a fixed order (deterministic given the torch RNG)."""
+        std = self.cfg.init_std
+        # Output projections feeding the residual stream are scaled by 1/sqrt(number of residual
+        # additions), 2 per block, so the stream's variance does not grow with depth (GPT-2,
+        # Radford et al. 2019, sec. 2.3; also Megatron-LM and OLMo).
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, std)
+        for layer in self.layers:
+            a, f = layer.attention, layer.feed_forward
+            for lin in (a.wq, a.wk, a.wv, f.w1, f.w3):
+                nn.init.normal_(lin.weight, 0.0, std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            nn.init.normal_(a.wo.weight, 0.0, residual_std)
+            nn.init.normal_(f.w2.weight, 0.0, residual_std)
+        for module in self.modules():  # every norm starts as the identity: weight 1, or 0 under (1 + w)
+            if isinstance(module, RMSNorm):
+                (nn.init.zeros_ if module.unit_offset else nn.init.ones_)(module.weight)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, 0.0, std)
+
+    def attention_context(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> dict[str, AttentionContext]:
+        """Per layer kind, RoPE cos/sin and the backend's mask for tokens [B, S] (doc_ids [B, S] or None)."""
+        cfg, (b, s) = self.cfg, tokens.shape
+        if not cfg.doc_masking:
+            doc_ids = None
+        if doc_ids is None:
+            positions = torch.arange(s, device=tokens.device)[None]  # [1, S], shared by all rows
+        else:
+            positions = doc_positions(doc_ids)  # [B, S]
+        scale = (cfg.attn_scale_dim or cfg.head_size) ** -0.5
+        contexts = {}
+        for kind in dict.fromkeys(cfg.kinds):
+            theta, scaling = rope_of(cfg, kind)
+            cos, sin = rope_cos_sin(rope_inv_freq(theta, cfg.head_size, scaling, tokens.device), positions)
+            window = cfg.sliding_window if kind == "sliding" else None
+            contexts[kind] = build_context(cfg.attention, doc_ids, cos, sin, b, s, tokens.device, scale=scale,
+                                           softcap=cfg.attn_softcap, window=window)
+        return contexts
+
+    def hidden(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> final-norm hidden states [B, S, D]."""
+        contexts = self.attention_context(tokens, doc_ids)
+        h = self.tok_embeddings(tokens)  # [B, S, D]
+        if self.cfg.embed_scale:  # sqrt(dim) in the weights' dtype, as Gemma computes it (55.5, not 55.43, in bf16)
+            h = h * torch.tensor(self.cfg.dim**0.5, dtype=h.dtype)
+        for layer in self.layers:
+            h = layer(h, contexts)
+        return self.norm(h)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D] -> logits [..., V] (the output head, or the embedding when tied; soft-capped when configured)."""
+        return softcap(F.linear(hidden, self.head_weight()), self.cfg.final_softcap)
+
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V]."""
+        return self.head(self.hidden(tokens, doc_ids))

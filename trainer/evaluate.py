@@ -1,0 +1,60 @@
+"""`cptrain eval`: what a model scores on a user's data before (or after) continuing it: the mean
+next-token loss over a prepared split, normalized by target tokens, with document masking as in
+training. MODEL is an HF folder, a cptrain run directory, checkpoint or weights folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..data_pipeline.loader import split_batches
+from ..errors import UserError
+from ..model.decoder import Decoder
+from .checkpoint import load_full_weights
+from .engines.base import autocast_for
+from .loss import token_losses
+
+
+def load_model(path: str | Path, device: torch.device) -> Decoder:
+    """The full model of any folder `load_full_weights` reads, in fp32 on `device`, in eval mode."""
+    cfg, state = load_full_weights(path)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return model.to(device).eval()
+
+
+def check_vocab(model: Decoder, vocab_size: int, where: str) -> None:
+    if vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{where}: tokenizer vocabulary {vocab_size} exceeds the model's vocab_size {model.cfg.vocab_size}; "
+                        "prepare the data with the model's own tokenizer (cptrain data prepare --tokenizer MODEL_DIR)")
+
+
+@torch.no_grad()
+def split_loss(model: Decoder, data: str | Path, split: str = "val", max_samples: int | None = None,
+               batch_size: int = 8, precision: str = "auto", chunk_tokens: int = 0) -> dict:
+    """{"loss", "tokens", "samples", "perplexity"}: the mean loss over the split's target tokens."""
+    device = next(model.parameters()).device
+    manifest, batches = split_batches(Path(data), split, batch_size, max_samples)
+    check_vocab(model, manifest["tokenizer"]["vocab_size"], str(Path(data) / "manifest.json"))
+    total, tokens, samples = 0.0, 0, 0
+    with autocast_for(device, precision):
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            losses = token_losses(model, batch, chunk_tokens)
+            total += losses.double().sum().item()
+            tokens += losses.numel()
+            samples += losses.shape[0]
+    if not tokens:
+        raise UserError(f"{Path(data) / split}: no samples to evaluate")
+    loss = total / tokens
+    return {"loss": loss, "tokens": tokens, "samples": samples, "perplexity": math.exp(min(loss, 700))}
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
