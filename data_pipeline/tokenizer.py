@@ -52,6 +52,13 @@ class SentencePieceTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(list(texts))
 
+    def encode_plain(self, text: str) -> list[int]:
+        """The ids of a text alone, without what begins a document."""
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
     def identity(self) -> dict:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "sha256": _sha256([self.path])}
@@ -101,6 +108,13 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.prefix + e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """The ids of a text alone, without what begins a document."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
 
     def _files(self) -> list[Path]:
         return [self.path / n for n in HF_TOKENIZER_FILES if (self.path / n).exists()]

@@ -100,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", default=None, help="write {\"loss\", \"tokens\", ...} to this file")
 
+    vocab = sub.add_parser("vocab", help="vocabulary extension").add_subparsers(dest="vocab_command", required=True)
+    p = _add(vocab, "extend", "cptrain.launch.commands:vocab_extend",
+             "Extend a model's tokenizer with tokens learned on a new-language corpus and grow its embeddings; "
+             "writes an HF folder that transformers loads.")
+    p.add_argument("--model", required=True, help="an HF folder, or a cptrain run directory, checkpoint or weights folder")
+    p.add_argument("--corpus", nargs="+", required=True, help=".txt or .jsonl (text field) files in the new language")
+    p.add_argument("--add", type=int, required=True, help="how many tokens to add at most")
+    p.add_argument("--out", required=True, help="the HF folder to write (must not exist)")
+    p.add_argument("--keep", nargs="+", default=[], help="texts (e.g. old-language samples) whose tokenization must not change")
+    p.add_argument("--init", choices=["mean", "random"], default="mean",
+                   help="new rows: mean of the base rows of the token's pieces (Fast Vocabulary Transfer), or random")
+    p.add_argument("--pad-multiple", type=int, default=64, help="embedding rows padded to a multiple of this")
+    p.add_argument("--tokenizer", default=None, help="the model's tokenizer, when MODEL is not an HF folder or a run")
+    p.add_argument("--json", default=None, help="write the report here too (it is also OUT/vocab_extension.json)")
+
     p = _add(sub, "anneal", "cptrain.launch.commands:anneal",
              "Anneal branch: from a checkpoint of a constant (WSD stable, infinite) phase, decay to the floor in a new run "
              "directory, resuming the checkpoint exactly; the main run is left untouched. Extra --section.key=value "

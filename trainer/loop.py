@@ -26,6 +26,7 @@ from .config import TrainConfig, save_config
 from .engines import build_engine
 from .engines.base import DistContext, autocast_for, init_distributed
 from .faults import FaultMonitor, GracefulStop
+from .freezing import Freezer
 from .reweighting import Reweighter
 from .loss import lm_loss, token_losses
 from .metrics import DROPPED, MetricsLogger, Throughput, device_peak_tflops, set_aside
@@ -114,6 +115,7 @@ class Trainer:
         self.pruner = Pruner(cfg.sparsity, cfg.train.max_tokens, param_counts(arch)[0], self.engine, self._say)
         if self.plan.masks:  # masks of a sparse checkpoint (kept or, if sparsity is disabled, dropped)
             self.pruner.load(Path(self.plan.source), resume=self.plan.counters)
+        self.freezer = Freezer(cfg.freeze, cfg.model.init_from, self.engine, self._say) if cfg.freeze.phases else None
 
         self.faults = FaultMonitor(cfg.faults, self.progress.faults)
         self.saved_step = -1  # the step of the last checkpoint this process started
@@ -199,7 +201,11 @@ class Trainer:
         verdict, note = self.faults.judge(loss, self.progress.step + 1)
         grad_norm = math.nan
         if verdict == "update":
+            if self.freezer is not None:
+                self.freezer.before_step(self.progress.tokens)  # which groups learn in this step's phase
             grad_norm = self.engine.step(lr, self.cfg.optim.grad_clip)
+            if self.freezer is not None:
+                self.freezer.after_step()  # the old vocabulary rows back where they were
             skipped = self.faults.after_update(grad_norm, self.progress.step + 1)
             verdict, note = ("skip", skipped) if skipped else (verdict, note)
         else:

@@ -122,9 +122,8 @@ class Target:
     copies: list
 
 
-def _selected(module, cfg: SparsityConfig) -> list:
-    pattern = re.compile("|".join(PARAM_PATTERNS[p] for p in cfg.params))
-    return [(n, p) for n, p in module.named_parameters() if pattern.fullmatch(n)]
+def _selected(module, pattern: str) -> list:
+    return [(n, p) for n, p in module.named_parameters() if re.fullmatch(pattern, n)]
 
 
 def _unwrap(engine):
@@ -191,14 +190,16 @@ def _fsdp2_targets(params) -> list[Target]:
     return out
 
 
-def collect_targets(engine, cfg: SparsityConfig) -> tuple[list[Target], bool]:
-    """(targets, sharded): sharded when ranks hold disjoint pieces, so selection needs collectives."""
+def collect_targets(engine, kinds: list[str]) -> tuple[list[Target], bool]:
+    """(targets, sharded) of the parameters of these kinds (keys of PARAM_PATTERNS): every copy of
+    them the optimizer writes, under any engine (trainer/freezing.py holds rows with them too).
+    sharded: ranks hold disjoint pieces, so selection needs collectives."""
     from torch.distributed.tensor import DTensor
 
     module, opt = _unwrap(engine)
-    params = _selected(module, cfg)
+    params = _selected(module, "|".join(PARAM_PATTERNS[k] for k in kinds))
     if not params:
-        raise UserError(f"sparsity.params={cfg.params} matches no parameter of this model (tied embeddings have no 'output')")
+        raise UserError(f"sparsity.params={kinds} matches no parameter of this model (tied embeddings have no 'output')")
     if hasattr(opt, "fp32_partitioned_groups_flat"):
         return _zero3_targets(params, opt), True
     if hasattr(opt, "single_partition_of_fp32_groups"):
@@ -328,7 +329,7 @@ class Pruner:
 
     def _targets(self):
         # Rebuilt at each use: cheap, and robust to engines that re-point parameter storage.
-        return collect_targets(self.engine, self.cfg)
+        return collect_targets(self.engine, self.cfg.params)
 
     def _count(self, sharded: bool) -> int:
         dev = next(iter(self.masks.values())).device if self.masks else "cpu"
@@ -342,7 +343,7 @@ class Pruner:
         else:
             self.masks = select_unstructured(targets, self.masks, s, self.cfg.scope, sharded)
         apply_masks(targets, self.masks)
-        _regather_persistent(self.engine, targets)
+        regather_persistent(self.engine, targets)
         self.state.sparsity, self.state.pruned = s, self._count(sharded)
 
     def densify(self, why: str) -> None:
@@ -356,7 +357,7 @@ class Pruner:
         if self.masks:
             targets, _ = self._targets()
             apply_masks(targets, self.masks)  # the optimizer just wrote every copy of the weights
-            _regather_persistent(self.engine, targets)
+            regather_persistent(self.engine, targets)
         if self.cfg.enabled and not self.state.densified:
             if 0 < self.cfg.densify_at_tokens and before < self.cfg.densify_at_tokens <= after:
                 self.densify(f"at {after:,} tokens")
@@ -440,7 +441,7 @@ def _read_masks(files: list[Path], targets: list[Target]) -> dict:
     return masks
 
 
-def _regather_persistent(engine, targets) -> None:
+def regather_persistent(engine, targets) -> None:
     """ZeRO-3 keeps small ("persistent") parameters gathered between steps, and forwards read that
     full copy: release it and gather it again from the masked partitions (a gather alone skips
     parameters that are still available)."""

@@ -110,16 +110,25 @@ class Engine(Protocol):
         """The full, unsharded model weights (on CPU), for export; on rank 0 at least."""
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the matrices of attention and MLP; norms and embeddings stay undecayed (their scale is
-    meaningful, and decaying rarely-seen token embeddings only shrinks them)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, by_role: bool = False) -> list[dict]:
+    """Decay the matrices of attention and MLP (and an untied head); norms, biases and embeddings stay
+    undecayed (their scale is meaningful, and decaying rarely-seen token embeddings only shrinks
+    them). by_role: four named groups (matrices, head, embeddings, norms) that a phase can train or
+    hold apart (trainer/freezing.py); else the two groups of every earlier checkpoint."""
+    roles: dict[str, list] = {"matrices": [], "head": [], "embeddings": [], "norms": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter is flat; ds_shape is its shape
-        (decay if ndim >= 2 and "tok_embeddings" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        role = ("embeddings" if "tok_embeddings" in name else "norms" if ndim < 2
+                else "head" if name.endswith("output.weight") else "matrices")
+        roles[role].append(p)
+    if not by_role:
+        return [{"params": roles["matrices"] + roles["head"], "weight_decay": weight_decay},
+                {"params": roles["embeddings"] + roles["norms"], "weight_decay": 0.0}]
+    decayed = {"matrices", "head"}
+    return [{"params": ps, "weight_decay": weight_decay if role in decayed else 0.0, "name": role}
+            for role, ps in roles.items() if ps]
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -173,7 +182,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float)
     total = torch.nn.utils.get_total_norm([p.grad for p in params])
     norm = total.full_tensor() if hasattr(total, "full_tensor") else total  # FSDP2: a DTensor of the global norm
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: 0 holds a group still (trainer/freezing.py)
     if optimizer.defaults.get("fused") and norm is total:
         # The fused AdamW kernel divides the gradients by `grad_scale` and skips the whole update when
         # `found_inf` is set (the hooks torch's GradScaler uses): clipping and the non-finite skip then

@@ -139,7 +139,7 @@ class DeepSpeedEngine:
         full = full_initial_state(model, initial_state, ctx)
         module = _build_zero3(model.cfg, conf, full) if cfg.deepspeed.zero_stage == 3 else _build_replicated(model, full, ctx)
         wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile)
-        groups = param_groups(module, cfg.optim.weight_decay)
+        groups = param_groups(module, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases))
         client = None
         if not _use_ds_optimizer(cfg, ctx.device):
             client = build_optimizer(groups, cfg.optim, ctx.device)
@@ -160,7 +160,7 @@ class DeepSpeedEngine:
         if grad_clip != self.grad_clip:
             raise ValueError(f"grad_clip {grad_clip} differs from the {self.grad_clip} DeepSpeed was configured with")
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if hasattr(self.model.optimizer, "_global_grad_norm"):
             # ZeRO (and bf16) optimizers clip, measure, and skip a non-finite step themselves (norm inf).
             self.model.step()

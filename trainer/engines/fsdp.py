@@ -71,7 +71,8 @@ class FSDPEngine:
         full = full_initial_state(model, initial_state, ctx)
         set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         self.model = model
-        self.optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, ctx.device)
+        groups = param_groups(model, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases))
+        self.optimizer = build_optimizer(groups, cfg.optim, ctx.device)
         # A background save runs DCP's collectives on a group of its own, so they never interleave with
         # the training step's (torch's advice for async_save); gloo, since it moves host tensors.
         self._save_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_ else None

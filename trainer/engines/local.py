@@ -40,7 +40,8 @@ class LocalEngine:
         wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
         self.model = self.inner = model  # evaluation and checkpoints use the plain model
         self.ddp = nn.parallel.DistributedDataParallel(_LossForward(model)) if ctx.world_size > 1 else None
-        self.optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, ctx.device)
+        groups = param_groups(model, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases))
+        self.optimizer = build_optimizer(groups, cfg.optim, ctx.device)
         self.autocast = lambda: autocast_for(ctx.device, cfg.train.precision)
         self._snapshot = None  # host buffers of the last async checkpoint, reused by the next
 
