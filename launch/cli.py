@@ -90,15 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
     p = _add(sub, "eval", "cptrain.launch.commands:evaluate",
-             "Score a model (HF folder, run directory, checkpoint or weights folder): mean next-token loss on a prepared split.")
+             "Score a model (HF folder, run directory, checkpoint or weights folder): mean next-token loss on a prepared "
+             "split (--data), and/or multiple-choice accuracy by log-likelihood (--task).")
     p.add_argument("model", help="an HF folder, a cptrain run directory, checkpoint or weights folder")
-    p.add_argument("--data", required=True, help="a directory written by `cptrain data prepare`")
+    p.add_argument("--data", default=None, help="a directory written by `cptrain data prepare`")
+    p.add_argument("--task", nargs="+", default=[], help='JSON lines task files ({"context", "choices", "answer"} per line)')
+    p.add_argument("--num-fewshot", type=int, default=0, help="tasks: examples from the same file before each item")
+    p.add_argument("--max-items", type=int, default=0, help="tasks: score the first N items of each file (0: all)")
+    p.add_argument("--log-samples", action="store_true", help="tasks: every item's choice scores and pick in the JSON")
+    p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
+                   help="lm-evaluation-harness task names (needs the lm-eval package), scored through its own library")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of lm-evaluation-harness task YAMLs of your own")
+    p.add_argument("--tokenizer", default=None, help="tasks: the model's tokenizer, when MODEL is neither an HF folder nor a run")
     p.add_argument("--split", default="val", help="the split to score (val or train)")
     p.add_argument("--max-samples", type=int, default=None, help="score only the first N samples of the split")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--json", default=None, help="write {\"loss\", \"tokens\", ...} to this file")
+    p.add_argument("--json", default=None, help='write {"loss", "tokens", ...} and/or {"tasks": {...}} to this file')
 
     vocab = sub.add_parser("vocab", help="vocabulary extension").add_subparsers(dest="vocab_command", required=True)
     p = _add(vocab, "extend", "cptrain.launch.commands:vocab_extend",

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import UserError
 from ..trainer.config import load_config, parse_int
+from ..trainer.engines.base import autocast_for
 
 
 def train(args) -> int:
@@ -50,26 +51,52 @@ def forgetting(args) -> int:
     from ..trainer.continual import split_domains
 
     run_dir = Path(args.run_dir)
-    old, new = split_domains(load_config(run_dir / "config.yaml"))
+    cfg = load_config(run_dir / "config.yaml")
+    old, new = split_domains(cfg)
     old = args.old.split(",") if args.old else old
     new = args.new.split(",") if args.new else new
-    rep = write_forgetting(run_dir, old, new)
+    rep = write_forgetting(run_dir, old, new, {t.stem: t.role for t in cfg.eval.tasks})
     print(format_forgetting(rep, str(run_dir)), end="")
     print(f"wrote {run_dir / 'forgetting.md'}, .json and .png")
     return 0
 
 
 def evaluate(args) -> int:
-    """`cptrain eval MODEL --data DIR [--split val] [--max-samples N] [--json FILE]`."""
-    from ..trainer.evaluate import load_model, split_loss, write_json
+    """`cptrain eval MODEL [--data DIR] [--task FILE...] [--lm-eval TASK...] [--json FILE]`."""
+    from ..data_pipeline.tokenizer import load_tokenizer
+    from ..trainer import tasks as T
+    from ..trainer.evaluate import check_vocab, load_model, lm_eval_tasks, split_loss, tokenizer_for, write_json
 
+    if not (args.data or args.task or args.lm_eval):
+        raise UserError("cptrain eval needs --data DIR (a loss), --task FILE... or --lm-eval TASK... (accuracy)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but this machine has no usable CUDA device; use --device auto or cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    tokenizer = load_tokenizer(tokenizer_for(args.model, args.tokenizer)) if (args.task or args.lm_eval) else None
+    specs = [T.TaskConfig(path=f, num_fewshot=args.num_fewshot, max_items=args.max_items) for f in args.task]
+    items = {s.stem: T.load_items(s.path, s.max_items) for s in specs}  # bad task files fail before the model loads
     model = load_model(args.model, device)
-    result = split_loss(model, args.data, args.split, args.max_samples, args.batch_size, args.precision)
-    print(f"{args.model} on {args.data} ({args.split}, {result['samples']:,} samples, {result['tokens']:,} target tokens): "
-          f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+    result = {}
+    if args.data:
+        result = split_loss(model, args.data, args.split, args.max_samples, args.batch_size, args.precision)
+        print(f"{args.model} on {args.data} ({args.split}, {result['samples']:,} samples, {result['tokens']:,} target "
+              f"tokens): loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+    if tokenizer is not None:
+        check_vocab(model, tokenizer.vocab_size, str(tokenizer.path))
+    for spec in specs:
+        requests = T.build_requests(items[spec.stem], tokenizer, spec.num_fewshot, spec.seed, model.cfg.max_seq_len)
+        with autocast_for(device, args.precision):
+            scores = T.loglikelihoods(model, requests, args.batch_size, device, progress=True)
+        done = T.summarize(items[spec.stem], requests, scores, args.log_samples)
+        result.setdefault("tasks", {})[spec.stem] = done
+        print(f"{spec.stem}: acc {done['acc']:.4f}, acc_norm {done['acc_norm']:.4f} over {done['n']:,} items "
+              f"({spec.num_fewshot}-shot)")
+    if args.lm_eval:
+        for name, metrics in lm_eval_tasks(model, tokenizer, args.lm_eval, args.num_fewshot, args.batch_size,
+                                           args.max_items or None, args.lm_eval_include).items():
+            result.setdefault("tasks", {})[name] = metrics
+            print(f"{name} (lm-evaluation-harness): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                                   if isinstance(v, float)))
     if args.json:
         write_json(args.json, result)
     return 0

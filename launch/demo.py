@@ -11,6 +11,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from ..data_pipeline.tasks import word_order_items, write_task
 from .cli import main as cli
 from ..trainer.config import load_config
 from ..trainer.loop import run
@@ -51,13 +52,24 @@ def main(args) -> int:
     return 0
 
 
+def word_order_tasks(out: Path) -> str:
+    """Multiple-choice word-order tasks from the shipped texts (data_pipeline/tasks.py), as an
+    `eval.tasks` override: English is the old language, Spanish the new one."""
+    tasks = []
+    for name, text, role in (("english_order", "austen.txt", "old"), ("spanish_order", "rv1909_nt.txt", "new")):
+        path = write_task(word_order_items(corpus(text).read_text(encoding="utf-8"), 100, seed=0), out / "tasks" / f"{name}.jsonl")
+        tasks.append(f"{{name: {name}, path: {path}, role: {role}}}")
+    return f"--eval.tasks=[{', '.join(tasks)}]"
+
+
 def continue_on_spanish(out: Path, english: Path, pretrained: Path, steps: int | None) -> None:
     """Continual pretraining of the demo model on Spanish with rewarm and replay; the loop prints
-    the forgetting report at the end."""
+    the forgetting report at the end, validation losses and task accuracies."""
     spanish = prepare(out, "spanish", "rv1909_nt.txt", ["--tokenizer", str(english / "tokenizer.model")])
     print("\ncontinual pretraining on spanish (rewarm, 10% english replay)")
     overrides = [f"--run_dir={out / 'runs' / 'continual'}", f"--model.init_from={pretrained}",
-                 f"--data.domains=[{{name: spanish, path: {spanish}}}]", f"--data.replay=[{{name: english, path: {english}}}]"]
+                 f"--data.domains=[{{name: spanish, path: {spanish}}}]", f"--data.replay=[{{name: english, path: {english}}}]",
+                 word_order_tasks(out)]
     if steps:
         overrides.append(f"--train.max_tokens={steps * 8192}")
     run(load_config(CONTINUAL_CONFIG, overrides), overwrite=True)

@@ -27,6 +27,7 @@ from .continual import ContinualSection
 from .engines.deepspeed import DeepSpeedSection
 from .faults import FaultsSection
 from .freezing import FreezeConfig
+from .tasks import TaskConfig
 from .engines.fsdp import FSDPSection
 from .schedule import ScheduleConfig
 from .reweighting import ReweightingConfig
@@ -73,6 +74,8 @@ class EvalSection:
     interval_tokens: int = 0  # evaluate every this many tokens (0: only at the end)
     max_samples: int = 64  # validation samples per domain per evaluation
     at_start: bool = True  # evaluate before the first step (the baseline for forgetting)
+    tasks: list[TaskConfig] = field(default_factory=list)  # multiple-choice tasks scored with the validation sets (trainer/tasks.py)
+    task_batch_size: int = 16  # requests (choices) per forward when scoring tasks
 
 
 @dataclass
@@ -313,6 +316,12 @@ def _check(cfg: TrainConfig, src: str) -> None:
     cfg.continual.check(cfg.data, src)
     if cfg.freeze.phases:
         cfg.freeze.check(cfg.model.init_from, cfg.model.arch.vocab_size, src)
+    for i, task in enumerate(cfg.eval.tasks):
+        if not Path(task.path).is_file():
+            raise UserError(f"{src}: eval.tasks[{i}].path {task.path!r}: no such task file; give a JSON lines file")
+    stems = [t.stem for t in cfg.eval.tasks]
+    if len(set(stems)) != len(stems):
+        raise UserError(f"{src}: eval.tasks have repeated names {stems}; give each a distinct name")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -45,5 +45,5 @@ def at_end_of_run(cfg, run_dir: Path, say) -> None:
     if not old and not new:
         say("continual: no old/new domains to report on (set continual.old_domains or data.replay); no forgetting report")
         return
-    rep = write_forgetting(run_dir, old, new)
+    rep = write_forgetting(run_dir, old, new, {t.stem: t.role for t in cfg.eval.tasks})
     say("\n" + format_forgetting(rep, str(run_dir)) + f"wrote {run_dir / 'forgetting.md'}, .json and .png")

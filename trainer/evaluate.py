@@ -83,3 +83,41 @@ def write_json(path: str | Path, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def lm_eval_tasks(model: Decoder, tokenizer, names: list[str], num_fewshot: int, batch_size: int,
+                  limit: int | None = None, include: str | None = None) -> dict:
+    """lm-evaluation-harness's own tasks (or task YAMLs under `include`), scored by its library over
+    this model through an adapter: its loglikelihood requests become ours (trainer/tasks.py), so a
+    task scores the same through either. {task: {metric: value}}."""
+    try:
+        import lm_eval
+        from lm_eval.api.model import LM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--lm-eval needs lm-evaluation-harness; install it (pip install lm-eval) or use --task files") from None
+    from .tasks import Request, _pair, loglikelihoods
+
+    device = next(model.parameters()).device
+    start = list(getattr(tokenizer, "prefix", []))
+
+    class CptrainLM(LM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            ours = []
+            for r in requests:
+                ctx, cont = _pair(tokenizer, *r.args)
+                ids = ((start + ctx) or [tokenizer.eos_id]) + cont
+                ours.append(Request(0, 0, ids[-(model.cfg.max_seq_len + 1):], len(cont)))
+            return loglikelihoods(model, ours, batch_size, device, progress=not disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise UserError("--lm-eval: perplexity (rolling log-likelihood) tasks are not supported; use cptrain eval --data")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise UserError("--lm-eval: generation tasks are not supported; use multiple-choice or log-likelihood tasks")
+
+    results = lm_eval.simple_evaluate(model=CptrainLM(), tasks=list(names), num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=TaskManager(include_path=include), log_samples=False,
+                                      bootstrap_iters=0)
+    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+            for task, metrics in results["results"].items()}

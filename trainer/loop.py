@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..data_pipeline.loader import build_train_loader, build_val_loaders, validate_data
+from ..data_pipeline.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..model.config import flops_per_token, param_counts
 from ..model.decoder import Decoder
@@ -33,6 +34,7 @@ from .metrics import DROPPED, MetricsLogger, Throughput, device_peak_tflops, set
 from .schedule import build_schedule
 from .sparsity import Pruner, WithMasks
 from .start import StartPlan, plan_start
+from .tasks import TaskSet
 
 
 @dataclass
@@ -62,8 +64,8 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def evaluate(engine, val_loaders: dict, ctx: DistContext, cfg: TrainConfig) -> dict:
-    """Mean token loss per validation domain, over all ranks."""
+def evaluate(engine, val_loaders: dict, ctx: DistContext, cfg: TrainConfig, tasks: TaskSet | None = None) -> dict:
+    """Mean token loss per validation domain and the tasks' accuracies, over all ranks."""
     out = {}
     engine.model.eval()
     with torch.no_grad(), autocast_for(ctx.device, cfg.train.precision):
@@ -74,6 +76,8 @@ def evaluate(engine, val_loaders: dict, ctx: DistContext, cfg: TrainConfig) -> d
                 acc += torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64, device=ctx.device)])
             _all_reduce(acc)
             out[f"val/{name}"] = (acc[0] / acc[1].clamp(min=1)).item()
+        if tasks is not None:
+            out.update(tasks.evaluate(engine.model, cfg.eval.task_batch_size, ctx.device))
     engine.model.train()
     return out
 
@@ -135,6 +139,10 @@ class Trainer:
         self.reweighter = Reweighter(cfg, self.loader, self.val_loaders, self.progress.reweighting,
                                      lambda: autocast_for(self.ctx.device, cfg.train.precision))
         self.domains = [d.name for d in cfg.data.domains + cfg.data.replay]  # the loader's `domain` indices
+        self.tasks = None
+        if cfg.eval.tasks:  # tokenized once, with the tokenizer the data was prepared with
+            tokenizer = load_tokenizer(Path(cfg.data.domains[0].path) / self.manifest["tokenizer"]["file"])
+            self.tasks = TaskSet(cfg.eval.tasks, tokenizer, arch.max_seq_len)
         self._write_run_info()
 
     def _say(self, text: str) -> None:
@@ -276,10 +284,10 @@ class Trainer:
                 row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.ctx.world_size)
             log.progress(p.step, row["loss"], row["tokens_per_s"])
         t0 = time.perf_counter()
-        if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and self.val_loaders):
-            row.update(evaluate(self.engine, self.val_loaders, self.ctx, cfg))
+        if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and (self.val_loaders or self.tasks)):
+            row.update(evaluate(self.engine, self.val_loaders, self.ctx, cfg, self.tasks))
         row.update(self.reweighter.after_step(before, p.tokens, row))  # mixture weights from the next step on
-        if "tokens_per_s" in row or any(k.startswith(("val/", "domain_weight/")) for k in row) or "fault" in row:
+        if "tokens_per_s" in row or any(k.startswith(("val/", "eval/", "domain_weight/")) for k in row) or "fault" in row:
             log.log(row)
         if "fault" in row:
             log.message(row["fault"])
@@ -296,8 +304,8 @@ class Trainer:
         steps = p.step + (self.end_tokens - p.tokens) // cfg.train.global_batch_tokens
         log = MetricsLogger(self.run_dir, self.ctx.is_main, cfg.log.tensorboard, cfg.log.progress, steps, p.step)
         rows = []
-        if p.step == 0 and cfg.eval.at_start and self.val_loaders:
-            row = {"step": 0, "tokens": 0, **evaluate(self.engine, self.val_loaders, self.ctx, cfg)}
+        if p.step == 0 and cfg.eval.at_start and (self.val_loaders or self.tasks):
+            row = {"step": 0, "tokens": 0, **evaluate(self.engine, self.val_loaders, self.ctx, cfg, self.tasks)}
             row.update(self.reweighter.after_step(0, 0, row))  # signal=val: the first evaluation is the reference
             log.log(row)
             rows.append(row)

@@ -90,6 +90,21 @@ def plot_series(metrics: list, key: str, path, ylabel: str, log: bool = False) -
     return _save(fig, ax, path, ylabel, key)
 
 
+def task_names(metrics: list) -> list:
+    """Tasks with an `eval/<task>/acc` logged anywhere in the run."""
+    return sorted({k.split("/")[1] for r in metrics for k in r if k.startswith("eval/") and k.endswith("/acc")})
+
+
+def plot_tasks(metrics: list, path) -> Path:
+    """Each task's accuracy (solid) and length-normalized accuracy (dashed) against tokens."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for t in task_names(metrics):
+        line, = ax.plot(*series(metrics, f"eval/{t}/acc"), marker="o", ms=3, label=f"{t} acc")
+        ax.plot(*series(metrics, f"eval/{t}/acc_norm"), ls="--", color=line.get_color(), label=f"{t} acc_norm")
+    ax.legend()
+    return _save(fig, ax, path, "accuracy", "downstream task accuracy")
+
+
 def plot_schedule(schedule, path, points: int = 1000) -> Path:
     """LR against tokens for a trainer.schedule.Schedule, with each phase boundary marked."""
     segments = schedule.describe()
@@ -127,6 +142,7 @@ def summarize(metrics: list) -> dict:
         "last_val": {d: series(metrics, VAL_PREFIX + d)[1][-1] for d in domains(metrics)
                      if series(metrics, VAL_PREFIX + d)[1]},
         "mean_tokens_per_s": sum(tps) / len(tps) if tps else None,
+        "last_tasks": {t: series(metrics, f"eval/{t}/acc")[1][-1] for t in task_names(metrics)},
     }
     mfu = series(metrics, "mfu", x="step")[1]
     if mfu:
@@ -151,6 +167,9 @@ def format_summary(s: dict, run_dir="") -> str:
     if s["last_val"]:
         lines += ["", "| domain | last val loss |", "|---|---|"]
         lines += [f"| {d} | {_fmt(v)} |" for d, v in s["last_val"].items()]
+    if s.get("last_tasks"):
+        lines += ["", "| task | last accuracy |", "|---|---|"]
+        lines += [f"| {t} | {_fmt(v)} |" for t, v in s["last_tasks"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +183,8 @@ def write_report(run_dir, out=None) -> dict:
     plot_series(metrics, "lr", out / "lr.png", "learning rate")
     plot_series(metrics, "grad_norm", out / "grad_norm.png", "grad norm", log=True)
     plot_series(metrics, "tokens_per_s", out / "throughput.png", "tokens/s")
+    if task_names(metrics):
+        plot_tasks(metrics, out / "tasks.png")
     summary = summarize(metrics)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(format_summary(summary, str(run_dir)))
