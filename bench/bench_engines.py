@@ -1,8 +1,10 @@
-"""Throughput of the sharded engines: a preset at seq 2048 (bf16 on GPU) under ZeRO-2, ZeRO-3 and
-FSDP2 on 1 and 2 GPUs, on synthetic tokens. Prints tokens/s per GPU, MFU, peak memory and the
-scaling efficiency (tokens/s per GPU at N GPUs over that at 1), and writes $OUT/bench_engines.json.
+"""Throughput of the engines: a preset at seq 2048 (bf16 on GPU) under the local engine, ZeRO-2,
+ZeRO-3 (also with optimizer offload) and FSDP2 on 1 and N GPUs, on synthetic tokens. Prints tokens/s
+per GPU, MFU, peak memory and the scaling efficiency (tokens/s per GPU at N GPUs over that at 1), and
+writes $OUT/bench_engines.json.
 
     python bench/bench_engines.py --preset 1B --gpus 1,2 --micro-batch 4
+    python bench/bench_engines.py --preset 8B --gpus 1 --engines zero3_offload,fsdp2 --ac --set=--train.fp8=tensorwise
 
 The parent starts one `torchrun --nproc_per_node N` per GPU count; each worker builds the real
 engines one after another (the loop's build path: meta model -> engine -> init) and times
@@ -21,9 +23,12 @@ import time
 from pathlib import Path
 
 
-ENGINES = {"zero2": ["--train.engine=deepspeed", "--deepspeed.zero_stage=2"],
+ENGINES = {"local": ["--train.engine=local"],
+           "zero2": ["--train.engine=deepspeed", "--deepspeed.zero_stage=2"],
            "zero3": ["--train.engine=deepspeed", "--deepspeed.zero_stage=3"],
-           "fsdp2": ["--train.engine=fsdp2"]}
+           "zero3_offload": ["--train.engine=deepspeed", "--deepspeed.zero_stage=3", "--deepspeed.offload_optimizer=true"],
+           "fsdp2": ["--train.engine=fsdp2"],
+           "fsdp2_offload": ["--train.engine=fsdp2", "--fsdp.cpu_offload=true"]}
 
 
 def _config(args, engine: str, world: int):
@@ -34,16 +39,17 @@ def _config(args, engine: str, world: int):
                               f"--data.seq_len={args.seq_len}", f"--train.micro_batch_size={args.micro_batch}",
                               f"--train.global_batch_tokens={tokens}", f"--train.max_tokens={tokens}",
                               f"--train.compile={args.compile}", f"--train.activation_checkpointing={args.ac}",
-                              f"--deepspeed.optimizer={args.ds_optimizer}", *ENGINES[engine]])
+                              f"--deepspeed.optimizer={args.ds_optimizer}", f"--train.loss_chunk_tokens={args.ce}",
+                              *ENGINES[engine], *args.set])
 
 
 def _time_engine(args, engine: str, ctx) -> dict:
     import torch
     import torch.distributed as dist
 
-    from cptrain.model.config import flops_per_token
+    from cptrain.model.config import flops_per_token, hardware_flops_per_token
     from cptrain.model.decoder import Decoder
-    from cptrain.trainer.loop import build_engine
+    from cptrain.trainer.engines import build_engine
     from cptrain.trainer.loss import lm_loss
     from cptrain.trainer.metrics import device_peak_tflops
 
@@ -73,6 +79,8 @@ def _time_engine(args, engine: str, ctx) -> dict:
     row = {"engine": engine, "gpus": ctx.world_size, "preset": args.preset, "seq_len": args.seq_len,
            "micro_batch": args.micro_batch, "step_s": seconds, "tokens_per_s_per_gpu": tps,
            "mfu": flops_per_token(arch, args.seq_len) * tps / peak if peak else None,
+           "hfu": hardware_flops_per_token(arch, args.seq_len, args.ac) * tps / peak if peak else None,
+           "fp8": cfg.train.fp8, "set": args.set,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None}
     del eng, model
     gc.collect()
@@ -87,21 +95,37 @@ def worker(args) -> None:
     from cptrain.trainer.engines.base import init_distributed
     from cptrain.trainer.engines.fsdp import ensure_process_group
 
+    import torch
+
     ctx = init_distributed("auto")
     ensure_process_group(ctx)  # one process: the sharded engines still need a group
-    rows = [_time_engine(args, e, ctx) for e in args.engines.split(",")]
-    if ctx.is_main:
-        Path(args.worker_out).write_text(json.dumps(rows))
+    rows = []
+    for engine in args.engines.split(","):
+        try:
+            rows.append(_time_engine(args, engine, ctx))
+        except torch.OutOfMemoryError:  # a failed variant is a result to report, not a reason to lose the others
+            rows.append({"engine": engine, "gpus": ctx.world_size, "preset": args.preset, "error": "OOM"})
+            gc.collect()
+            torch.cuda.empty_cache()
+        if ctx.is_main:
+            Path(args.worker_out).write_text(json.dumps(rows))  # after each engine: a timeout keeps what was measured
+            if os.environ.get("OUT"):
+                with open(Path(os.environ["OUT"]) / "bench_engines.jsonl", "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+            print(json.dumps(rows[-1]), flush=True)
     dist.destroy_process_group()
 
 
 def table(rows: list[dict]) -> str:
-    base = {r["engine"]: r["tokens_per_s_per_gpu"] for r in rows if r["gpus"] == 1}
+    base = {r["engine"]: r["tokens_per_s_per_gpu"] for r in rows if r["gpus"] == 1 and "error" not in r}
     lines = ["| engine | GPUs | tokens/s per GPU | MFU | peak mem GiB | step s | scaling efficiency |",
              "|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['gpus']} | {r['error']} | | | | |")
+            continue
         r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base[r["engine"]] if r["engine"] in base else None
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['engine']} | {r['gpus']} | {r['tokens_per_s_per_gpu']:,.0f} | {fmt(r['mfu'], '.1%')} | "
                      f"{fmt(r['peak_mem_gib'], '.1f')} | {r['step_s']:.3f} | {fmt(r['scaling_efficiency'], '.2f')} |")
     return "\n".join(lines)
@@ -120,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
     p.add_argument("--ds-optimizer", choices=["torch", "deepspeed"], default="torch",
                    help="torch AdamW (the one FSDP2 uses) or DeepSpeed's fused Adam (JIT-built)")
+    p.add_argument("--ce", type=int, default=0, help="train.loss_chunk_tokens (the fused chunked loss; ZeRO-3 refuses it)")
+    p.add_argument("--set", action="append", default=[], help="a config override for every engine, e.g. --set=--train.fp8=tensorwise")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker_out:
@@ -127,7 +153,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
-             if k not in ("gpus", "worker_out") and v is not False]
+             if k not in ("gpus", "worker_out", "set") and v is not False] + [f"--set={o}" for o in args.set]
     for n in [int(g) for g in args.gpus.split(",")]:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,

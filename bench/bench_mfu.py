@@ -1,12 +1,16 @@
 """Training throughput and MFU of cptrain's model vs. the peer baseline, in one process on one GPU.
 
-The peer: HF transformers LlamaForCausalLM (fp32 master weights, bf16 autocast, SDPA, fused torch
-AdamW, torch.compile of the whole model). Ours: the cptrain model through the step the trainer
-runs (trainer/engines/local.py LocalEngine + trainer/loss.py): forward/backward, grad clipping, AdamW.
-Both take one micro-batch per optimizer step, on random tokens (no data loading in the timing).
+The peer: HF transformers' model of the preset's family (LlamaForCausalLM for the Llama shapes; fp32
+master weights, bf16 autocast, SDPA, fused torch AdamW, torch.compile of the whole model). Ours: the
+cptrain model through the step the trainer runs (trainer/engines/local.py LocalEngine +
+trainer/loss.py): forward/backward, grad clipping, AdamW. Both take one micro-batch per optimizer
+step, on random tokens (no data loading in the timing).
 
-MFU = tokens/s * (6 * N_non_embedding + 12 * L * d * S) / peak (989 TFLOP/s, H100/H200 dense bf16);
-N_non_embedding leaves out the input embedding and the output head (cptrain.model.config.flops_per_token).
+MFU = tokens/s * model FLOPs per token / peak (989 TFLOP/s, H100/H200 dense bf16, also for FP8 runs):
+6 per matmul weight (blocks and output head) + 12 * heads * head_dim * S / 2 (causal attention
+attends to half the keys), cptrain.model.config.flops_per_token, as torchtitan and OLMo-core count.
+`hfu` adds the recomputed forward of activation checkpointing. `mfu_dense` is the count of the
+earlier tables (6 N_non-embedding + 12 L d S: no head, full attention), for comparison with them.
 
     python3 bench/bench_mfu.py --model 350M --run peer:mb=8 --run ours:mb=8,attn=flex,doc=1,ce=8192
     python3 bench/bench_mfu.py --attention   # attention kernels alone (fwd+bwd)
@@ -14,7 +18,8 @@ N_non_embedding leaves out the input embedding and the output head (cptrain.mode
 A run is `impl:key=value,...`; keys (ours unless noted): mb (micro-batch, both), compile (0/1,
 both), attn (sdpa|flex), doc (document masking 0/1), sdpa (auto|cudnn|flash|efficient, both),
 ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (pure bf16 params 0/1),
-fa4 (1: FlashAttention-4 behind attn=flash_attn when flash-attn-4 is installed; 0: torch's FA2).
+fa4 (1: FlashAttention-4 behind attn=flash_attn when flash-attn-4 is installed; 0: torch's FA2),
+fp8 (off|tensorwise|rowwise: train.fp8, torchao float8 in the block linears).
 Results are appended to --out as JSON lines; a table is printed last.
 """
 from __future__ import annotations
@@ -30,11 +35,12 @@ from pathlib import Path
 import torch
 
 
-from cptrain.model.config import flops_per_token
+from cptrain.model.config import flops_per_token, hardware_flops_per_token, param_counts
 from cptrain.model.families import to_hf_config
 from cptrain.model.presets import preset
 
-DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1}
+DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1,
+            "fp8": "off"}
 SEQ = 2048
 
 
@@ -43,7 +49,7 @@ def parse_run(text: str) -> dict:
     run = dict(DEFAULTS, impl=impl)
     for item in filter(None, rest.split(",")):
         key, value = item.split("=")
-        run[key] = value if key in ("attn", "sdpa") else int(value)
+        run[key] = value if key in ("attn", "sdpa", "fp8") else int(value)
     return run
 
 
@@ -82,7 +88,7 @@ def build_ours(model_name: str, run: dict, device):
                  f"--model.doc_masking={bool(run['doc'])}", f"--data.seq_len={SEQ}",
                  f"--train.micro_batch_size={run['mb']}", f"--train.global_batch_tokens={run['mb'] * SEQ}",
                  f"--train.compile={bool(run['compile'])}", f"--train.activation_checkpointing={bool(run['ac'])}",
-                 f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}"]
+                 f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}", f"--train.fp8={run['fp8']}"]
     cfg = load_config(None, overrides)
     set_fa4(bool(run["fa4"]), device)
     torch.manual_seed(0)
@@ -108,13 +114,14 @@ def set_fa4(enabled: bool, device) -> None:
 
 
 def build_peer(model_name: str, run: dict, device):
-    from transformers import AutoModelForCausalLM, LlamaConfig as HFLlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = preset(model_name)
+    hf = to_hf_config(arch)
     torch.manual_seed(0)
     with device:
-        model = AutoModelForCausalLM.from_config(HFLlamaConfig(**to_hf_config(arch)), attn_implementation="sdpa",
-                                                 dtype=torch.float32)
+        config = AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
@@ -156,7 +163,11 @@ def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tf
             if profile:
                 print_profile(step, batches, device)
         tps = steps * run["mb"] * SEQ / dt
-        result.update(tokens_per_s=round(tps), mfu=round(tps * flops_per_token(arch, SEQ) / (peak_tflops * 1e12), 4))
+        peak = peak_tflops * 1e12
+        dense = 6 * param_counts(arch)[1] + 12 * arch.n_layers * arch.dim * SEQ  # the earlier tables' count
+        result.update(tokens_per_s=round(tps), mfu=round(tps * flops_per_token(arch, SEQ) / peak, 4),
+                      hfu=round(tps * hardware_flops_per_token(arch, SEQ, bool(run["ac"])) / peak, 4),
+                      mfu_dense=round(tps * dense / peak, 4))
         if device.type == "cuda":
             result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     except torch.OutOfMemoryError:

@@ -163,11 +163,30 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     return non_embedding + embeddings, non_embedding
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token: 6N for the weight matmuls forward + backward, plus 12*L*d*S for the
-    attention scores and values (Kaplan et al. 2020 sec. 2.1; PaLM appendix B's MFU formula), with d
-    the attention width (heads x head_dim) and S capped at the window of sliding layers."""
+def _attended(cfg: ModelConfig, seq_len: int) -> float:
+    """Keys a query attends to, averaged over positions and summed over layers, under causal
+    masking: (S + 1) / 2 on a full layer, min(i, window) on a sliding one (documents not counted:
+    document masking only saves work a dense count would claim)."""
+    full = (seq_len + 1) / 2
+    total = 0.0
+    for kind in cfg.kinds:
+        w = cfg.sliding_window if kind == "sliding" else None
+        total += full if not w or w >= seq_len else (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one trained token, the count MFU is taken from (as torchtitan and OLMo-core count
+    them): 6 per weight of every matmul, forward and backward (the blocks' and the output head's;
+    an embedding lookup is no matmul), plus the attention scores and values, 12 * heads * head_dim
+    per attended key, with causal attention attending half the keys of full attention."""
     _, non_embedding = param_counts(cfg)
-    width = cfg.n_heads * cfg.head_size
-    span = sum(min(seq_len, cfg.sliding_window) if k == "sliding" else seq_len for k in cfg.kinds)
-    return 6 * non_embedding + 12 * width * span
+    return 6 * (non_embedding + cfg.vocab_size * cfg.dim) + 12 * cfg.n_heads * cfg.head_size * _attended(cfg, seq_len)
+
+
+def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, activation_checkpointing: bool = False) -> float:
+    """FLOPs the device does per token: the model's, plus the blocks' forward again when activation
+    checkpointing recomputes it in backward (a third of their training FLOPs)."""
+    _, non_embedding = param_counts(cfg)
+    blocks = 6 * non_embedding + 12 * cfg.n_heads * cfg.head_size * _attended(cfg, seq_len)
+    return flops_per_token(cfg, seq_len) + (blocks / 3 if activation_checkpointing else 0.0)

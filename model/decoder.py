@@ -61,18 +61,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# The parameter-free computations of a block are plain functions that modules reach through an
+# attribute (`self.kernel`, `self.core`, `self.gate`): an engine whose parameter hooks sit on every
+# module (ZeRO-3) compiles these regions alone, never a module boundary (trainer/engines/base.py).
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:  # Gemma scales by (1 + w) in float32, then casts (transformers PR 29402)
+        return (xf * (1.0 + weight.float())).to(x.dtype)
+    return weight * xf.to(x.dtype)  # normalize in float32, scale in the input dtype, as HF's Llama
+
+
+def rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """RoPE on q [B, S, H, hd] and k [B, S, KV, hd], then attention -> [B, S, H, hd]."""
+    return attend(apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin), v, ctx)
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    return (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:  # Gemma scales by (1 + w) in float32, then casts (transformers PR 29402)
-            return (xf * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)  # normalize in float32, scale in the input dtype, as HF's Llama
+        return self.kernel(x, self.weight, self.eps, self.unit_offset)
 
 
 def _norm(cfg: ModelConfig, dim: int, present: bool = True) -> nn.Module:
@@ -89,7 +106,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q, cfg.dim, bias=False)
         # q/k norm: over each head (Qwen3, Gemma 3) or over the whole projection (OLMo 2).
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm, self.core = cfg.qk_norm, rope_attend
         if cfg.qk_norm != "none":
             per_head = cfg.qk_norm == "head"
             self.q_norm = _norm(cfg, cfg.head_size if per_head else q)
@@ -105,8 +122,7 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        out = attend(q, k, v, ctx)  # [B, S, H, hd]
+        out = self.core(q, k, v, ctx)  # [B, S, H, hd]
         return self.wo(out.reshape(b, s, -1))  # [B, S, D]
 
 
@@ -118,11 +134,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
-        self.gelu = cfg.activation == "gelu_tanh"
+        self.gelu, self.gate = cfg.activation == "gelu_tanh", gated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = F.gelu(self.w1(x), approximate="tanh") if self.gelu else F.silu(self.w1(x))
-        return self.w2(gate * self.w3(x))
+        return self.w2(self.gate(self.w1(x), self.w3(x), self.gelu))
 
 
 class Block(nn.Module):

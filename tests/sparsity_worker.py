@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from cptrain.trainer.config import load_config
 from cptrain.trainer.loop import Trainer
-from cptrain.trainer.sparsity import collect_targets
+from cptrain.trainer.params import collect_targets
 
 
 def quantize(targets) -> None:

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from cptrain.errors import UserError
 from cptrain.model import attention
-from cptrain.model.config import ModelConfig, flops_per_token, param_counts
+from cptrain.model.config import ModelConfig, flops_per_token, hardware_flops_per_token, param_counts
 from cptrain.model.families import to_hf_config
 from cptrain.model.presets import preset
 from cptrain.model.decoder import Decoder, rope_inv_freq
@@ -142,12 +142,32 @@ def test_presets_match_published_parameter_counts():
         assert param_counts(preset(name))[0] == total, name
 
 
-def test_flops_per_token():
-    cfg = preset("8B")
-    _, n = param_counts(cfg)
-    assert flops_per_token(cfg, 8192) == 6 * n + 12 * 32 * 4096 * 8192
-    # By hand: N = 8.03e9 - 2 * 128256 * 4096 = 6.98e9; attention is 12.9e9 / 54.8e9 = 23.5% at 8k.
-    assert 12 * 32 * 4096 * 8192 / flops_per_token(cfg, 8192) == pytest.approx(0.235, abs=1e-3)
+def test_flops_per_token_against_torchs_flop_counter(monkeypatch):
+    """The model-FLOPs count against torch's FlopCounterMode on a real forward + backward: the matmuls
+    (blocks and head) exactly; attention, run as explicit scores (which the counter sees as batched
+    matmuls over the dense S x S), halved to its causal share."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(attention, "resolve_backend", lambda *args, **kwargs: "eager")
+    cfg = dataclasses.replace(preset("tiny"), head_dim=32)  # attention width 128 != dim 64: the count uses heads x head_dim
+    m = build(cfg).train()
+    b, s = 2, 48
+    with FlopCounterMode(display=False) as counter:
+        m(tokens(b, s)).float().sum().backward()
+    per_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention_flops = per_op.pop("aten.bmm")
+    matmuls = sum(per_op.values())
+    _, non_embedding = param_counts(cfg)
+    norms_and_biases = cfg.n_layers * 2 * cfg.dim + cfg.dim  # parameters that are no matmul weight
+    assert matmuls == 6 * (non_embedding - norms_and_biases + cfg.vocab_size * cfg.dim) * b * s
+    ours = flops_per_token(cfg, s) - 6 * (non_embedding + cfg.vocab_size * cfg.dim)
+    assert ours * b * s == pytest.approx(attention_flops * (s + 1) / (2 * s), rel=1e-9)
+    # Sliding windows attend to fewer keys; activation checkpointing adds the blocks' forward.
+    sliding = dataclasses.replace(preset("gemma3-270m"), vocab_size=512)
+    assert flops_per_token(sliding, 8192) < flops_per_token(dataclasses.replace(sliding, layer_types=["full"] * 18), 8192)
+    full = preset("8B")
+    assert hardware_flops_per_token(full, 4096, True) - flops_per_token(full, 4096) == pytest.approx(
+        (flops_per_token(full, 4096) - 6 * full.vocab_size * full.dim) / 3)
 
 
 def test_rope_llama3_scaling_matches_transformers():

@@ -19,8 +19,8 @@ from cptrain.trainer.engines.base import DistContext
 from cptrain.trainer.engines.local import LocalEngine
 from cptrain.trainer.loop import run
 from tests.multiproc import run_ranks
-from cptrain.trainer.sparsity import (MASK_FILE, Pruner, SparsityConfig, _read_masks, collect_targets, prune_point,
-                              target_at)
+from cptrain.trainer.params import collect_targets, read_pieces
+from cptrain.trainer.sparsity import MASK_FILE, Pruner, SparsityConfig, prune_point, target_at
 
 pytestmark = pytest.mark.sparsity
 TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
@@ -249,7 +249,7 @@ def test_sharded_masks_match_one_process(tmp_path, austen_data, engine):
     tied = [(a == threshold) for a in magnitudes]
     pruned_tied = sum(int((m & t).sum()) for m, t in zip(ref.masks.values(), tied))
     assert 0 < pruned_tied < sum(int(t.sum()) for t in tied) and sum(int(t.sum()) for t in tied) > 1000  # a tie split
-    sharded = _read_masks(sorted((out / "masks").glob(MASK_FILE.format(rank="*"))), targets)
+    sharded = read_pieces(sorted((out / "masks").glob(MASK_FILE.format(rank="*"))), targets)
     assert sharded.keys() == ref.masks.keys()
     for name in ref.masks:
         assert torch.equal(sharded[name], ref.masks[name]), name
@@ -268,5 +268,5 @@ def test_sharded_masks_match_one_process(tmp_path, austen_data, engine):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["val/austen"] == pytest.approx(val, abs=1e-5)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
-    reloaded = _read_masks(sorted(ckpt.glob(MASK_FILE.format(rank="*"))), targets)
+    reloaded = read_pieces(sorted(ckpt.glob(MASK_FILE.format(rank="*"))), targets)
     assert all(torch.equal(reloaded[n], ref.masks[n]) for n in ref.masks)

@@ -56,6 +56,10 @@ class TrainSection:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     loss_chunk_tokens: int = 0  # >0: cross-entropy in chunks of this many tokens (full logits never materialized)
+    fp8: Literal["off", "tensorwise", "rowwise"] = "off"  # FP8 matmuls in the block linears (torchao; trainer/engines/fp8.py)
+    fp8_min_features: int = 1024  # with fp8: linears narrower than this stay in bf16
+    fp8_keep_ends: bool = True  # with fp8: the first and last blocks stay in bf16
+    fp8_emulate: bool = False  # DEBUG: emulate FP8 matmuls (CPU tests); never in a real run
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device (H100/H200: 989 bf16 dense)
 
 
@@ -144,7 +148,7 @@ def _coerce(tp: Any, value: Any, path: str, src: str) -> Any:
         return _coerce(inner[0], value, path, src)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):  # true is not 1
             raise UserError(f"{src}: {path} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -308,6 +312,11 @@ def _check(cfg: TrainConfig, src: str) -> None:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
     if t.engine == "deepspeed":
         cfg.deepspeed.check(t, src)
+    if t.fp8 != "off" and t.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3:
+        raise UserError(f"{src}: train.fp8 with deepspeed.zero_stage=3 is not supported (ZeRO-3's partitioned weights "
+                        "bypass the FP8 linears' casts); use train.engine=fsdp2, which all-gathers weights in FP8, or ZeRO-1/2")
+    if t.fp8_min_features < 16:
+        raise UserError(f"{src}: train.fp8_min_features={t.fp8_min_features} must be at least 16 (FP8 GEMM dimensions)")
     if cfg.checkpoint.async_ and t.engine == "deepspeed":
         raise UserError(f"{src}: checkpoint.async needs train.engine local or fsdp2 (DeepSpeed writes its checkpoints "
                         "synchronously); set checkpoint.async: false")

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
-from .sparsity import collect_targets, regather_persistent
+from .params import collect_targets, regather_persistent
 
 EXTENSION_FILE = "vocab_extension.json"  # written by `cptrain vocab extend` into its HF folder
 

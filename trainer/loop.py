@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..data_pipeline.loader import build_train_loader, build_val_loaders, validate_data
 from ..data_pipeline.tokenizer import load_tokenizer
 from ..errors import UserError
-from ..model.config import flops_per_token, param_counts
+from ..model.config import flops_per_token, hardware_flops_per_token, param_counts
 from ..model.decoder import Decoder
 from . import checkpoint as ckpt
 from . import continual
@@ -175,9 +175,12 @@ class Trainer:
     def _write_run_info(self) -> None:
         total, non_emb = param_counts(self.cfg.model.arch)
         self.flops_per_token = flops_per_token(self.cfg.model.arch, self.cfg.data.seq_len)
+        self.hardware_flops = hardware_flops_per_token(self.cfg.model.arch, self.cfg.data.seq_len,
+                                                       self.cfg.train.activation_checkpointing)
         self.peak = device_peak_tflops(self.ctx.device, self.cfg.train.peak_tflops) * 1e12
         if self.ctx.is_main:
             info = {"params": total, "params_non_embedding": non_emb, "flops_per_token": self.flops_per_token,
+                    "hardware_flops_per_token": self.hardware_flops,
                     "world_size": self.ctx.world_size, "grad_accumulation": self.accum, "engine": self.cfg.train.engine,
                     "device": str(self.ctx.device), "data_manifest": self.manifest.get("tokenizer")}
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
@@ -280,8 +283,9 @@ class Trainer:
         row = {"step": p.step, "tokens": p.tokens, **row}
         if p.step % cfg.log.interval_steps == 0 or last:
             row["tokens_per_s"] = speed.read()
-            if self.peak:
+            if self.peak:  # model FLOPs utilization, and the hardware's (recomputation counted)
                 row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.ctx.world_size)
+                row["hfu"] = self.hardware_flops * row["tokens_per_s"] / (self.peak * self.ctx.world_size)
             log.progress(p.step, row["loss"], row["tokens_per_s"])
         t0 = time.perf_counter()
         if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and (self.val_loaders or self.tasks)):

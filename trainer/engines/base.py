@@ -162,16 +162,29 @@ def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
-def wrap_blocks(model: Decoder, activation_checkpointing: bool, compile_blocks: bool) -> None:
+def wrap_blocks(model: Decoder, activation_checkpointing: bool, compile_blocks: bool, regions: bool = False) -> None:
     """Per-block activation checkpointing and torch.compile, applied in place before sharding.
-    Both are hook-based, so parameter names (and checkpoints) stay those of the plain model."""
+    Both are hook-based, so parameter names (and checkpoints) stay those of the plain model.
+    regions: compile each block's parameter-free regions (norm, RoPE + attention, the MLP gate)
+    instead of the block, for an engine whose hooks on every module (ZeRO-3's gathers) a compiled
+    block would trace into and recompile on."""
     from torch.distributed._composable import checkpoint as checkpoint_block
 
+    from ...model.decoder import RMSNorm, gated, rms_norm, rope_attend
+
+    kernels = {}
     for block in model.layers:
         if activation_checkpointing:
             checkpoint_block(block)
-        if compile_blocks:
+        if compile_blocks and not regions:
             block.compile()
+        elif compile_blocks:
+            if not kernels:  # one compiled function per region, shared by every block: no per-module recompiles
+                kernels = {"norm": torch.compile(rms_norm), "core": torch.compile(rope_attend), "gate": torch.compile(gated)}
+            block.attention.core, block.feed_forward.gate = kernels["core"], kernels["gate"]
+            for norm in block.modules():
+                if isinstance(norm, RMSNorm):
+                    norm.kernel = kernels["norm"]
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> float:

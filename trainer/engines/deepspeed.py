@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ...errors import UserError
 from .base import (DistContext, LossFn, build_optimizer, full_initial_state, param_groups, uses_bf16,
                    wrap_blocks)
+from .fp8 import apply_fp8
 
 TAG = "deepspeed"  # the checkpoint's subfolder (DeepSpeed's "tag")
 
@@ -138,7 +139,8 @@ class DeepSpeedEngine:
         conf = _merge(deepspeed_config(cfg, ctx), cfg.deepspeed.extra)
         full = full_initial_state(model, initial_state, ctx)
         module = _build_zero3(model.cfg, conf, full) if cfg.deepspeed.zero_stage == 3 else _build_replicated(model, full, ctx)
-        wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile)
+        apply_fp8(module, cfg.train, ctx.device)  # ZeRO-1/2 (config load refuses FP8 under ZeRO-3)
+        wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile, regions=cfg.deepspeed.zero_stage == 3)
         groups = param_groups(module, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases))
         client = None
         if not _use_ds_optimizer(cfg, ctx.device):

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from ...errors import UserError
 from .base import (DistContext, LossFn, build_optimizer, clip_and_step, full_initial_state, param_groups,
                    process_group_backend, uses_bf16, wrap_blocks)
+from .fp8 import after_fsdp_step, apply_fp8
 
 DCP_DIR = "dcp"  # the checkpoint's subfolder
 
@@ -59,6 +60,7 @@ class FSDPEngine:
         # Pinned host memory exists only beside a GPU; on a CPU-only machine the offload path runs unpinned.
         offload = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if f.cpu_offload else OffloadPolicy()
         shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+        apply_fp8(model, cfg.train, ctx.device, fsdp=True)  # on the meta model: FSDP2 then shards the FP8 linears
         wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
         for block in model.layers:
             fully_shard(block, reshard_after_forward=f.reshard_after_forward, **shard)
@@ -84,7 +86,9 @@ class FSDPEngine:
         return stats
 
     def step(self, lr: float, grad_clip: float) -> float:
-        return clip_and_step(self.optimizer, lr, grad_clip)
+        norm = clip_and_step(self.optimizer, lr, grad_clip)
+        after_fsdp_step(self.model, self.cfg.train)  # FP8 all-gather scales of the new weights (tensorwise)
+        return norm
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from ...model.hf import load_weights, save_weights
 from ...model.decoder import Decoder
 from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step, cpu_snapshot, param_groups,
                    wrap_blocks)
+from .fp8 import apply_fp8
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -37,6 +38,7 @@ class LocalEngine:
         model.init_weights()
         if initial_state is not None:
             model.load_state_dict(initial_state, strict=True)
+        apply_fp8(model, cfg.train, ctx.device)  # before compile, which then fuses the casts
         wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
         self.model = self.inner = model  # evaluation and checkpoints use the plain model
         self.ddp = nn.parallel.DistributedDataParallel(_LossForward(model)) if ctx.world_size > 1 else None
