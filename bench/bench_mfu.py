@@ -144,7 +144,8 @@ def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tf
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = {"model": model_name, **run}
+    result = {"model": model_name, **run, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     try:
         with sdpa_context(run["sdpa"]):
             step, arch = (build_peer if run["impl"] == "peer" else build_ours)(model_name, run, device)

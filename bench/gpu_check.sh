@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks run on the device machine (one call per stage); results land in $OUT (or ./gpu_out).
-#   bash bench/gpu_check.sh STAGE      STAGE: sweep374 | sweep | parity | loop | loader | engines | tests
+#   bash bench/gpu_check.sh STAGE      STAGE: perf | scale | science (FP8, engines, Muon; after fa4stage) |
+#                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4*
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
 set -uo pipefail
@@ -9,6 +10,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 mkdir -p /tmp/site && ln -sfn "$PWD" /tmp/site/cptrain
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST=9.0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PATH=/tmp/site/bin:$PATH  # the carried ninja, which DeepSpeed's JIT op builds look for
 if ls .carry/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/streaming ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/*.whl
 fi
@@ -27,6 +29,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 B="python3 bench/bench_mfu.py --steps 12 --warmup 4"
+F="ce=4096,attn=flash_attn,doc=1"  # our fast path: fused chunked loss, FA4 (or torch's FA2) with document masking
 loop_configs() {  # CONFIG:MICRO_BATCH ...: 30 steps of each shipped config through `cptrain train`, median tokens/s
   for spec in "$@"; do
     name=${spec%%:*}; mb=${spec##*:}
@@ -38,6 +41,32 @@ loop_configs() {  # CONFIG:MICRO_BATCH ...: 30 steps of each shipped config thro
   done
 }
 case "$1" in
+perf)  # throughput in one call against the compiled peer's best: 1.35B bf16 and FP8, 374M, the SmolLM2-135M shape
+  $B --model 1.3B --budget-s 330 --out "$OUT/mfu.jsonl" --run peer:mb=12 --run ours:mb=12,$F --run ours:mb=16,$F \
+    --run ours:mb=16,$F,fp8=tensorwise --run ours:mb=24,$F,fp8=tensorwise --run ours:mb=16,$F,fp8=rowwise 2>&1 \
+    | grep -v -i "warn\|exe_args" | tail -8
+  $B --model 350M --budget-s 90 --out "$OUT/mfu.jsonl" --run peer:mb=8 --run ours:mb=32,$F 2>&1 | grep -v -i "warn\|exe_args" | tail -3
+  $B --model smollm2-135m --budget-s 110 --out "$OUT/mfu.jsonl" --run peer:mb=16 --run peer:mb=32 \
+    --run ours:mb=32,ce=8192,attn=flash_attn,doc=1 --run ours:mb=64,ce=8192,attn=flash_attn,doc=1 2>&1 \
+    | grep -v -i "warn\|exe_args" | tail -5 ;;
+scale)  # 3B and 8B, bf16 vs FP8; ZeRO-3 (regional compile) vs FSDP2 vs local at 1B; the engines at the SmolLM2 shape
+  $B --model 3B --budget-s 110 --out "$OUT/mfu.jsonl" --run ours:mb=4,$F --run ours:mb=4,$F,fp8=tensorwise 2>&1 \
+    | grep -v -i "warn\|exe_args" | tail -3
+  # fp32 master weights + AdamW moments of 8B (128 GB) do not fit one H200 beside activations: bf16 parameters.
+  $B --model 8B --budget-s 120 --out "$OUT/mfu.jsonl" --run ours:mb=2,$F,bf16=1,ac=1 --run ours:mb=2,$F,bf16=1,ac=1,fp8=tensorwise \
+    2>&1 | grep -v -i "warn\|exe_args" | tail -3
+  timeout 170 python3 bench/bench_engines.py --preset 1B --gpus 1 --engines local,fsdp2,zero3 --micro-batch 8 --compile \
+    --steps 6 --warmup 3 2>&1 | grep -v -i "warn\|exe_args" | tail -5
+  timeout 130 python3 bench/bench_engines.py --preset smollm2-135m --gpus 1 --engines local,fsdp2,zero2 --micro-batch 32 --compile \
+    --ce 8192 --steps 8 --warmup 3 2>&1 | grep -v -i "warn\|exe_args" | tail -5 ;;
+science)  # FP8 and Muon loss curves vs bf16 AdamW with the noise floor, checkpoint cost at 1B, 8B under ZeRO-3 + optimizer offload
+  timeout 280 python3 bench/loss_parity.py --data .carry/data/english2048 --out /tmp/parity --steps 200 --preset 350M \
+    --runs fast,fast-2,fast-fp8,fast-muon --ref fast --noise fast-2 2>&1 | grep -v -i "warn\|exe_args" | tail -45
+  cp /tmp/parity/parity.json "$OUT/" 2>/dev/null
+  timeout 100 python3 bench/bench_checkpoint.py --preset 1B --engines local,fsdp2 --out "$OUT/checkpoint.jsonl" 2>&1 \
+    | grep -v -i "warn" | tail -6
+  timeout 170 python3 bench/bench_engines.py --preset 8B --gpus 1 --engines zero3_offload --micro-batch 4 --ac --steps 2 \
+    --warmup 1 --ds-optimizer deepspeed 2>&1 | grep -v -i "warn\|exe_args" | tail -5 ;;
 fa4stage) mkdir -p /tmp/fa4 && cp .carry/fa4a/ir.so.xz /tmp/fa4/ && ls -la /tmp/fa4 ;;
 fa4)  # the GPU tests (FA2 and FA4), then ours with FA4 vs the peer in the same call
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_loss.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
@@ -109,7 +138,8 @@ fa4more)  # FA4 vs FA2 in one call: plain causal (rows as documents) vs cuDNN at
     --run ours:mb=16,ce=4096,attn=flash_attn,doc=1,fa4=0 2>&1 | grep -v -i "warn\|exe_args" | tail -3
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py 2>&1 | tail -2 ;;
 fa4parity)  # loss curves: plain, plain-2, fast on FA4, fast on FA2 (needs .carry/data)
-  timeout 540 python3 bench/loss_parity.py --data .carry/data/english2048 --out /tmp/parity --steps 300 --fa4-vs-fa2 2>&1 | grep -v -i "warn\|exe_args" | tail -60
+  timeout 540 python3 bench/loss_parity.py --data .carry/data/english2048 --out /tmp/parity --steps 300 \
+    --runs plain,plain-2,fast,fast-fa2 2>&1 | grep -v -i "warn\|exe_args" | tail -60
   cp /tmp/parity/parity.json "$OUT/" 2>/dev/null ;;
 fa4loop)  # the shipped configs through `cptrain train` with FA4 (needs .carry/data)
   loop_configs gpu_1.3b:12 gpu_350m:32 ;;

@@ -135,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the branch's run directory")
     p.add_argument("--no-train", action="store_true", help="write the branch's config and checkpoint link only")
 
+    p = _add(sub, "merge", "cptrain.launch.commands:merge",
+             "Checkpoint merging: a weighted average of a run's checkpoints (or of their weight EMAs) as a weights "
+             "folder that trains (model.init_from), evaluates, anneals and exports like any checkpoint. --shape picks "
+             "the weights that emulate that LR decay over the merged window (WSM, Tian et al. 2025).")
+    p.add_argument("run_dir", help="the run's directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--last", type=int, help="merge the K newest checkpoints")
+    which.add_argument("--steps", help="merge these checkpoints, e.g. 1000,2000,3000")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--weights", type=float, nargs="+", help="one weight per checkpoint, oldest first, summing to 1 (default: uniform)")
+    how.add_argument("--shape", choices=["linear", "cosine", "1-sqrt"], help="weights that emulate this decay over the window")
+    p.add_argument("--ema", action="store_true", help="average the checkpoints' EMAs of the weights (train.ema_decay) instead")
+    p.add_argument("--out", required=True, help="the weights folder to write (must not exist)")
+
     p = _add(sub, "forgetting", "cptrain.launch.commands:forgetting",
              "Forgetting report of a run: old- and new-domain validation losses against its first evaluation.")
     p.add_argument("run_dir")

@@ -45,6 +45,38 @@ def anneal(args) -> int:
     return 0
 
 
+def merge(args) -> int:
+    """`cptrain merge RUN_DIR (--last K | --steps A,B,...) [--weights W... | --shape S] [--ema] --out DIR`."""
+    from ..trainer.averaging import merge_checkpoints, merge_coefficients, pick_checkpoints, write_merged
+    from ..model.hf import TOKENIZER_FILES
+    from ..trainer.checkpoint import step_of
+    from ..trainer.evaluate import tokenizer_for
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} exists; pick a new --out (nothing is written over)")
+    steps = [parse_int(s, "--steps", "cptrain merge") for s in args.steps.split(",")] if args.steps else None
+    folders = pick_checkpoints(Path(args.run_dir), args.last, steps)
+    coefficients = merge_coefficients(len(folders), args.weights, args.shape)
+    cfg, state = merge_checkpoints(folders, coefficients, ema=args.ema)
+    info = {"run_dir": str(args.run_dir), "checkpoints": [str(f) for f in folders], "coefficients": coefficients,
+            "shape": args.shape, "ema": args.ema}
+    write_merged(out, cfg, state, info)
+    try:  # the run's tokenizer beside the weights, so `cptrain eval OUT --task ...` finds it
+        tok = tokenizer_for(args.run_dir)
+    except UserError:
+        tok = None  # `cptrain eval --tokenizer` names it then
+    for f in [tok] if tok and tok.is_file() else [tok / n for n in TOKENIZER_FILES] if tok else []:
+        if f.is_file():
+            shutil.copy2(f, out / ("tokenizer.model" if f.suffix == ".model" else f.name))
+    what = "weight EMAs" if args.ema else "weights"
+    print(f"merged the {what} of {len(folders)} checkpoints of {args.run_dir} (steps "
+          f"{', '.join(str(step_of(f)) for f in folders)}) with weights {', '.join(f'{c:.4g}' for c in coefficients)}"
+          f"{f' ({args.shape} decay)' if args.shape else ''} into {out}; train from it with --model.init_from={out}, "
+          f"score it with `cptrain eval {out} --data DIR`, export it with `cptrain convert cptrain-to-hf {out} HF_DIR`")
+    return 0
+
+
 def forgetting(args) -> int:
     """`cptrain forgetting RUN_DIR [--old A,B] [--new C]`: the report for any finished run."""
     from ..trainer.analysis.forgetting import format_forgetting, write_forgetting

@@ -135,8 +135,8 @@ def test_kill9_mid_step_then_resume(tmp_path, austen_data, reference, capsys):
     job.wait_for(lambda: job.logged_step() >= 6)  # step-4 is complete; the run is between checkpoints
     job.kill9()
     good = ckpt.find_resume(run_dir)
-    assert good is not None and ckpt._step_of(good) >= 4
-    said = _resume_and_compare(run_dir, austen_data, reference, ckpt._step_of(good), capsys)
+    assert good is not None and ckpt.step_of(good) >= 4
+    said = _resume_and_compare(run_dir, austen_data, reference, ckpt.step_of(good), capsys)
     assert f"resumed from {good}" in said
 
 

@@ -31,7 +31,7 @@ def _rows(path: Path) -> list[dict]:
 def _rewind(run_dir: Path, step: int) -> None:
     """The run stopped after its checkpoint `step`: what came later never happened on disk."""
     for c in ckpt.list_checkpoints(run_dir / "checkpoints"):
-        if ckpt._step_of(c) > step:
+        if ckpt.step_of(c) > step:
             shutil.rmtree(c)
     (run_dir / "checkpoints" / "latest").write_text(f"step-{step:08d}\n")
 

@@ -117,7 +117,7 @@ def verify(folder: Path, split: bool = False) -> str | None:
     return next((r for r in cc.all_gather_objects(reason) if r), None)
 
 
-def _step_of(folder: Path) -> int:
+def step_of(folder: Path) -> int:
     try:
         return int(folder.name.split("-")[-1])
     except ValueError:
@@ -128,7 +128,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Visible checkpoint folders, newest first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _step_of(p) >= 0), key=_step_of, reverse=True)
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and step_of(p) >= 0), key=step_of, reverse=True)
 
 
 def candidates(root: Path) -> list[Path]:
@@ -176,7 +176,7 @@ def _prune(root: Path, keep_last: int, fresh: Path) -> None:
     checkpoints before it; delete older ones. Checkpoints with a later step than `fresh` exist only
     when a resume or rollback skipped them as damaged: they are neither counted nor deleted (left
     for inspection), so a damaged newer folder can never push the only good checkpoint out."""
-    older = [c for c in list_checkpoints(root) if _step_of(c) < _step_of(fresh)]
+    older = [c for c in list_checkpoints(root) if step_of(c) < step_of(fresh)]
     for old in older[keep_last - 1:]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -323,3 +323,26 @@ def load_full_weights(path: str | Path):
     else:
         raise UserError(f"{p}: no model.safetensors in this checkpoint; is the folder complete?")
     return model_config_of(p), consolidate(p)
+
+
+class WithExtras:
+    """The engine as the Checkpointer sees it: its own files plus each extra's (sparsity masks, the
+    weight EMA: objects with save(folder, rank) -> files), written into the checkpoint folder before
+    the manifest is computed, so they are checksummed and published atomically with it. Under an
+    async save the extras are written at once (they are host copies the next step would change)."""
+
+    def __init__(self, engine, extras: list, rank: int):
+        self.engine, self.extras, self.rank = engine, [e for e in extras if e is not None], rank
+
+    def _extras(self, path: Path) -> list[Path]:
+        return [f for e in self.extras for f in e.save(path, self.rank)]
+
+    def save(self, path: Path) -> list[Path]:
+        return self.engine.save(path) + self._extras(path)
+
+    def save_async(self, path: Path):
+        finish, extra = self.engine.save_async(path), self._extras(path)
+        return lambda: finish() + extra
+
+    def __getattr__(self, name: str):  # anything else checkpointing asks of the engine
+        return getattr(self.engine, name)

@@ -60,17 +60,21 @@ class TrainSection:
     fp8_min_features: int = 1024  # with fp8: linears narrower than this stay in bf16
     fp8_keep_ends: bool = True  # with fp8: the first and last blocks stay in bf16
     fp8_emulate: bool = False  # DEBUG: emulate FP8 matmuls (CPU tests); never in a real run
+    ema_decay: float = 0.0  # an EMA of the weights (e.g. 0.999) kept and checkpointed (trainer/averaging.py); 0: none
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device (H100/H200: 989 bf16 dense)
 
 
 @dataclass
 class OptimSection:
-    weight_decay: float = 0.1  # AdamW decoupled decay on matrices; norms and embeddings are not decayed
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest (trainer/muon.py)
+    weight_decay: float = 0.1  # decoupled decay on matrices (both optimizers); norms and embeddings are not decayed
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernel (auto: on for CUDA)
+    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernel (auto: on for CUDA; with name=adamw)
+    muon_momentum: float = 0.95  # with name=muon: Nesterov momentum of the matrices
+    muon_ns_steps: int = 5  # with name=muon: Newton-Schulz iterations per update
 
 
 @dataclass
@@ -315,8 +319,15 @@ def _check(cfg: TrainConfig, src: str) -> None:
     if t.fp8 != "off" and t.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3:
         raise UserError(f"{src}: train.fp8 with deepspeed.zero_stage=3 is not supported (ZeRO-3's partitioned weights "
                         "bypass the FP8 linears' casts); use train.engine=fsdp2, which all-gathers weights in FP8, or ZeRO-1/2")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise UserError(f"{src}: train.ema_decay={t.ema_decay} must be in [0, 1) (0 keeps no EMA; 0.999 averages ~1000 steps)")
     if t.fp8_min_features < 16:
         raise UserError(f"{src}: train.fp8_min_features={t.fp8_min_features} must be at least 16 (FP8 GEMM dimensions)")
+    if cfg.optim.name == "muon" and t.engine == "deepspeed":
+        raise UserError(f"{src}: optim.name=muon needs train.engine local or fsdp2 (DeepSpeed flattens and partitions the "
+                        "matrices that Muon orthogonalizes whole); use train.engine=fsdp2 or optim.name=adamw")
+    if cfg.optim.name == "muon" and cfg.optim.fused == "on":
+        raise UserError(f"{src}: optim.fused=on is AdamW's fused kernel; with optim.name=muon leave optim.fused at auto")
     if cfg.checkpoint.async_ and t.engine == "deepspeed":
         raise UserError(f"{src}: checkpoint.async needs train.engine local or fsdp2 (DeepSpeed writes its checkpoints "
                         "synchronously); set checkpoint.async: false")

@@ -32,7 +32,8 @@ from .reweighting import Reweighter
 from .loss import lm_loss, token_losses
 from .metrics import DROPPED, MetricsLogger, Throughput, device_peak_tflops, set_aside
 from .schedule import build_schedule
-from .sparsity import Pruner, WithMasks
+from .averaging import WeightEMA
+from .sparsity import Pruner
 from .start import StartPlan, plan_start
 from .tasks import TaskSet
 
@@ -120,6 +121,9 @@ class Trainer:
         if self.plan.masks:  # masks of a sparse checkpoint (kept or, if sparsity is disabled, dropped)
             self.pruner.load(Path(self.plan.source), resume=self.plan.counters)
         self.freezer = Freezer(cfg.freeze, cfg.model.init_from, self.engine, self._say) if cfg.freeze.phases else None
+        self.ema = WeightEMA(cfg.train.ema_decay, self.engine) if cfg.train.ema_decay else None
+        if self.ema and self.plan.counters and not self.ema.load(Path(self.plan.source)):
+            self._say(f"train.ema_decay: {self.plan.source} holds no EMA of the weights; it starts from them now")
 
         self.faults = FaultMonitor(cfg.faults, self.progress.faults)
         self.saved_step = -1  # the step of the last checkpoint this process started
@@ -241,7 +245,7 @@ class Trainer:
         texts = {"model_config.json": json.dumps(dataclasses.asdict(self.cfg.model.arch))}
         if self.ctx.is_main:
             texts["config.yaml"] = (self.run_dir / "config.yaml").read_text()
-        engine = WithMasks(self.engine, self.pruner, self.ctx.rank)  # the masks go into the same checkpoint
+        engine = ckpt.WithExtras(self.engine, [self.pruner, self.ema], self.ctx.rank)  # masks and EMA in the same checkpoint
         self.saved_step = self.progress.step
         folder = self.saver.save(self.progress.step, engine, state, texts)
         if wait and folder is None:
@@ -260,6 +264,8 @@ class Trainer:
             return False
         self.engine.load(folder, optimizer=True)
         self.pruner.load(folder, resume=True)
+        if self.ema:
+            self.ema.load(folder)
         saved, p = Progress(**ckpt.read_state(folder)["progress"]), self.progress
         p.step, p.tokens, p.last_lr, p.schedule = saved.step, saved.tokens, saved.last_lr, saved.schedule
         if p.schedule:
@@ -279,6 +285,8 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         last = p.tokens >= self.end_tokens
         row.update(self.pruner.after_step(before, p.tokens))  # re-mask what the optimizer wrote; prune/densify on schedule
+        if self.ema:
+            self.ema.update()  # of the weights as the step left them (masks, held rows and all)
         speed.add(p.tokens - before)
         row = {"step": p.step, "tokens": p.tokens, **row}
         if p.step % cfg.log.interval_steps == 0 or last:

@@ -311,21 +311,3 @@ class Pruner:
         info = json.loads(path.read_text()) if path.is_file() else {}
         info.update(avg_nonzero_params=self.average(), nonzero_params=self.total - self.state.pruned, flops="dense")
         path.write_text(json.dumps(info, indent=1))
-
-
-class WithMasks:
-    """The engine as checkpoint.Checkpointer sees it: its own files plus the masks, written into the
-    checkpoint folder before the manifest is computed (so masks are checksummed and atomic with it)."""
-
-    def __init__(self, engine, pruner: Pruner, rank: int):
-        self.engine, self.pruner, self.rank = engine, pruner, rank
-
-    def save(self, path: Path) -> list[Path]:
-        return self.engine.save(path) + self.pruner.save(path, self.rank)
-
-    def save_async(self, path: Path):
-        finish, masks = self.engine.save_async(path), self.pruner.save(path, self.rank)  # masks are small: now
-        return lambda: finish() + masks
-
-    def __getattr__(self, name: str):  # anything else checkpointing asks of the engine
-        return getattr(self.engine, name)

@@ -157,9 +157,20 @@ def full_initial_state(model: Decoder, initial_state: dict | None, ctx: DistCont
     return cpu_model.state_dict()
 
 
-def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
+def optimizer_groups(model: nn.Module, cfg) -> list[dict]:
+    """param_groups for this run: by role when freeze phases hold roles apart or Muon takes the matrices."""
+    return param_groups(model, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases) or cfg.optim.name == "muon")
+
+
+def build_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.name == "muon":
+        from ..muon import Muon
+
+        for g in groups:
+            g["muon"] = g.get("name") == "matrices"
+        return Muon(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
-    return torch.optim.AdamW(params, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def wrap_blocks(model: Decoder, activation_checkpointing: bool, compile_blocks: bool, regions: bool = False) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ...errors import UserError
-from .base import (DistContext, LossFn, build_optimizer, full_initial_state, param_groups, uses_bf16,
+from .base import (DistContext, LossFn, build_optimizer, full_initial_state, optimizer_groups, uses_bf16,
                    wrap_blocks)
 from .fp8 import apply_fp8
 
@@ -141,7 +141,7 @@ class DeepSpeedEngine:
         module = _build_zero3(model.cfg, conf, full) if cfg.deepspeed.zero_stage == 3 else _build_replicated(model, full, ctx)
         apply_fp8(module, cfg.train, ctx.device)  # ZeRO-1/2 (config load refuses FP8 under ZeRO-3)
         wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile, regions=cfg.deepspeed.zero_stage == 3)
-        groups = param_groups(module, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases))
+        groups = optimizer_groups(module, cfg)
         client = None
         if not _use_ds_optimizer(cfg, ctx.device):
             client = build_optimizer(groups, cfg.optim, ctx.device)

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from ...errors import UserError
-from .base import (DistContext, LossFn, build_optimizer, clip_and_step, full_initial_state, param_groups,
+from .base import (DistContext, LossFn, build_optimizer, clip_and_step, full_initial_state, optimizer_groups,
                    process_group_backend, uses_bf16, wrap_blocks)
 from .fp8 import after_fsdp_step, apply_fp8
 
@@ -73,7 +73,7 @@ class FSDPEngine:
         full = full_initial_state(model, initial_state, ctx)
         set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         self.model = model
-        groups = param_groups(model, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases))
+        groups = optimizer_groups(model, cfg)
         self.optimizer = build_optimizer(groups, cfg.optim, ctx.device)
         # A background save runs DCP's collectives on a group of its own, so they never interleave with
         # the training step's (torch's advice for async_save); gloo, since it moves host tensors.

@@ -9,7 +9,7 @@ from torch import nn
 
 from ...model.hf import load_weights, save_weights
 from ...model.decoder import Decoder
-from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step, cpu_snapshot, param_groups,
+from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step, cpu_snapshot, optimizer_groups,
                    wrap_blocks)
 from .fp8 import apply_fp8
 
@@ -42,7 +42,7 @@ class LocalEngine:
         wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
         self.model = self.inner = model  # evaluation and checkpoints use the plain model
         self.ddp = nn.parallel.DistributedDataParallel(_LossForward(model)) if ctx.world_size > 1 else None
-        groups = param_groups(model, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases))
+        groups = optimizer_groups(model, cfg)
         self.optimizer = build_optimizer(groups, cfg.optim, ctx.device)
         self.autocast = lambda: autocast_for(ctx.device, cfg.train.precision)
         self._snapshot = None  # host buffers of the last async checkpoint, reused by the next
