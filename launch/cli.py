@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=float, nargs="+", default=None, help="(N, D) laws: parameter counts")
     p.add_argument("--d", type=float, nargs="+", default=None, help="(N, D) laws: token counts")
     p.add_argument("--compute", type=float, nargs="+", default=None, help="(N, D) laws: compute budgets C = 6ND for the compute-optimal allocation")
+    p = _add(scaling, "suggest", "cptrain.trainer.analysis.scaling.suggest:suggest",
+             "Peak LR and batch size from Step Law (Li et al. 2025); with --fit, the compute-optimal N, D of a fitted law.")
+    p.add_argument("--params", type=float, required=True, help="N: non-embedding parameters (Step Law's N)")
+    p.add_argument("--tokens", type=float, required=True, help="D: training tokens")
+    p.add_argument("--fit", default=None, help="DIR/fit.json of an (N, D) law from `cptrain scaling fit`: adds N_opt, D_opt at C")
+    p.add_argument("--compute", type=float, default=None, help="with --fit: the compute budget C in FLOPs (default 6 N D)")
+    p.add_argument("--seq-len", type=int, default=None, help="also give the batch size in sequences of this many tokens")
     return parser
 
 

@@ -84,12 +84,13 @@ def _fit_curves(args, out: Path) -> dict:
     curves = I.read_curves(args.inputs)
     t0 = time.perf_counter()
     cf = C.fit_curves(args.law, curves)
+    seconds = round(time.perf_counter() - t0, 3)
     metrics = {c.name: C.curve_metrics(C.predict_curve(cf.law, cf.params, c, c.steps), c.loss) for c in curves}
     from . import plots
     plots.plot_curves(cf.law, cf.params, curves, out / "curves.png")
     return {"law": cf.law, "params": cf.params, "objective": cf.objective,
             "objective_kind": f"sum of Huber(delta={L.HUBER_DELTA}) of log-loss residuals",
-            "n_points": cf.n_points, "fit_seconds": round(time.perf_counter() - t0, 3),
+            "n_points": cf.n_points, "fit_seconds": seconds,
             "inputs": {"files": list(args.inputs)}, "fit_metrics": metrics}
 
 
@@ -138,7 +139,7 @@ def fit(args) -> int:
     return 0
 
 
-def _load_fit(path: str) -> dict:
+def load_fit(path: str) -> dict:
     try:
         res = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
@@ -202,6 +203,6 @@ def _predict_points(res: dict, args) -> int:
 
 
 def predict(args) -> int:
-    res = _load_fit(args.fit)
+    res = load_fit(args.fit)
     with _one_thread():
         return _predict_curve(res, args) if res["law"] in C.CURVE_LAWS else _predict_points(res, args)
