@@ -27,6 +27,7 @@ STEP = 4096                 # tokens per optimizer step: 16 sequences of 256
 PRETRAIN_STEPS, ANNEAL_STEPS, CONT_STEPS, REWARM_STEPS = 64, 8, 24, 4
 PEAK, CONSTANT = 3e-3, 0.5  # pretraining peak LR; the infinite schedule's constant level (fraction of peak)
 REPLAY = (0.0, 0.05, 0.25)
+MERGE_EVERY, EMA_DECAY = 2, 0.9  # constant-phase checkpoints for the merges; the weight EMA's decay
 EVAL_EVERY = REWARM_STEPS * STEP  # so one evaluation falls right after the rewarm
 
 
@@ -48,13 +49,51 @@ def pretrain(out: Path, english: Path, device: str) -> tuple[Path, Path]:
 
     main_dir, branch = out / "pretrain", out / "pretrain-annealed"
     if not (main_dir / "checkpoints" / "latest").is_file():
+        # Checkpoints every MERGE_EVERY steps and a weight EMA, for the merges of `released`;
+        # neither changes the training itself.
         run(load_config(CONFIG, [*_common(main_dir, english, device), f"--train.max_tokens={PRETRAIN_STEPS * STEP}",
                                  "--schedule.kind=infinite", f"--schedule.warmup_tokens={4 * STEP}",
                                  f"--schedule.cooldown_tokens={12 * STEP}", f"--schedule.constant_ratio={CONSTANT}",
-                                 "--schedule.decay_fraction=0", f"--eval.interval_tokens={16 * STEP}"]))
+                                 "--schedule.decay_fraction=0", f"--eval.interval_tokens={16 * STEP}",
+                                 f"--checkpoint.interval_tokens={MERGE_EVERY * STEP}", "--checkpoint.keep_last=8",
+                                 f"--train.ema_decay={EMA_DECAY}"]))
     if not (branch / "checkpoints" / f"step-{PRETRAIN_STEPS + ANNEAL_STEPS:08d}").is_dir():
         run(prepare_branch(main_dir, branch, ANNEAL_STEPS * STEP, "linear"), resume=True)
     return main_dir, branch
+
+
+def released(out: Path, main_dir: Path, annealed_dir: Path, english: Path, device: str) -> list[dict]:
+    """The model to release from the end of the constant phase, each way: the raw constant-LR
+    checkpoint, its anneal branch (ANNEAL_STEPS more steps of training), merges of the constant
+    phase's last checkpoints (no training; WSM, Tian et al. 2025, and plain averaging) and the
+    weight EMA. English validation loss over the whole split."""
+    import torch
+
+    from cptrain.launch.cli import main as cli
+    from cptrain.trainer.evaluate import load_model, split_loss
+
+    last = main_dir / "checkpoints" / f"step-{PRETRAIN_STEPS:08d}"
+    rows = [("raw constant-LR checkpoint", 0, last),
+            (f"anneal branch, linear over {ANNEAL_STEPS} steps", ANNEAL_STEPS,
+             annealed_dir / "checkpoints" / f"step-{PRETRAIN_STEPS + ANNEAL_STEPS:08d}")]
+    for k, how in ((4, []), (8, []), (8, ["--shape", "linear"]), (8, ["--shape", "1-sqrt"]), (1, ["--ema"])):
+        name = f"merge-last{k}{''.join(how).replace('--', '-')}"
+        if not (out / name).is_dir():
+            assert cli(["merge", str(main_dir), "--last", str(k), *how, "--out", str(out / name)]) == 0
+        label = (f"EMA of the weights (decay {EMA_DECAY})" if how == ["--ema"] else
+                 f"merge of the last {k} checkpoints (over {(k - 1) * MERGE_EVERY} steps), "
+                 f"{how[1] if how else 'uniform'}")
+        rows.append((label, 0, out / name))
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    return [{"model": label, "extra_steps": extra, "english": split_loss(load_model(path, dev), english)["loss"]}
+            for label, extra, path in rows]
+
+
+def released_table(rows: list) -> str:
+    raw = rows[0]["english"]
+    lines = ["| released model | extra training steps | EN val loss | vs raw |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['extra_steps']} | {r['english']:.4f} | {r['english'] - raw:+.4f} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def continuation(job: dict) -> dict:
@@ -143,13 +182,20 @@ def main() -> None:
     ap.add_argument("--out", default="runs/cpt_replication")
     ap.add_argument("--jobs", type=int, default=1, help="continuations run at a time (threads are split among them)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    ap.add_argument("--released-only", action="store_true",
+                    help="pretraining, its anneal branch and the merges only (no continuations)")
     args = ap.parse_args()
     out = Path(args.out)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     english = prepare(out, "english", "austen.txt", ["--train-tokenizer", "4000"])
     spanish = prepare(out, "spanish", "rv1909_nt.txt", ["--tokenizer", str(english / "tokenizer.model")])
     main_dir, annealed_dir = pretrain(out, english, args.device)
+    released_rows = released(out, main_dir, annealed_dir, english, args.device)
+    print(released_table(released_rows))
     pre_cpu = _cpu_seconds() - cpu0
+    if args.released_only:
+        (out / "released.json").write_text(json.dumps(released_rows, indent=1))
+        return
     threads = max(1, 2 // args.jobs)
     jobs = [{"arm": arm, "replay": rf, "threads": threads, "device": args.device, "run_dir": str(out / f"{arm}-replay{round(rf * 100)}"),
              "english": str(english), "spanish": str(spanish), "init_from": str(annealed_dir if arm == "rewarm" else main_dir)}
@@ -159,7 +205,7 @@ def main() -> None:
     annealed_rows = [json.loads(line) for line in (annealed_dir / "metrics.jsonl").read_text().splitlines()]
     annealed = {"english": [r["val/english"] for r in annealed_rows if "val/english" in r][-1],
                 "spanish": _at(results[0]["curves"]["spanish"], 0)}
-    text = table(results, annealed)
+    text = table(results, annealed) + "\n" + released_table(released_rows)
     cpu = pre_cpu + sum(r["cpu_s"] for r in results)
     import torch
 
@@ -167,7 +213,8 @@ def main() -> None:
     text += (f"\nDevice {device}, fp32, {args.jobs} continuation(s) at a time, {time.strftime('%Y-%m-%d')}; wall {time.perf_counter() - t0:.0f} s, "
              f"CPU {cpu:.0f} s (pretraining and anneal {pre_cpu:.0f} s, continuations {cpu - pre_cpu:.0f} s).\n")
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"annealed_pretrained": annealed, "runs": results}, indent=1))
+    (out / "results.json").write_text(json.dumps({"annealed_pretrained": annealed, "released": released_rows,
+                                                  "runs": results}, indent=1))
     plot(results, out / "curves.png")
     print(text + f"wrote {out / 'results.md'}, results.json and curves.png")
 

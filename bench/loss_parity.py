@@ -14,6 +14,8 @@ maths in another micro-batch split, so it differs only in bf16 rounding and redu
     python3 bench/loss_parity.py --data DIR --out OUT_DIR [--steps 300]        # plain, plain-2, fast
     python3 bench/loss_parity.py --data DIR --out OUT_DIR --runs fast,fast-2,fast-fp8,fast-fp8-rowwise,fast-muon \
         --ref fast --noise fast-2 --preset 350M
+    python3 bench/loss_parity.py --from-metrics bench/results/2026-12-02-h200-parity --out OUT_DIR \
+        --runs fast,fast-2,fast-fp8,fast-muon --ref fast --noise fast-2 --steps 200    # the committed runs again
 """
 from __future__ import annotations
 
@@ -68,7 +70,9 @@ def diff(a: dict[int, float], b: dict[int, float], start: int = 1) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True, help="prepared data directory (seq_len 2048)")
+    p.add_argument("--data", type=Path, default=None, help="prepared data directory (seq_len 2048)")
+    p.add_argument("--from-metrics", type=Path, default=None,
+                   help="summarize saved runs instead of training: DIR/NAME.jsonl, each a run's metrics.jsonl")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--preset", default="125M", help="model shape (vocab 4096, the data's tokenizer)")
@@ -79,8 +83,13 @@ def main() -> int:
     names = args.runs.split(",")
     if not {args.ref, args.noise} <= set(names) or not set(names) <= set(RUNS):
         p.error(f"--runs must be among {', '.join(RUNS)} and include --ref and --noise")
+    if not (args.data or args.from_metrics):
+        p.error("--data DIR (to train the runs) or --from-metrics DIR (to summarize saved ones) is needed")
     rows = {}
     for name in names:
+        if args.from_metrics:
+            rows[name] = [json.loads(line) for line in (args.from_metrics / f"{name}.jsonl").read_text().splitlines()]
+            continue
         try:
             rows[name] = train(name, args)
         except subprocess.CalledProcessError as e:  # a failed variant is a result; keep the others

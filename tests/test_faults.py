@@ -336,18 +336,19 @@ def test_two_ranks_skip_a_one_rank_nan_and_stop_together(tmp_path, austen_data):
     assert all(by_step[s]["loss"] == by_step[s]["loss"] for s in by_step if s != 2)
 
 
-def _step_with(fused: bool, grad_fill: float | None, clip: float) -> tuple[list[torch.Tensor], torch.optim.Optimizer, float]:
+def _step_with(fused: bool, grad_fill: float | None, clip: float,
+               dtype=torch.float32) -> tuple[list[torch.Tensor], torch.optim.Optimizer, float]:
     from cptrain.trainer.engines.base import clip_and_step
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    params = [torch.nn.Parameter(torch.randn(64, 32).to(dtype)), torch.nn.Parameter(torch.randn(32).to(dtype))]
     opt = torch.optim.AdamW(params, lr=0.0, fused=fused or None)
     gen = torch.Generator().manual_seed(1)
     norms = []
     # A clipped step, then a small one: Adam's first update is scale-invariant, its second is not.
     for scale in (3.0, 0.01):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen) * scale if grad_fill is None else torch.full_like(p, grad_fill)
+            p.grad = (torch.randn(p.shape, generator=gen) * scale).to(dtype) if grad_fill is None else torch.full_like(p, grad_fill)
         norms.append(clip_and_step(opt, 1e-2, clip))
     return [p.detach().clone() for p in params], opt, norms[0]
 
@@ -368,3 +369,14 @@ def test_fused_step_folds_clipping_and_skips_non_finite():
     assert norm != norm  # NaN reported
     assert all(torch.equal(a, s) for a, s in zip(after, start))  # no update
     assert all(opt.state[p]["step"].item() == 0 for p in opt.param_groups[0]["params"])  # nor a step counted
+
+
+def test_fused_step_with_bf16_parameters():
+    """Pure bf16 parameters (no fp32 master copy): the grad norm is bf16, the kernel's grad_scale
+    must be float32; the update is the explicit path's up to bf16 rounding."""
+    plain, _, plain_norm = _step_with(False, None, clip=1.0, dtype=torch.bfloat16)
+    fused, _, fused_norm = _step_with(True, None, clip=1.0, dtype=torch.bfloat16)
+    assert plain_norm == fused_norm > 1.0
+    for a, b in zip(plain, fused):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b, a, rtol=1.6e-2, atol=1e-2)

@@ -211,7 +211,8 @@ def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float)
         # The fused AdamW kernel divides the gradients by `grad_scale` and skips the whole update when
         # `found_inf` is set (the hooks torch's GradScaler uses): clipping and the non-finite skip then
         # cost no pass over the gradients of their own and no host sync before the update.
-        optimizer.grad_scale = (norm / grad_clip).clamp(min=1.0) if grad_clip > 0 else None
+        # float32 whatever the parameters' dtype: the kernel takes no other (the norm of bf16 grads is bf16)
+        optimizer.grad_scale = (norm.float() / grad_clip).clamp(min=1.0) if grad_clip > 0 else None
         optimizer.found_inf = (~torch.isfinite(norm)).float()
         optimizer.step()
         del optimizer.grad_scale, optimizer.found_inf
