@@ -299,7 +299,7 @@ def test_gemma3_270m_logits_match_transformers(gemma3_270m_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(gemma3_270m_dir)
     model = ours(gemma3_270m_dir)
     assert model.cfg.family == "gemma3" and model.cfg.kinds.count("full") == 3 and model.cfg.sliding_window == 512
-    long_text = (FIXTURES / "text" / "austen_pp.jsonl").read_text()[:4000]  # ~900 tokens: past the 512-token window
+    long_text = (FIXTURES / "text" / "austen_pp.jsonl").read_text()[:2800]  # ~640 tokens: past the 512-token window
     worst = 0.0
     for text in ("The capital of France is Paris.", "def add(a, b):\n    return a + b\n", long_text):
         ids = torch.tensor([tokenizer(text).input_ids])

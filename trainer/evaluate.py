@@ -116,8 +116,13 @@ def lm_eval_tasks(model: Decoder, tokenizer, names: list[str], num_fewshot: int,
         def generate_until(self, requests, disable_tqdm: bool = False):
             raise UserError("--lm-eval: generation tasks are not supported; use multiple-choice or log-likelihood tasks")
 
+    manager = None
+    if include:  # indexing lm-eval's thousands of built-in task YAMLs takes ~25 s: skip it when `include` has them all
+        manager = TaskManager(include_path=include, include_defaults=False)
+        if not set(names) <= set(manager.all_tasks):
+            manager = None
     results = lm_eval.simple_evaluate(model=CptrainLM(), tasks=list(names), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=TaskManager(include_path=include), log_samples=False,
+                                      task_manager=manager or TaskManager(include_path=include), log_samples=False,
                                       bootstrap_iters=0)
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
             for task, metrics in results["results"].items()}
