@@ -48,7 +48,7 @@ def anneal(args) -> int:
 def merge(args) -> int:
     """`cptrain merge RUN_DIR (--last K | --steps A,B,...) [--weights W... | --shape S] [--ema] --out DIR`."""
     from ..trainer.averaging import merge_checkpoints, merge_coefficients, pick_checkpoints, write_merged
-    from ..model.hf import TOKENIZER_FILES
+    from ..model.hf import copy_tokenizer
     from ..trainer.checkpoint import step_of
     from ..trainer.evaluate import tokenizer_for
 
@@ -63,12 +63,9 @@ def merge(args) -> int:
             "shape": args.shape, "ema": args.ema}
     write_merged(out, cfg, state, info)
     try:  # the run's tokenizer beside the weights, so `cptrain eval OUT --task ...` finds it
-        tok = tokenizer_for(args.run_dir)
+        copy_tokenizer(tokenizer_for(args.run_dir), out)
     except UserError:
-        tok = None  # `cptrain eval --tokenizer` names it then
-    for f in [tok] if tok and tok.is_file() else [tok / n for n in TOKENIZER_FILES] if tok else []:
-        if f.is_file():
-            shutil.copy2(f, out / ("tokenizer.model" if f.suffix == ".model" else f.name))
+        pass  # no tokenizer found: `cptrain eval --tokenizer` names it then
     what = "weight EMAs" if args.ema else "weights"
     print(f"merged the {what} of {len(folders)} checkpoints of {args.run_dir} (steps "
           f"{', '.join(str(step_of(f)) for f in folders)}) with weights {', '.join(f'{c:.4g}' for c in coefficients)}"
@@ -192,14 +189,12 @@ def schedule_plot(args) -> int:
 
 def hf_to_cptrain(args) -> int:
     """`cptrain convert hf-to-cptrain SRC OUT`: an HF folder -> our weights + its tokenizer files."""
-    from ..model.hf import TOKENIZER_FILES, WEIGHTS_FILE, CONFIG_FILE, load_hf_dir, save_weights
+    from ..model.hf import WEIGHTS_FILE, CONFIG_FILE, copy_tokenizer, load_hf_dir, save_weights
 
     src, out = Path(args.src), Path(args.out)
     cfg, sd = load_hf_dir(src)
     save_weights(out, cfg, sd)
-    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    for name in copied:
-        shutil.copy2(src / name, out / name)
+    copied = copy_tokenizer(src, out)
     n_params = sum(t.numel() for t in sd.values())
     print(f"wrote {out / WEIGHTS_FILE} and {CONFIG_FILE} ({n_params / 1e6:.1f}M parameters, "
           f"{next(iter(sd.values())).dtype}) from {src}; tokenizer files: {', '.join(copied) or 'none found'}")

@@ -21,6 +21,17 @@ HF_INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
+
+def copy_tokenizer(src: Path, out: Path) -> list[str]:
+    """The tokenizer at `src` (a folder's tokenizer files, or one tokenizer file; a sentencepiece
+    model becomes tokenizer.model) into the folder `out`; returns the names written."""
+    src = Path(src)
+    pairs = ([(src, "tokenizer.model" if src.suffix == ".model" else src.name)] if src.is_file()
+             else [(src / n, n) for n in TOKENIZER_FILES if (src / n).is_file()])
+    for f, name in pairs:
+        shutil.copy2(f, Path(out) / name)
+    return [name for _, name in pairs]
+
 # Per-block names: ours (Meta's naming) -> HF's, under `layers.{i}.` and `model.layers.{i}.`. The same
 # in every family; which of them a block has follows from its switches.
 _LINEARS = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",

@@ -25,12 +25,11 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .params import collect_targets, read_pieces
+from .params import Target, collect_targets, read_pieces
 
 EMA_FILE = "ema-rank{rank}.safetensors"
 SHAPES = {"linear": lambda u: 1 - u, "cosine": lambda u: (1 + math.cos(math.pi * u)) / 2,
@@ -139,14 +138,8 @@ def ema_weights(folder: Path) -> tuple:
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
-    full = {k: torch.zeros(s.numel(), dtype=torch.float32) for k, s in shapes.items()}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            starts = sf.metadata()
-            for name in sf.keys():
-                piece = sf.get_tensor(name)
-                start = int(starts[name])
-                full[name][start:start + piece.numel()] = piece
+    whole = [Target(k, tuple(s), 0, torch.empty(s.numel()), []) for k, s in shapes.items()]  # each tensor's full range
+    full = read_pieces(files, whole, dtype=torch.float32)
     return cfg, {k: v.view(shapes[k]) for k, v in full.items()}
 
 
@@ -154,8 +147,6 @@ def write_merged(out: Path, cfg, state: dict, info: dict) -> Path:
     """The merged weights as a weights folder (model.safetensors + model_config.json) with merge.json."""
     from ..model.hf import save_weights
 
-    if out.exists():
-        raise UserError(f"{out} exists; pick a new --out (nothing is written over)")
     save_weights(out, cfg, state)
     (out / "merge.json").write_text(json.dumps(info, indent=1))
     return out
