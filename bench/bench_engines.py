@@ -5,10 +5,15 @@ writes $OUT/bench_engines.json.
 
     python bench/bench_engines.py --preset 1B --gpus 1,2 --micro-batch 4
     python bench/bench_engines.py --preset 8B --gpus 1 --engines zero3_offload,fsdp2 --ac --set=--train.fp8=tensorwise
+    python bench/bench_engines.py --preset smollm2-135m --gpus 1 --engines local,fsdp2,fsdp2@fsdp.reshard_after_forward=false --profile
 
 The parent starts one `torchrun --nproc_per_node N` per GPU count; each worker builds the real
 engines one after another (the loop's build path: meta model -> engine -> init) and times
-forward+backward+step on the same micro-batches.
+forward+backward+step on the same micro-batches. An engine may carry config overrides of its own
+after `@` (`zero2@deepspeed.extra.zero_optimization.overlap_comm=false`). Each row also splits a
+step into forward+backward and the optimizer step (timed apart, with a device sync between them);
+`--profile` adds a kernel and host-op profile of two steps per engine: what each engine costs beyond
+the local one.
 """
 from __future__ import annotations
 
@@ -31,16 +36,17 @@ ENGINES = {"local": ["--train.engine=local"],
            "fsdp2_offload": ["--train.engine=fsdp2", "--fsdp.cpu_offload=true"]}
 
 
-def _config(args, engine: str, world: int):
+def _config(args, spec: str, world: int):
     from cptrain.trainer.config import load_config
 
+    engine, *own = spec.split("@")
     tokens = args.micro_batch * args.seq_len * world  # one micro-batch per rank per step: no accumulation
     return load_config(None, [f"--model.preset={args.preset}", f"--model.max_seq_len={max(args.seq_len, 64)}",
                               f"--data.seq_len={args.seq_len}", f"--train.micro_batch_size={args.micro_batch}",
                               f"--train.global_batch_tokens={tokens}", f"--train.max_tokens={tokens}",
                               f"--train.compile={args.compile}", f"--train.activation_checkpointing={args.ac}",
                               f"--deepspeed.optimizer={args.ds_optimizer}", f"--train.loss_chunk_tokens={args.ce}",
-                              *ENGINES[engine], *args.set])
+                              *ENGINES[engine], *args.set, *(f"--{o}" for o in own)])
 
 
 def _time_engine(args, engine: str, ctx) -> dict:
@@ -74,10 +80,22 @@ def _time_engine(args, engine: str, ctx) -> dict:
         eng.step(1e-4, 1.0)
     sync(), dist.barrier()
     seconds = (time.perf_counter() - t0) / args.steps
+    phases = {"fwd_bwd_s": 0.0, "opt_step_s": 0.0}
+    for _ in range(3):  # the same steps with a sync between the phases: which phase holds the time
+        t1 = time.perf_counter()
+        eng.forward_backward(batch, loss_fn, sync=True)
+        sync()
+        t2 = time.perf_counter()
+        eng.step(1e-4, 1.0)
+        sync()
+        phases["fwd_bwd_s"] += (t2 - t1) / 3
+        phases["opt_step_s"] += (time.perf_counter() - t2) / 3
+    if args.profile and ctx.is_main:
+        _profile(f"{args.preset}_{engine}", lambda: (eng.forward_backward(batch, loss_fn, sync=True), eng.step(1e-4, 1.0)), sync)
     tps = args.micro_batch * args.seq_len / seconds
     peak = device_peak_tflops(ctx.device, 0.0) * 1e12
     row = {"engine": engine, "gpus": ctx.world_size, "preset": args.preset, "seq_len": args.seq_len,
-           "micro_batch": args.micro_batch, "step_s": seconds, "tokens_per_s_per_gpu": tps,
+           "micro_batch": args.micro_batch, "step_s": seconds, **phases, "tokens_per_s_per_gpu": tps,
            "mfu": flops_per_token(arch, args.seq_len) * tps / peak if peak else None,
            "hfu": hardware_flops_per_token(arch, args.seq_len, args.ac) * tps / peak if peak else None,
            "fp8": cfg.train.fp8, "set": args.set,
@@ -87,6 +105,28 @@ def _time_engine(args, engine: str, ctx) -> dict:
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _profile(name: str, step, sync) -> None:
+    """Two steps under torch.profiler: the device's busy time against the wall time (below 1: the
+    host is what the device waits for), the kernels by device time and the host ops by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(2):
+            step()
+        sync()
+        wall = time.perf_counter() - t0
+    table = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in table) / 1e6
+    text = (f"## profile {name}: wall {wall / 2 * 1e3:.1f} ms/step, device busy {busy / 2 * 1e3:.1f} ms/step "
+            f"(streams summed)\n"
+            + table.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60) + "\n"
+            + table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(text, flush=True)
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / f"profile_{name.replace('@', '_').replace('=', '-')}.txt").write_text(text)
 
 
 def worker(args) -> None:
@@ -118,16 +158,17 @@ def worker(args) -> None:
 
 def table(rows: list[dict]) -> str:
     base = {r["engine"]: r["tokens_per_s_per_gpu"] for r in rows if r["gpus"] == 1 and "error" not in r}
-    lines = ["| engine | GPUs | tokens/s per GPU | MFU | peak mem GiB | step s | scaling efficiency |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| engine | GPUs | tokens/s per GPU | MFU | peak mem GiB | step s | fwd+bwd s | opt step s | scaling efficiency |",
+             "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['engine']} | {r['gpus']} | {r['error']} | | | | |")
+            lines.append(f"| {r['engine']} | {r['gpus']} | {r['error']} | | | | | | |")
             continue
         r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base[r["engine"]] if r["engine"] in base else None
         lines.append(f"| {r['engine']} | {r['gpus']} | {r['tokens_per_s_per_gpu']:,.0f} | {fmt(r['mfu'], '.1%')} | "
-                     f"{fmt(r['peak_mem_gib'], '.1f')} | {r['step_s']:.3f} | {fmt(r['scaling_efficiency'], '.2f')} |")
+                     f"{fmt(r['peak_mem_gib'], '.1f')} | {r['step_s']:.3f} | {r['fwd_bwd_s']:.3f} | {r['opt_step_s']:.3f} | "
+                     f"{fmt(r['scaling_efficiency'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -137,7 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--gpus", default="1,2", help="comma-separated process counts, one torchrun each")
-    p.add_argument("--engines", default="zero2,zero3,fsdp2")
+    p.add_argument("--engines", default="zero2,zero3,fsdp2",
+                   help=f"comma-separated, of {', '.join(ENGINES)}; each may add @section.key=value overrides")
+    p.add_argument("--profile", action="store_true", help="print a kernel and host-op profile of two steps per engine")
     p.add_argument("--steps", type=int, default=10, help="timed steps per engine")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile each block")

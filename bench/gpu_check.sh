@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks run on the device machine (one call per stage); results land in $OUT (or ./gpu_out).
-#   bash bench/gpu_check.sh STAGE      STAGE: perf | scale | science (FP8, engines, Muon; after fa4stage) |
+#   bash bench/gpu_check.sh STAGE      STAGE: perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
 #                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4*
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
@@ -36,7 +36,7 @@ loop_configs() {  # CONFIG:MICRO_BATCH[:PRESET] ...: 30 steps of each shipped co
     IFS=: read -r config mb model <<< "$spec"
     name=$config${model:+_$model}
     timeout 150 python3 -m cptrain.launch.cli train trainer/configs/$config.yaml --run_dir=/tmp/loop_$name ${model:+--model.preset=$model} \
-      "--data.domains=[{name: english, path: .carry/data/english2048}]" --train.global_batch_tokens=$((mb * 2048)) \
+      "--data.domains=[{name: english, path: .carry/data/english2048}]" --train.micro_batch_size=$mb --train.global_batch_tokens=$((mb * 2048)) \
       --train.max_tokens=$((mb * 2048 * 30)) --eval.at_start=false --eval.max_samples=8 --checkpoint.at_end=false \
       --log.progress=false 2>&1 | grep -v -i warn | tail -3
     python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/loop_$name/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print('$name', 'mb $mb', 'tokens/s', round(st.median(x['tokens_per_s'] for x in r)), 'mfu', round(st.median(x['mfu'] for x in r),4))" | tee -a "$OUT/loop.txt"
@@ -77,6 +77,24 @@ pending)  # what 2026-12-02 left unmeasured (after fa4stage): checkpoint cost at
   loop_configs gpu_350m:16:qwen3-0.6b gpu_350m:32:gemma3-270m
   $B --model 8B --budget-s 60 --out "$OUT/mfu.jsonl" --run ours:mb=2,$F,bf16=1,ac=1 --run ours:mb=2,$F,bf16=1,ac=1,fp8=tensorwise \
     2>&1 | grep -v -i "warn\|exe_args" | tail -3 ;;
+profile)  # what the sharded engines cost beyond the local one on one GPU, with the knobs that might close the gap
+  timeout 280 python3 bench/bench_engines.py --preset smollm2-135m --gpus 1 --micro-batch 32 --compile --ce 8192 --steps 6 \
+    --warmup 3 --profile --engines local,fsdp2,fsdp2@fsdp.reshard_after_forward=false,zero2,zero2@deepspeed.extra.zero_optimization.overlap_comm=false,zero2@deepspeed.deepcompile=true \
+    2>&1 | grep -v -i "warn\|exe_args" | tail -12
+  timeout 290 python3 bench/bench_engines.py --preset 1B --gpus 1 --micro-batch 8 --compile --steps 6 --warmup 3 --profile \
+    --engines fsdp2,zero3,zero3@deepspeed.deepcompile=true,zero3@deepspeed.extra.zero_optimization.stage3_prefetch_bucket_size=200000000 \
+    2>&1 | grep -v -i "warn\|exe_args" | tail -10 ;;
+engines2)  # after profile: the engines as fixed (FSDP2 unsharded on one rank, DeepSpeed's fused Adam, DeepCompile), 8B under ZeRO-3 offload
+  timeout 200 python3 bench/bench_engines.py --preset smollm2-135m --gpus 1 --micro-batch 32 --compile --ce 8192 --steps 6 \
+    --warmup 3 --ds-optimizer deepspeed --engines local,fsdp2,zero2 2>&1 | grep -v -i "warn\|exe_args" | tail -6
+  # DeepCompile recompiles with its prefetch passes at step 5: the timed steps start after it
+  timeout 200 python3 bench/bench_engines.py --preset 1B --gpus 1 --micro-batch 8 --compile --steps 6 --warmup 8 \
+    --ds-optimizer deepspeed --engines fsdp2,zero3@deepspeed.deepcompile=true 2>&1 | grep -v -i "warn\|exe_args" | tail -5
+  # fp32 master + Adam moments of 8B are 96 GB: 60% of them on the CPU (DeepSpeed's partial offload), the rest on the GPU
+  timeout 190 python3 bench/bench_engines.py --preset 8B --gpus 1 --micro-batch 4 --ac --steps 2 --warmup 1 \
+    --ds-optimizer deepspeed --engines zero3_offload@deepspeed.extra.zero_optimization.offload_optimizer.ratio=0.6 \
+    2>&1 | grep -v -i "warn\|exe_args" | tail -5 ;;
+qwen3loop) loop_configs gpu_350m:16:qwen3-0.6b ;;
 fa4stage) mkdir -p /tmp/fa4 && cp .carry/fa4a/ir.so.xz /tmp/fa4/ && ls -la /tmp/fa4 ;;
 fa4)  # the GPU tests (FA2 and FA4), then ours with FA4 vs the peer in the same call
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_loss.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"

@@ -122,6 +122,9 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        # An fp32 norm weight under autocast promotes the normed q and k to fp32; attention takes them in
+        # v's dtype (the flash kernels take nothing else, and SDPA's autocast would cast them the same way).
+        q, k = q.to(v.dtype), k.to(v.dtype)
         out = self.core(q, k, v, ctx)  # [B, S, H, hd]
         return self.wo(out.reshape(b, s, -1))  # [B, S, D]
 

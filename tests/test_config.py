@@ -30,6 +30,7 @@ def test_defaults_and_overrides(tmp_path):
     ("modle:\n  dim: 1\n", "did you mean 'model'"),
     ("train: [1, 2\n", "not valid YAML"),
     ("train:\n  global_batch_tokens: 1000\ndata:\n  seq_len: 128\n", "not a multiple"),
+    ("model:\n  preset: tiny\ndata:\n  seq_len: 64\ntrain:\n  engine: deepspeed\n  compile: true\n  device: cpu\n  global_batch_tokens: 1024\n  micro_batch_size: 8\ndeepspeed:\n  deepcompile: true\n", "needs a CUDA device"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, needle):
     with pytest.raises(UserError) as e:

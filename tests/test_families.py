@@ -165,6 +165,22 @@ def test_fused_loss_equals_plain_loss_and_gradients(kind, tmp_path):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("kind", ["qwen3", "olmo2", "gemma3"])
+def test_qk_norms_give_attention_the_value_dtype_under_autocast(kind, tmp_path):
+    """fp32 norm weights under bf16 autocast (the local engine's mixed precision) promote normed q and
+    k to fp32; attention must get them in v's dtype (the flash kernels refuse fp32: a Qwen3 run through
+    `cptrain train` with flash_attn stopped at its first step on the GPU before this was fixed)."""
+    tiny_hf_model(kind).save_pretrained(tmp_path)
+    model = ours(tmp_path)
+    seen = []
+    for block in model.layers:
+        core = block.attention.core
+        block.attention.core = lambda q, k, v, ctx, core=core: seen.append((q.dtype, k.dtype, v.dtype)) or core(q, k, v, ctx)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(batch())
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+
+
 # Published totals (model cards; Gemma 3 270M: 170M embedding + 100M transformer); relative tolerance
 # of the rounding the cards use.
 PUBLISHED = {"qwen3-0.6b": (0.6e9, 0.44e9), "qwen3-1.7b": (1.7e9, 1.4e9), "qwen3-4b": (4.0e9, 3.6e9),

@@ -109,3 +109,20 @@ def test_export_to_hf_loads_in_transformers(tmp_path, austen_data):
     tokens = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.distributed
+def test_fsdp2_on_one_rank_trains_as_the_local_engine(tmp_path, austen_data):
+    """One rank has nothing to shard: fsdp2 runs the model unsharded, the local engine's maths bit for
+    bit, and still writes DCP checkpoints (tests/test_distributed.py resumes them 2 -> 1 -> 2 ranks)."""
+    rows = {}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    for engine in ("local", "fsdp2"):  # in processes of their own: fsdp2 creates a process group
+        args = tiny_overrides(tmp_path / engine, austen_data, **{"train.engine": engine, "train.max_tokens": 4096})
+        out = subprocess.run([sys.executable, "-m", "cptrain.launch.cli", "train", str(tmp_path / "c.yaml"), *args],
+                             check=True, capture_output=True, text=True).stdout
+        assert ("nothing to shard" in out) == (engine == "fsdp2")
+        lines = (tmp_path / engine / "metrics.jsonl").read_text().splitlines()
+        rows[engine] = [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, lines) if "loss" in r]
+    assert len(rows["local"]) == 4 and rows["fsdp2"] == rows["local"]
+    assert (tmp_path / "fsdp2" / "checkpoints" / "step-00000004" / "dcp" / ".metadata").is_file()

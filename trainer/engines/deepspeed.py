@@ -38,11 +38,17 @@ class DeepSpeedSection:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and the Adam step on CPU (stage >= 1)
     offload_params: bool = False  # parameters on CPU between uses (stage 3 only)
     optimizer: Literal["auto", "torch", "deepspeed"] = "auto"  # torch AdamW, or DeepSpeed's fused/CPU Adam (JIT-built; auto: on GPU only)
+    # Under train.compile: DeepSpeed's DeepCompile (the whole model compiled, ZeRO's gathers and
+    # reductions scheduled as graph passes) instead of torch.compile per block (ZeRO-1/2) or per region (ZeRO-3).
+    deepcompile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, deep-merged last
 
     def check(self, train, src: str) -> None:
         """Checks that need the train section (called at config load)."""
         bf16 = train.precision == "bf16" or (train.precision == "auto" and train.device != "cpu" and torch.cuda.is_available())
+        if self.deepcompile and train.compile and (train.device == "cpu" or not torch.cuda.is_available()):
+            raise UserError(f"{src}: deepspeed.deepcompile needs a CUDA device (its ops are CUDA-only); "
+                            "set deepspeed.deepcompile=false on CPU")
         if self.zero_stage == 0 and bf16:
             raise UserError(f"{src}: deepspeed.zero_stage=0 in bf16 trains bf16 weights with bf16 gradient accumulation "
                             "(no fp32 master copy); use deepspeed.zero_stage >= 1, or train.engine=local for plain data parallelism")
@@ -88,6 +94,7 @@ def deepspeed_config(cfg, ctx: DistContext) -> dict:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # a torch AdamW may run the offloaded step
+        "compile": {"deepcompile": ds.deepcompile and t.compile},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -139,8 +146,16 @@ class DeepSpeedEngine:
         conf = _merge(deepspeed_config(cfg, ctx), cfg.deepspeed.extra)
         full = full_initial_state(model, initial_state, ctx)
         module = _build_zero3(model.cfg, conf, full) if cfg.deepspeed.zero_stage == 3 else _build_replicated(model, full, ctx)
+        # The full weights' host copy (4 bytes a parameter, 32 GB at 8B) is spent once they are in
+        # place; emptied now, it is not held beside what deepspeed.initialize allocates in the same host
+        # memory under optimizer offload (12 more bytes a parameter). The caller's dict is emptied too.
+        for state in (full, initial_state):
+            if state:
+                state.clear()
         apply_fp8(module, cfg.train, ctx.device)  # ZeRO-1/2 (config load refuses FP8 under ZeRO-3)
-        wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile, regions=cfg.deepspeed.zero_stage == 3)
+        deepcompile = cfg.train.compile and cfg.deepspeed.deepcompile
+        wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile and not deepcompile,
+                    regions=cfg.deepspeed.zero_stage == 3)
         groups = optimizer_groups(module, cfg)
         client = None
         if not _use_ds_optimizer(cfg, ctx.device):
@@ -148,6 +163,8 @@ class DeepSpeedEngine:
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, model_parameters=groups,
                                                                 config=conf)
         self.inner = module
+        if deepcompile:
+            self.model.compile()
         # Each parameter group's hyperparameters as configured (weight decay differs between groups).
         self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
 

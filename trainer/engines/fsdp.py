@@ -8,9 +8,17 @@ Build order (as torchtitan's): activation checkpointing / compile per block -> s
 
 Checkpoints are torch.distributed.checkpoint (DCP) folders, which reshard on load: a checkpoint
 saved by N ranks loads at any world size.
+
+On one rank (without CPU offload) there is nothing to shard, and the model runs unwrapped under
+autocast, as LocalEngine runs it (torchtitan applies FSDP only when it shards too): FSDP2's per-block
+all-gathers, reduce-scatters and DTensor dispatch would be host work with no effect, and on a small
+model the host is what the GPU then waits for (SmolLM2-135M shape on one H200: FSDP2 machinery 0.68x
+the local engine, `docs/benchmarks.md`). Checkpoints stay DCP folders with the same keys, so a
+one-rank run resumes on N ranks and back.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +29,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from ...errors import UserError
-from .base import (DistContext, LossFn, build_optimizer, clip_and_step, full_initial_state, optimizer_groups,
-                   process_group_backend, uses_bf16, wrap_blocks)
+from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step, full_initial_state,
+                   optimizer_groups, process_group_backend, uses_bf16, wrap_blocks)
 from .fp8 import after_fsdp_step, apply_fp8
 
 DCP_DIR = "dcp"  # the checkpoint's subfolder
@@ -52,6 +60,22 @@ class FSDPEngine:
         ensure_process_group(ctx)
         self.ctx, self.cfg = ctx, cfg
         f = cfg.fsdp
+        self.sharded = dist.get_world_size() > 1 or f.cpu_offload
+        # A background save runs DCP's collectives on a group of its own, so they never interleave with
+        # the training step's (torch's advice for async_save); gloo, since it moves host tensors.
+        self._save_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_ else None
+        if not self.sharded:
+            print("fsdp2 on one rank: nothing to shard, the model runs unsharded (checkpoints stay DCP, "
+                  "resumable on any number of ranks)", flush=True)
+            apply_fp8(model, cfg.train, ctx.device)
+            wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
+            model.to_empty(device=ctx.device)
+            model.load_state_dict(full_initial_state(model, initial_state, ctx), strict=True)
+            self.model = model
+            self.optimizer = build_optimizer(optimizer_groups(model, cfg), cfg.optim, ctx.device)
+            self.autocast = lambda: autocast_for(ctx.device, cfg.train.precision)
+            return
+        self.autocast = contextlib.nullcontext  # FSDP2's mixed precision casts the gathered weights instead
         mesh = init_device_mesh(ctx.device.type, (dist.get_world_size(),))
         bf16 = uses_bf16(cfg.train.precision, ctx.device)
         # Mixed precision as in torchtitan: bf16 compute, fp32 sharded master weights and fp32
@@ -75,19 +99,19 @@ class FSDPEngine:
         self.model = model
         groups = optimizer_groups(model, cfg)
         self.optimizer = build_optimizer(groups, cfg.optim, ctx.device)
-        # A background save runs DCP's collectives on a group of its own, so they never interleave with
-        # the training step's (torch's advice for async_save); gloo, since it moves host tensors.
-        self._save_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_ else None
 
     def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
-        self.model.set_requires_gradient_sync(sync or not self.cfg.fsdp.defer_grad_sync)
-        loss, stats = loss_fn(self.model, batch)
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync or not self.cfg.fsdp.defer_grad_sync)
+        with self.autocast():
+            loss, stats = loss_fn(self.model, batch)
         loss.backward()
         return stats
 
     def step(self, lr: float, grad_clip: float) -> float:
         norm = clip_and_step(self.optimizer, lr, grad_clip)
-        after_fsdp_step(self.model, self.cfg.train)  # FP8 all-gather scales of the new weights (tensorwise)
+        if self.sharded:
+            after_fsdp_step(self.model, self.cfg.train)  # FP8 all-gather scales of the new weights (tensorwise)
         return norm
 
     def zero_grad(self) -> None:
