@@ -153,7 +153,7 @@ class DeepSpeedEngine:
             if state:
                 state.clear()
         apply_fp8(module, cfg.train, ctx.device)  # ZeRO-1/2 (config load refuses FP8 under ZeRO-3)
-        deepcompile = cfg.train.compile and cfg.deepspeed.deepcompile
+        deepcompile = conf["compile"]["deepcompile"]
         wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile and not deepcompile,
                     regions=cfg.deepspeed.zero_stage == 3)
         groups = optimizer_groups(module, cfg)

@@ -32,6 +32,7 @@ from ...errors import UserError
 from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step, full_initial_state,
                    optimizer_groups, process_group_backend, uses_bf16, wrap_blocks)
 from .fp8 import after_fsdp_step, apply_fp8
+from .local import build_whole
 
 DCP_DIR = "dcp"  # the checkpoint's subfolder
 
@@ -67,12 +68,8 @@ class FSDPEngine:
         if not self.sharded:
             print("fsdp2 on one rank: nothing to shard, the model runs unsharded (checkpoints stay DCP, "
                   "resumable on any number of ranks)", flush=True)
-            apply_fp8(model, cfg.train, ctx.device)
-            wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
-            model.to_empty(device=ctx.device)
-            model.load_state_dict(full_initial_state(model, initial_state, ctx), strict=True)
+            self.optimizer = build_whole(model, cfg, ctx, initial_state)
             self.model = model
-            self.optimizer = build_optimizer(optimizer_groups(model, cfg), cfg.optim, ctx.device)
             self.autocast = lambda: autocast_for(ctx.device, cfg.train.precision)
             return
         self.autocast = contextlib.nullcontext  # FSDP2's mixed precision casts the gathered weights instead

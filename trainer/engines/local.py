@@ -29,21 +29,26 @@ class _LossForward(nn.Module):
         return loss_fn(self.model, batch)
 
 
+def build_whole(model: Decoder, cfg, ctx: DistContext, initial_state: dict | None) -> torch.optim.Optimizer:
+    """The model whole on this device (initialized, or loaded from `initial_state`), its FP8 linears
+    swapped in and its blocks wrapped, and its optimizer: LocalEngine's build, and FSDP2's on one rank."""
+    model.to_empty(device=ctx.device)
+    model.init_weights()
+    if initial_state is not None:
+        model.load_state_dict(initial_state, strict=True)
+    apply_fp8(model, cfg.train, ctx.device)  # before compile, which then fuses the casts
+    wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
+    return build_optimizer(optimizer_groups(model, cfg), cfg.optim, ctx.device)
+
+
 class LocalEngine:
     """One process, or plain data parallelism (DDP) over a launched process group."""
 
     def __init__(self, model: Decoder, cfg, ctx: DistContext, initial_state: dict | None):
         self.ctx, self.cfg = ctx, cfg
-        model.to_empty(device=ctx.device)
-        model.init_weights()
-        if initial_state is not None:
-            model.load_state_dict(initial_state, strict=True)
-        apply_fp8(model, cfg.train, ctx.device)  # before compile, which then fuses the casts
-        wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
+        self.optimizer = build_whole(model, cfg, ctx, initial_state)
         self.model = self.inner = model  # evaluation and checkpoints use the plain model
         self.ddp = nn.parallel.DistributedDataParallel(_LossForward(model)) if ctx.world_size > 1 else None
-        groups = optimizer_groups(model, cfg)
-        self.optimizer = build_optimizer(groups, cfg.optim, ctx.device)
         self.autocast = lambda: autocast_for(ctx.device, cfg.train.precision)
         self._snapshot = None  # host buffers of the last async checkpoint, reused by the next
 
