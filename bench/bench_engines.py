@@ -64,7 +64,9 @@ def _time_engine(args, engine: str, ctx) -> dict:
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Decoder(arch)
+    t_build = time.perf_counter()
     eng = build_engine(cfg, model, ctx, None)
+    build_s = time.perf_counter() - t_build
     gen = torch.Generator().manual_seed(ctx.rank)
     batch = {"tokens": torch.randint(0, arch.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(ctx.device)}
     scale = ctx.world_size / cfg.train.global_batch_tokens
@@ -95,7 +97,7 @@ def _time_engine(args, engine: str, ctx) -> dict:
     tps = args.micro_batch * args.seq_len / seconds
     peak = device_peak_tflops(ctx.device, 0.0) * 1e12
     row = {"engine": engine, "gpus": ctx.world_size, "preset": args.preset, "seq_len": args.seq_len,
-           "micro_batch": args.micro_batch, "step_s": seconds, **phases, "tokens_per_s_per_gpu": tps,
+           "micro_batch": args.micro_batch, "build_s": build_s, "step_s": seconds, **phases, "tokens_per_s_per_gpu": tps,
            "mfu": flops_per_token(arch, args.seq_len) * tps / peak if peak else None,
            "hfu": hardware_flops_per_token(arch, args.seq_len, args.ac) * tps / peak if peak else None,
            "fp8": cfg.train.fp8, "set": args.set,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks run on the device machine (one call per stage); results land in $OUT (or ./gpu_out).
 #   bash bench/gpu_check.sh STAGE      STAGE: perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
+#                                      engines3 | offload8b | ckpt1b |
 #                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4*
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
@@ -94,6 +95,24 @@ engines2)  # after profile: the engines as fixed (FSDP2 unsharded on one rank, D
   timeout 190 python3 bench/bench_engines.py --preset 8B --gpus 1 --micro-batch 4 --ac --steps 2 --warmup 1 \
     --ds-optimizer deepspeed --engines zero3_offload@deepspeed.extra.zero_optimization.offload_optimizer.ratio=0.6 \
     2>&1 | grep -v -i "warn\|exe_args" | tail -5 ;;
+engines3)  # after engines2: ZeRO-2 with the overflow taken from the norm (profiled), ZeRO-3 DeepCompile timed after its recompile
+  timeout 190 python3 bench/bench_engines.py --preset smollm2-135m --gpus 1 --micro-batch 32 --compile --ce 8192 --steps 6 \
+    --warmup 3 --ds-optimizer deepspeed --profile --engines local,zero2 2>&1 | grep -v -i "warn\|exe_args" | tail -4
+  tar czf "$OUT/profiles.tgz" -C "$OUT" $(cd "$OUT" && ls profile_*.txt) && rm "$OUT"/profile_*.txt
+  # DeepSpeed's CPU Adam JIT-builds for a minute or more: built now, during the 1B compiles (its timed
+  # steps come after), it is ready for `offload8b` on the still-warm machine
+  (nice -n 19 python3 -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
+    > "$OUT/cpu_adam_build.log" 2>&1 &)
+  timeout 340 python3 bench/bench_engines.py --preset 1B --gpus 1 --micro-batch 8 --compile --steps 6 --warmup 8 \
+    --ds-optimizer deepspeed --engines fsdp2,zero3@deepspeed.deepcompile=true 2>&1 | grep -v -i "warn\|exe_args" | tail -4 ;;
+offload8b)  # alone (after engines3 built the CPU Adam): 8B under ZeRO-3 with 60% of the optimizer on the CPU
+  timeout 560 python3 bench/bench_engines.py --preset 8B --gpus 1 --micro-batch 4 --ac --steps 2 --warmup 1 \
+    --ds-optimizer deepspeed --engines zero3_offload@deepspeed.extra.zero_optimization.offload_optimizer.ratio=0.6 \
+    2>&1 | grep -v -i "warn\|exe_args" | tail -5 ;;
+ckpt1b)  # FSDP2's async save from reused pinned buffers: the GPU test, then its cost at 1B (the local engine's: `pending`)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k async_checkpoints 2>&1 | tail -3
+  timeout 300 python3 bench/bench_checkpoint.py --preset 1B --engines fsdp2 --out "$OUT/checkpoint.jsonl" 2>&1 \
+    | grep -v -i "warn" | tail -6 ;;
 qwen3loop) loop_configs gpu_350m:16:qwen3-0.6b ;;
 fa4stage) mkdir -p /tmp/fa4 && cp .carry/fa4a/ir.so.xz /tmp/fa4/ && ls -la /tmp/fa4 ;;
 fa4)  # the GPU tests (FA2 and FA4), then ours with FA4 vs the peer in the same call

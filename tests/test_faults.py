@@ -22,7 +22,7 @@ from cptrain.trainer import checkpoint as ckpt
 from cptrain.trainer.config import load_config
 from cptrain.trainer.faults import FaultMonitor, FaultsSection, GracefulStop, RunAborted
 from cptrain.trainer.loop import run
-from tests.multiproc import free_port
+from tests.multiproc import free_port, run_processes
 
 STEPS = 12  # tiny model, 1024 tokens a step
 REPO = Path(__file__).resolve().parent.parent
@@ -380,3 +380,21 @@ def test_fused_step_with_bf16_parameters():
     for a, b in zip(plain, fused):
         assert b.dtype == torch.bfloat16
         torch.testing.assert_close(b, a, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.faults
+@pytest.mark.distributed
+def test_zero_skips_a_step_whose_gradient_is_non_finite_on_one_rank(tmp_path, austen_data):
+    """ZeRO-1/2 in bf16 judge a step from the all-reduced gradient norm alone (deepspeed.py drops
+    DeepSpeed's per-gradient scan): an infinite gradient element on rank 1, under a finite loss, skips
+    the update on both ranks, and the next step updates again."""
+    overrides = tiny_overrides(tmp_path / "run", austen_data, **{"train.engine": "deepspeed", "train.device": "cpu",
+                                                                 "train.precision": "bf16", "train.global_batch_tokens": 1024})
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
+    out = tmp_path / "out.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    run_processes([torchrun + ["tests/nonfinite_worker.py", str(out), str(tmp_path / "overrides.json")]], timeout=300)
+    for rank in (0, 1):
+        for stage, got in json.loads(Path(f"{out}.rank{rank}").read_text()).items():
+            finite = [n == n and abs(n) != float("inf") for n in got["norms"]]
+            assert finite == [True, False, True] and got["changed"] == [True, False, True], (rank, stage, got)

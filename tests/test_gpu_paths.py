@@ -113,3 +113,47 @@ def test_compiled_doc_masked_step_matches_eager():
                 loss, _ = lm_loss(model, batch, 1.0 / 2048, chunk)
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) / losses[1] < 5e-3
+
+
+@pytest.mark.faults
+def test_fsdp2_async_checkpoints_hold_the_state_of_their_own_step(tmp_path):
+    """FSDP2's async saves stage into pinned buffers that the next save reuses: each checkpoint must
+    hold the weights and optimizer state of its own step, not the previous checkpoint's or later ones'."""
+    from cptrain.trainer import checkpoint as ckpt
+    from cptrain.trainer.config import load_config
+    from cptrain.trainer.engines import build_engine
+    from cptrain.trainer.engines.base import init_distributed
+
+    cfg = load_config(None, ["--model.preset=tiny", "--model.vocab_size=512", "--model.max_seq_len=64", "--data.seq_len=64",
+                             "--train.micro_batch_size=4", "--train.global_batch_tokens=256", "--train.engine=fsdp2",
+                             "--checkpoint.async=true", "--train.device=cuda", f"--run_dir={tmp_path}"])
+    ctx = init_distributed("cuda")
+
+    def engine():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = Decoder(cfg.model.arch)
+        return build_engine(cfg, model, ctx, None)
+
+    def state(eng):
+        return {k: v.detach().float().cpu().clone() for k, v in eng.optimizer.state_dict()["state"][0].items()
+                if torch.is_tensor(v)} | {"w": next(eng.model.parameters()).detach().float().cpu().clone()}
+
+    eng, tokens = engine(), torch.randint(0, 512, (4, 65), device=DEV)
+    saver = ckpt.Checkpointer(tmp_path, keep_last=3, async_save=True, device=DEV)
+    saved = {}
+    for step in range(1, 4):
+        eng.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
+        eng.step(1e-3, 1.0)
+        saved[step] = state(eng)
+        saver.save(step, eng, {"progress": {}}, {})
+        eng.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
+        eng.step(1e-3, 1.0)  # changes the weights while the checkpoint is written
+        saver.wait()
+    for step in (2, 3):
+        fresh = engine()
+        fresh.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
+        fresh.step(0.0, 1.0)  # creates the optimizer state the checkpoint fills
+        fresh.load(tmp_path / "checkpoints" / f"step-{step:08d}", optimizer=True)
+        got = state(fresh)
+        assert all(torch.equal(got[k], saved[step][k]) for k in saved[step]), step

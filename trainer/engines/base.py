@@ -59,12 +59,19 @@ def process_group_backend(cuda: bool) -> str:
 
 def cpu_snapshot(tree, into=None):
     """A copy in host memory of every tensor in `tree` (dicts, lists, tuples), taken now: a background
-    checkpoint writer then reads state that later steps cannot change. From a GPU the copies go to
-    pinned memory without a sync per tensor. `into`, a previous snapshot of the same structure whose
-    writer has finished, is reused: pinning gigabytes anew at every checkpoint would cost more than the copy."""
+    checkpoint writer then reads state that later steps cannot change (of a DTensor, its local shard,
+    in the same layout). From a GPU the copies go to pinned memory without a sync per tensor. `into`, a
+    previous snapshot of the same structure whose writer has finished, is reused: pinning gigabytes
+    anew at every checkpoint would cost more than the copy."""
+    from torch.distributed.tensor import DTensor
+
     devices = set()
 
     def copy(x, old):
+        if isinstance(x, DTensor):  # a shard: its local part copied, the same layout kept
+            local = copy(x.to_local(), old.to_local() if isinstance(old, DTensor) else None)
+            return DTensor.from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape,
+                                      stride=x.stride())
         if isinstance(x, torch.Tensor):
             x = x.detach()
             if not (isinstance(old, torch.Tensor) and old.shape == x.shape and old.dtype == x.dtype):

@@ -163,6 +163,7 @@ class DeepSpeedEngine:
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, model_parameters=groups,
                                                                 config=conf)
         self.inner = module
+        _overflow_from_the_norm(self.model.optimizer)
         if deepcompile:
             self.model.compile()
         # Each parameter group's hyperparameters as configured (weight decay differs between groups).
@@ -247,6 +248,35 @@ class DeepSpeedEngine:
             full = safe_get_full_fp32_param(p)  # None at stage 0 in fp32, where the module holds the master
             out[name] = (p if full is None else full).detach().float().cpu().clone()
         return out
+
+
+def _overflow_from_the_norm(optimizer) -> None:
+    """ZeRO-1/2 (DeepSpeed 0.19.8) finds a non-finite step twice: first a scan of every gradient
+    (six small kernels each, 272 gradients at 135M, and a host sync), then the global norm, which
+    marks the step overflowed when it is not finite, under bf16 only while that scan is configured on
+    (`check_grad_overflow`, which stays on). The scan is dropped: the norm alone decides, and it is
+    all-reduced, so every rank skips the same step. The norm itself is taken as torch's clip does
+    (foreach kernels, fp32) instead of one fp64 copy and norm per gradient. On one GPU the two were
+    most of ZeRO-2's optimizer step (docs/benchmarks.md). Offload keeps DeepSpeed's own: its overflow
+    flag comes free with the copy to the host, and its norm is taken on the host."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return
+
+    def grad_norm(gradients, params, norm_type=2):
+        # `params` serves pipeline and tensor parallelism, which this engine does not build.
+        if norm_type != 2:
+            raise ValueError(f"ZeRO's gradient norm is L2 here, not {norm_type}")
+        grads = [g for g in gradients if g is not None and not getattr(g, "_zero_padding", False)]
+        squared = (torch.nn.utils.get_total_norm(grads, 2.0).square() if grads
+                   else torch.zeros((), device=optimizer.device))
+        dist.all_reduce(squared, group=optimizer.dp_process_group)
+        norm = squared.sqrt()
+        return norm.masked_fill_(~torch.isfinite(norm), -1.0)  # DeepSpeed's sentinel for an invalid norm
+
+    optimizer.check_overflow = lambda partition_gradients=True: None
+    optimizer.get_grad_norm_direct = grad_norm
 
 
 def _build_replicated(model, full: dict | None, ctx: DistContext):
