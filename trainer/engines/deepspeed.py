@@ -263,6 +263,8 @@ def _overflow_from_the_norm(optimizer) -> None:
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return
+    if not all(callable(getattr(optimizer, m, None)) for m in ("check_overflow", "get_grad_norm_direct")):
+        return  # another DeepSpeed than the pinned one: its own (correct, slower) checks stay
 
     def grad_norm(gradients, params, norm_type=2):
         # `params` serves pipeline and tensor parallelism, which this engine does not build.
