@@ -110,7 +110,7 @@ offload8b)  # alone (after engines3 built the CPU Adam): 8B under ZeRO-3 with 60
     --ds-optimizer deepspeed --engines zero3_offload@deepspeed.extra.zero_optimization.offload_optimizer.ratio=0.6 \
     2>&1 | grep -v -i "warn\|exe_args" | tail -5 ;;
 ckpt1b)  # FSDP2's async save from reused pinned buffers: the GPU test, then its cost at 1B (the local engine's: `pending`)
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k async_checkpoints 2>&1 | tail -3
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_faults.py -k async_checkpoints_hold 2>&1 | tail -3
   timeout 300 python3 bench/bench_checkpoint.py --preset 1B --engines fsdp2 --out "$OUT/checkpoint.jsonl" 2>&1 \
     | grep -v -i "warn" | tail -6 ;;
 qwen3loop) loop_configs gpu_350m:16:qwen3-0.6b ;;

@@ -398,3 +398,49 @@ def test_zero_skips_a_step_whose_gradient_is_non_finite_on_one_rank(tmp_path, au
         for stage, got in json.loads(Path(f"{out}.rank{rank}").read_text()).items():
             finite = [n == n and abs(n) != float("inf") for n in got["norms"]]
             assert finite == [True, False, True] and got["changed"] == [True, False, True], (rank, stage, got)
+
+
+@pytest.mark.faults
+def test_fsdp2_async_checkpoints_hold_the_state_of_their_own_step(tmp_path):
+    """FSDP2's async saves copy the state into host buffers that the next save reuses (pinned, from a
+    GPU): each checkpoint must hold the weights and optimizer state of its own step, not the previous
+    checkpoint's or later ones'."""
+    from cptrain.model.decoder import Decoder
+    from cptrain.trainer.engines import build_engine
+    from cptrain.trainer.engines.base import init_distributed
+    from cptrain.trainer.loss import lm_loss
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = load_config(None, ["--model.preset=tiny", "--model.vocab_size=512", "--model.max_seq_len=64", "--data.seq_len=64",
+                             "--train.micro_batch_size=4", "--train.global_batch_tokens=256", "--train.engine=fsdp2",
+                             "--checkpoint.async=true", f"--train.device={dev.type}", f"--run_dir={tmp_path}"])
+    ctx = init_distributed(dev.type)
+
+    def engine():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = Decoder(cfg.model.arch)
+        return build_engine(cfg, model, ctx, None)
+
+    def state(eng):
+        return {k: v.detach().float().cpu().clone() for k, v in eng.optimizer.state_dict()["state"][0].items()
+                if torch.is_tensor(v)} | {"w": next(eng.model.parameters()).detach().float().cpu().clone()}
+
+    eng, tokens = engine(), torch.randint(0, 512, (4, 65), device=dev)
+    saver = ckpt.Checkpointer(tmp_path, keep_last=3, async_save=True, device=dev)
+    saved = {}
+    for step in range(1, 4):
+        eng.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
+        eng.step(1e-3, 1.0)
+        saved[step] = state(eng)
+        saver.save(step, eng, {"progress": {}}, {})
+        eng.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
+        eng.step(1e-3, 1.0)  # changes the weights while the checkpoint is written
+        saver.wait()
+    for step in (2, 3):
+        fresh = engine()
+        fresh.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
+        fresh.step(0.0, 1.0)  # creates the optimizer state the checkpoint fills
+        fresh.load(tmp_path / "checkpoints" / f"step-{step:08d}", optimizer=True)
+        got = state(fresh)
+        assert all(torch.equal(got[k], saved[step][k]) for k in saved[step]), step
