@@ -157,7 +157,6 @@ class FSDPEngine:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-
 class _AlreadyStaged(AsyncStager):
     """DCP's stager for a state dict that cpu_snapshot already copied to host memory: written as it is
     (DCP's default stager would copy it once more, into new pageable memory)."""
@@ -165,6 +164,7 @@ class _AlreadyStaged(AsyncStager):
 
     def stage(self, state_dict):
         return state_dict
+
 
 def consolidate(path: Path) -> dict:
     """The full weights of a DCP checkpoint folder, read in this one process (no process group).
