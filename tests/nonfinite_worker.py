@@ -39,16 +39,16 @@ def main(out: str, overrides_file: str) -> None:
         # Whichever rank's partition holds the infinite element after the reduction, the other
         # rank's stays finite: only the all-reduced norm makes both skip.
         first = next(engine.inner.parameters())
-        norms, changed = [], []
+        norms, changed, before = [], [], engine.full_state_dict()
         for step in range(3):
             hook = first.register_hook(infinite_element) if step == 1 and ctx.rank == 1 else None
-            before = engine.full_state_dict()
             engine.forward_backward(batch, lambda m, b: lm_loss(m, b, scale), sync=True)
             if hook is not None:
                 hook.remove()
             norms.append(engine.step(1e-3, 1.0))
             after = engine.full_state_dict()
             changed.append(any(not torch.equal(before[k], after[k]) for k in before))
+            before = after
         result[f"zero{stage}"] = {"norms": norms, "changed": changed}
     Path(f"{out}.rank{ctx.rank}").write_text(json.dumps(result))
     dist.destroy_process_group()

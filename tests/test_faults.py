@@ -426,21 +426,24 @@ def test_fsdp2_async_checkpoints_hold_the_state_of_their_own_step(tmp_path):
         return {k: v.detach().float().cpu().clone() for k, v in eng.optimizer.state_dict()["state"][0].items()
                 if torch.is_tensor(v)} | {"w": next(eng.model.parameters()).detach().float().cpu().clone()}
 
-    eng, tokens = engine(), torch.randint(0, 512, (4, 65), device=dev)
+    tokens = torch.randint(0, 512, (4, 65), device=dev)
+
+    def train_step(eng, lr: float) -> None:
+        eng.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
+        eng.step(lr, 1.0)
+
+    eng = engine()
     saver = ckpt.Checkpointer(tmp_path, keep_last=3, async_save=True, device=dev)
     saved = {}
     for step in range(1, 4):
-        eng.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
-        eng.step(1e-3, 1.0)
+        train_step(eng, 1e-3)
         saved[step] = state(eng)
         saver.save(step, eng, {"progress": {}}, {})
-        eng.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
-        eng.step(1e-3, 1.0)  # changes the weights while the checkpoint is written
+        train_step(eng, 1e-3)  # changes the weights while the checkpoint is written
         saver.wait()
     for step in (2, 3):
         fresh = engine()
-        fresh.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
-        fresh.step(0.0, 1.0)  # creates the optimizer state the checkpoint fills
+        train_step(fresh, 0.0)  # creates the optimizer state the checkpoint fills
         fresh.load(tmp_path / "checkpoints" / f"step-{step:08d}", optimizer=True)
         got = state(fresh)
         assert all(torch.equal(got[k], saved[step][k]) for k in saved[step]), step
