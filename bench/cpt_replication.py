@@ -106,9 +106,7 @@ def continuation(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     run_dir = Path(job["run_dir"])
-    # Each run reads its own copy of the data: streaming's shared memory is keyed by folder.
-    english, spanish = (shutil.copytree(job[d], run_dir.parent / "data" / f"{run_dir.name}-{d}", dirs_exist_ok=True)
-                        for d in ("english", "spanish"))
+    english, spanish = job["english"], job["spanish"]  # runs side by side read the same folders
     if job["arm"] == "rewarm":  # Gupta et al. 2023: rewarm to the old peak, cosine to the floor
         sched = ["--schedule.kind=rewarm", f"--schedule.warmup_tokens={REWARM_STEPS * STEP}", "--schedule.decay_shape=cosine"]
     else:  # Ibrahim et al. 2024: stay at the constant LR, anneal at the end

@@ -56,7 +56,9 @@ if _stubbed:
     _install_torchvision_stub()
 
 import streaming  # noqa: E402
-from streaming.base.util import clean_stale_shared_memory, merge_index  # noqa: E402
+from streaming.base.compression import decompress  # noqa: E402
+from streaming.base.format import reader_from_json  # noqa: E402
+from streaming.base.util import merge_index  # noqa: E402
 
 if _stubbed:
     # streaming.vision holds what it needs; drop the stand-in so that later availability checks
@@ -68,4 +70,4 @@ if _stubbed:
     if hasattr(_probe, "cache_clear"):  # an lru_cache that may have seen the stand-in
         _probe.cache_clear()
 
-__all__ = ["streaming", "clean_stale_shared_memory", "merge_index"]
+__all__ = ["streaming", "decompress", "merge_index", "reader_from_json"]

@@ -1,6 +1,5 @@
 """Real processes for multi-rank tests: one per rank (or per simulated node), each in its own
-process group so that a hung rank and its data workers go down with it, and streaming's shared
-memory cleaned up afterwards."""
+process group so that a hung rank and its data workers go down with it."""
 from __future__ import annotations
 
 import os
@@ -36,9 +35,6 @@ def run_processes(cmds: list[list[str]], envs: list[dict] | None = None, timeout
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        from cptrain.data_pipeline.streaming_compat import clean_stale_shared_memory
-
-        clean_stale_shared_memory()
     outs = []
     for log in logs:
         log.seek(0)
@@ -49,7 +45,12 @@ def run_processes(cmds: list[list[str]], envs: list[dict] | None = None, timeout
     return outs
 
 
-def run_ranks(argv: list[str], world: int, timeout: float = 300) -> list[str]:
-    """`argv` started once per rank with the env vars torch.distributed's env:// init reads."""
+def rank_envs(world: int) -> list[dict]:
+    """Per rank, the env vars torch.distributed's env:// init reads (one job on a free port)."""
     shared = {"WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
-    return run_processes([argv] * world, [{**shared, "RANK": r, "LOCAL_RANK": r} for r in range(world)], timeout)
+    return [{**shared, "RANK": r, "LOCAL_RANK": r} for r in range(world)]
+
+
+def run_ranks(argv: list[str], world: int, timeout: float = 300) -> list[str]:
+    """`argv` started once per rank as one job."""
+    return run_processes([argv] * world, rank_envs(world), timeout)

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from cptrain.data_pipeline.loader import (DataConfig, DomainConfig, Mixture, PhaseConfig, build_train_loader,
-                                  build_val_loaders, validate_data)
+from cptrain.data_pipeline.config import DataConfig, DomainConfig, PhaseConfig, validate_data
+from cptrain.data_pipeline.loader import build_train_loader, build_val_loaders
+from cptrain.data_pipeline.mixture import Mixture
+from cptrain.data_pipeline.shards import ShardSplit
 from cptrain.errors import UserError
-from test_data_support import make_domains
+from test_data_support import AUSTEN, make_domains, run_prepare
 
 pytestmark = pytest.mark.data
 SEQ = 32
@@ -26,15 +28,20 @@ def _cfg(doms, **kw):
     return DataConfig(**{**base, **kw})
 
 
+def _checked(cfg):
+    return validate_data(cfg, vocab_size=800)
+
+
 def _ids(batches):
     return [(int(d), int(s)) for b in batches for d, s in zip(b["domain"], b["sample_id"])]
 
 
 def test_batch_layout_matches_shards(domains):
     cfg = _cfg(domains)
-    manifest = validate_data(cfg, vocab_size=800)
+    data = _checked(cfg)
+    manifest = data.manifest
     assert manifest["tokenizer"]["vocab_size"] == 800 and manifest["dtype"] == "uint16"
-    batch = next(build_train_loader(cfg, micro_batch_size=4, rank=0, world_size=1, seed=1))
+    batch = next(build_train_loader(data, micro_batch_size=4, rank=0, world_size=1, seed=1))
     assert batch["tokens"].shape == (4, SEQ + 1) and batch["tokens"].dtype == torch.int64
     assert batch["doc_ids"].shape == (4, SEQ + 1) and batch["doc_ids"].dtype == torch.int32
     eos = manifest["tokenizer"]["eos_id"]
@@ -49,7 +56,7 @@ def test_batch_layout_matches_shards(domains):
 def test_epochs_cover_each_sample_once(domains):
     cfg = _cfg(domains, domains=[DomainConfig("es", str(domains["es"]))])
     n = json.loads((domains["es"] / "manifest.json").read_text())["splits"]["train"]["samples"]
-    loader = build_train_loader(cfg, micro_batch_size=n // 4, rank=0, world_size=1, seed=0)
+    loader = build_train_loader(_checked(cfg), micro_batch_size=n // 4, rank=0, world_size=1, seed=0)
     ids = [s for _, s in _ids(next(loader) for _ in range(8))]
     first, second = ids[:n], ids[n:2 * n]
     assert sorted(first) == list(range(n)) and sorted(second) == list(range(n))
@@ -86,7 +93,7 @@ def test_loader_proportions_on_real_shards(domains, replay):
     if replay:
         cfg = _cfg(domains, domains=[DomainConfig("es", str(domains["es"]))],
                    replay=[DomainConfig("en", str(domains["en"]))], replay_fraction=0.75)
-    loader = build_train_loader(cfg, micro_batch_size=50, rank=0, world_size=1, seed=5)
+    loader = build_train_loader(_checked(cfg), micro_batch_size=50, rank=0, world_size=1, seed=5)
     english = 1 if replay else 0  # batch["domain"] indexes domains + replay
     dom = np.array([d for d, _ in _ids(next(loader) for _ in range(40))])
     assert abs((dom == english).mean() - 0.75) < 4 * np.sqrt(0.75 * 0.25 / len(dom))
@@ -96,12 +103,12 @@ def test_loader_proportions_on_real_shards(domains, replay):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_same_size_is_exact(domains, workers):
     cfg = _cfg(domains, num_workers=workers)
-    ref = build_train_loader(cfg, micro_batch_size=3, rank=0, world_size=1, seed=7)
+    ref = build_train_loader(_checked(cfg), micro_batch_size=3, rank=0, world_size=1, seed=7)
     head = [next(ref) for _ in range(5)]
     state = ref.state_dict()
     tail = [next(ref) for _ in range(6)]
     json.dumps(state)  # checkpointable as is
-    resumed = build_train_loader(cfg, micro_batch_size=3, rank=0, world_size=1, seed=7, state=state)
+    resumed = build_train_loader(_checked(cfg), micro_batch_size=3, rank=0, world_size=1, seed=7, state=state)
     again = [next(resumed) for _ in range(6)]
     for a, b in zip(tail, again):
         for k in a:
@@ -113,12 +120,12 @@ def test_resume_same_size_is_exact(domains, workers):
 def test_new_weights_at_resume_continue_cursors(domains):
     """A resume under new weights keeps each domain's cursor: no sample repeats within an epoch."""
     cfg = _cfg(domains, shuffle=True)
-    first = build_train_loader(cfg, micro_batch_size=8, rank=0, world_size=1, seed=2)
+    first = build_train_loader(_checked(cfg), micro_batch_size=8, rank=0, world_size=1, seed=2)
     seen = _ids(next(first) for _ in range(5))
     state = first.state_dict()
     reweighted = _cfg(domains, domains=[DomainConfig("en", str(domains["en"]), 1.0),
                                         DomainConfig("es", str(domains["es"]), 1.0)])
-    later = build_train_loader(reweighted, micro_batch_size=8, rank=0, world_size=1, seed=2, state=state)
+    later = build_train_loader(_checked(reweighted), micro_batch_size=8, rank=0, world_size=1, seed=2, state=state)
     more = _ids(next(later) for _ in range(5))
     en = [s for d, s in seen + more if d == 0]
     assert len(en) == len(set(en))
@@ -128,13 +135,13 @@ def test_new_weights_at_resume_continue_cursors(domains):
 @pytest.mark.resume
 def test_online_set_weights_is_saved_and_resumed(domains):
     cfg = _cfg(domains)
-    loader = build_train_loader(cfg, micro_batch_size=4, rank=0, world_size=1, seed=0, state=None)
+    loader = build_train_loader(_checked(cfg), micro_batch_size=4, rank=0, world_size=1, seed=0, state=None)
     next(loader)
     loader.set_weights({"en": 0.0, "es": 1.0})
     assert all(int(d) == 1 for d in next(loader)["domain"])
     state = loader.state_dict()
     expected = [next(loader) for _ in range(3)]
-    resumed = build_train_loader(cfg, micro_batch_size=4, rank=0, world_size=1, seed=0, state=state)
+    resumed = build_train_loader(_checked(cfg), micro_batch_size=4, rank=0, world_size=1, seed=0, state=state)
     assert _ids(expected) == _ids(next(resumed) for _ in range(3))
     with pytest.raises(UserError, match="unknown domains"):
         loader.set_weights({"fr": 1.0})
@@ -142,12 +149,13 @@ def test_online_set_weights_is_saved_and_resumed(domains):
 
 def test_val_loaders_are_deterministic_and_split_over_ranks(domains):
     cfg = _cfg(domains, val_domains=[DomainConfig("en_again", str(domains["en"]))])
-    one = build_val_loaders(cfg, micro_batch_size=4, rank=0, world_size=1, max_samples=10)
+    one = build_val_loaders(_checked(cfg), micro_batch_size=4, rank=0, world_size=1, max_samples=10)
     assert set(one) == {"en", "es", "en_again"}
     ids = [b["sample_id"].tolist() for b in one["en"]()]
     assert ids == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert ids == [b["sample_id"].tolist() for b in one["en"]()]
-    halves = [[s for b in build_val_loaders(cfg, micro_batch_size=4, rank=r, world_size=2, max_samples=10)["en"]()
+    data = _checked(cfg)
+    halves = [[s for b in build_val_loaders(data, micro_batch_size=4, rank=r, world_size=2, max_samples=10)["en"]()
                for s in b["sample_id"].tolist()] for r in range(2)]
     assert halves == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 
@@ -174,12 +182,38 @@ def test_corrupt_shard_is_named(domains, tmp_path):
     data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
     shard.write_bytes(bytes(data))
     cfg = DataConfig(domains=[DomainConfig("en", str(copy))], seq_len=SEQ, shuffle=False)
-    validate_data(cfg, vocab_size=800)  # sizes match; the loader checks hashes on first use
+    prepared = validate_data(cfg, vocab_size=800)  # sizes match; the loader checks hashes on first use
     with pytest.raises(UserError, match=rf"{shard.name}: shard is corrupt"):
-        next(build_train_loader(cfg, micro_batch_size=2, rank=0, world_size=1, seed=0))
+        next(build_train_loader(prepared, micro_batch_size=2, rank=0, world_size=1, seed=0))
     shard.write_bytes(bytes(data[:-10]))
     with pytest.raises(UserError, match=rf"{shard.name}: shard is \d+ bytes, index.json says"):
         validate_data(cfg, vocab_size=800)
+
+
+def test_compressed_shards_read_like_raw_ones(domains, tmp_path):
+    """A zstd split (same text and tokenizer as the raw 'en') gives the same samples; each shard is
+    checked and expanded once into a whole raw file, which later readers use; a damaged
+    compressed shard is named before it is expanded."""
+    run_prepare(AUSTEN, tmp_path / "z", "--tokenizer", domains["en"] / "tokenizer.model", "--seq-len", SEQ,
+                "--val-fraction", 0.2, "--compression", "zstd")
+    raw, zipped = ShardSplit(domains["en"] / "train"), ShardSplit(tmp_path / "z" / "train")
+    folder = tmp_path / "z" / "train" / "chunk-00000"
+    assert raw.num_samples == zipped.num_samples and not list(folder.glob("*.mds"))
+    for i in range(raw.num_samples):
+        a, b = raw.get(i), zipped.get(i)
+        assert np.array_equal(a["tokens"], b["tokens"]) and np.array_equal(a["doc_starts"], b["doc_starts"])
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json", "shard.00000.mds", "shard.00000.mds.zstd"]
+    expanded = (folder / "shard.00000.mds").stat().st_ino
+    assert ShardSplit(tmp_path / "z" / "train").get(0)["tokens"].tolist() == raw.get(0)["tokens"].tolist()
+    assert (folder / "shard.00000.mds").stat().st_ino == expanded  # read as is, not expanded again
+
+    (folder / "shard.00000.mds").unlink()
+    packed = bytearray((folder / "shard.00000.mds.zstd").read_bytes())
+    packed[len(packed) // 2] ^= 0xFF
+    (folder / "shard.00000.mds.zstd").write_bytes(bytes(packed))
+    with pytest.raises(UserError, match=r"shard.00000.mds.zstd: shard is corrupt"):
+        ShardSplit(tmp_path / "z" / "train").get(0)
+    assert not (folder / "shard.00000.mds").exists()
 
 
 @pytest.mark.distributed
@@ -189,9 +223,10 @@ def test_global_step_samples_do_not_depend_on_world_size(domains, micro, world, 
     ranks x micro-batches x accumulation (ranks simulated in one process; the real two-process
     run is in test_data_distributed.py)."""
     cfg = _cfg(domains)
-    ref = build_train_loader(cfg, micro_batch_size=12, rank=0, world_size=1, seed=4)
+    data = _checked(cfg)
+    ref = build_train_loader(data, micro_batch_size=12, rank=0, world_size=1, seed=4)
     expected = [_ids([next(ref)]) for _ in range(4)]
-    ranks = [build_train_loader(cfg, micro_batch_size=micro, rank=r, world_size=world, seed=4) for r in range(world)]
+    ranks = [build_train_loader(data, micro_batch_size=micro, rank=r, world_size=world, seed=4) for r in range(world)]
     for step in range(4):
         per_rank = [[next(r) for _ in range(accum)] for r in ranks]
         got = [s for j in range(accum) for r in range(world) for s in _ids([per_rank[r][j]])]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cptrain.data_pipeline import tokenizer as tokenizers
-from cptrain.data_pipeline.loader import open_split
+from cptrain.data_pipeline.shards import ShardSplit
 from cptrain.data_pipeline.prepare import pack
 from cptrain.launch.cli import main as cli_main
 from cptrain.errors import UserError
@@ -48,8 +48,8 @@ def test_packing_keeps_every_token_once_and_document_boundaries(spm_model, tmp_p
     m = run_prepare([AUSTEN[0]], tmp_path / "d", "--tokenizer", spm_model, "--seq-len", 64, "--val-fraction", 0)
     stream = np.concatenate([np.array(ids + [tok.eos_id]) for ids in tok.encode_batch(texts)])
     starts = set(np.cumsum([0] + [len(ids) + 1 for ids in tok.encode_batch(texts)])[:-1].tolist())
-    reader = open_split(tmp_path / "d" / "train")
-    samples = [reader.get(i, verify=True) for i in range(reader.num_samples)]
+    reader = ShardSplit(tmp_path / "d" / "train")
+    samples = [reader.get(i) for i in range(reader.num_samples)]
     assert m["splits"]["train"]["samples"] == len(samples) == (len(stream) - 1) // 64
     assert m["splits"]["train"]["tokens"] == len(stream) and m["splits"]["train"]["documents"] == len(texts)
     assert m["splits"]["train"]["dropped_tokens"] == len(stream) - len(samples) * 64 - 1

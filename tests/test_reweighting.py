@@ -193,7 +193,7 @@ def first_step_weights(trainer) -> dict:
     from cptrain.data_pipeline.loader import build_train_loader
     from cptrain.trainer.engines.base import autocast_for
     cfg, ctx = trainer.cfg, trainer.ctx
-    loader = build_train_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank,
+    loader = build_train_loader(trainer.data, micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank,
                                 world_size=ctx.world_size, seed=cfg.seed)
     batches = [next(loader) for _ in range(trainer.accum)]
     attach_sample_weights(trainer.engine, batches, cfg.reweighting.instance, 0,

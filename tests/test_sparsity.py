@@ -211,6 +211,7 @@ def _launch(overrides: list[str], out: Path, world: int = 2) -> None:
 
 
 def _val_loss(cfg, weights: dict) -> float:
+    from cptrain.data_pipeline.config import validate_data
     from cptrain.data_pipeline.loader import build_val_loaders
     from cptrain.trainer.loop import evaluate
 
@@ -218,7 +219,8 @@ def _val_loss(cfg, weights: dict) -> float:
     with torch.device("meta"):
         model = Decoder(cfg.model.arch)
     engine = LocalEngine(model, cfg, DistContext(), weights)
-    loaders = build_val_loaders(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1,
+    loaders = build_val_loaders(validate_data(cfg.data, cfg.model.arch.vocab_size),
+                                micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1,
                                 max_samples=cfg.eval.max_samples)
     return evaluate(engine, loaders, DistContext(), cfg)["val/austen"]
 

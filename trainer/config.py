@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..data_pipeline.loader import DataConfig
+from ..data_pipeline.config import DataConfig
 from ..errors import UserError
 from ..model.config import ModelConfig
 from ..model.presets import preset

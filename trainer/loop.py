@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data_pipeline.loader import build_train_loader, build_val_loaders, validate_data
+from ..data_pipeline.config import validate_data
+from ..data_pipeline.loader import build_train_loader, build_val_loaders
 from ..data_pipeline.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..model.config import flops_per_token, hardware_flops_per_token, param_counts
@@ -100,7 +101,8 @@ class Trainer:
         self.ctx = init_distributed(cfg.train.device)
         self.run_dir = Path(cfg.run_dir)
         arch = cfg.model.arch
-        self.manifest = validate_data(cfg.data, arch.vocab_size)  # before any expensive work
+        self.data = validate_data(cfg.data, arch.vocab_size)  # before any expensive work
+        self.manifest = self.data.manifest
         self.accum = grad_accumulation(cfg, self.ctx.world_size)
         self.plan = plan_start(cfg, resume, overwrite, say=self._say)
         for line in self.plan.skipped:
@@ -136,9 +138,9 @@ class Trainer:
             # Keeps the LR continuous when the schedule changed at resume, and gives a rewarm its
             # starting LR (the checkpoint's) when continuing from another run.
             self.schedule.on_resume(self.progress.tokens, None if self.progress.schedule else (self.progress.last_lr or None))
-        self.loader = build_train_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
+        self.loader = build_train_loader(self.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
                                          world_size=self.ctx.world_size, seed=cfg.seed, state=self.progress.data or None)
-        self.val_loaders = build_val_loaders(cfg.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
+        self.val_loaders = build_val_loaders(self.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
                                              world_size=self.ctx.world_size, max_samples=cfg.eval.max_samples)
         self.reweighter = Reweighter(cfg, self.loader, self.val_loaders, self.progress.reweighting,
                                      lambda: autocast_for(self.ctx.device, cfg.train.precision))
