@@ -117,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", nargs="+", required=True, help=".txt or .jsonl (text field) files in the new language")
     p.add_argument("--add", type=int, required=True, help="how many tokens to add at most")
     p.add_argument("--out", required=True, help="the HF folder to write (must not exist)")
-    p.add_argument("--keep", nargs="+", default=[], help="texts (e.g. old-language samples) whose tokenization must not change")
+    p.add_argument("--keep", nargs="+", default=[],
+                   help="old-language texts whose tokenization must not change; the report's reference sample "
+                        "(default: a built-in English sample, 60K characters of Austen)")
+    p.add_argument("--protect-reference", action="store_true",
+                   help="make no new token that would change how the reference sample tokenizes (the built-in English "
+                        "sample, when no --keep is given; --keep texts are always protected): fewer new tokens fire in "
+                        "the old language, a little less gain in the new one")
     p.add_argument("--init", choices=["mean", "random"], default="mean",
                    help="new rows: mean of the base rows of the token's pieces (Fast Vocabulary Transfer), or random")
     p.add_argument("--pad-multiple", type=int, default=64, help="embedding rows padded to a multiple of this")

@@ -133,10 +133,12 @@ def evaluate(args) -> int:
 
 def vocab_extend(args) -> int:
     """`cptrain vocab extend --model M --corpus F... --add N --out DIR`: an extended tokenizer and the
-    model with grown embeddings, as an HF folder; a report of fertility before and after."""
+    model with grown embeddings, as an HF folder; a report of fertility before and after, and of how a
+    reference sample of the base language (--keep files, or a built-in English sample) tokenizes now."""
     import tempfile
 
-    from ..data_pipeline.vocab import extend_tokenizer, fertility, piece_ids, read_corpus
+    from ..data_pipeline.vocab import (extend_tokenizer, fertility, piece_ids, read_corpus, reference_sample,
+                                       tokenization_change)
     from ..model.hf import save_hf_dir
     from ..model.vocab import extend_embeddings
     from ..trainer.checkpoint import load_full_weights
@@ -147,9 +149,10 @@ def vocab_extend(args) -> int:
         raise UserError(f"{out} exists; pick a new --out (nothing is written over)")
     tokenizer = tokenizer_for(args.model, args.tokenizer)
     cfg, state = load_full_weights(args.model)
+    reference = reference_sample(args.keep, args.protect_reference)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:  # everything is written in a temporary folder, renamed to OUT once complete
-        ext = extend_tokenizer(tokenizer, args.corpus, args.add, work, keep=args.keep)
+        ext = extend_tokenizer(tokenizer, args.corpus, args.add, work, protect=reference.texts if reference.protected else [])
         texts = read_corpus(args.corpus)
         new_cfg, new_state = extend_embeddings(cfg, state, ext.first_id, piece_ids(ext, tokenizer, work), args.init,
                                                args.pad_multiple)
@@ -159,6 +162,14 @@ def vocab_extend(args) -> int:
                   "embedding_rows_before": cfg.vocab_size, "embedding_rows": new_cfg.vocab_size, "init": args.init,
                   "fertility_before": fertility(tokenizer, texts), "fertility_after": fertility(work, texts),
                   "corpus_chars": sum(map(len, texts)), "examples": ext.pieces[:20]}
+        lines = []
+        for key, sample in (("reference", reference), ("held_out", reference.held_out)):
+            if sample is not None:
+                change = tokenization_change(ext, tokenizer, work, sample.texts)
+                report[key] = {"source": sample.source, "protected": sample.protected, **change.summary()}
+                unguarded = key == "reference" and not sample.protected and change.words_changed
+                hint = "; --protect-reference keeps it as it was" if unguarded else ""
+                lines.append(f"{sample.source}{' (protected)' if sample.protected else ''}: {change.describe()}{hint}")
         write_json(work / "vocab_extension.json", report)
         out.parent.mkdir(parents=True, exist_ok=True)
         work.rename(out)
@@ -170,6 +181,7 @@ def vocab_extend(args) -> int:
     print(f"added {report['added']:,} tokens (ids {ext.first_id:,}-{report['tokenizer_size'] - 1:,}); embeddings "
           f"{cfg.vocab_size:,} -> {new_cfg.vocab_size:,} rows; tokens per character on the corpus "
           f"{report['fertility_before']:.4f} -> {report['fertility_after']:.4f} ({cut:.1%} fewer); wrote {out}")
+    print("\n".join(lines))
     return 0
 
 
