@@ -5,6 +5,8 @@ import csv
 import itertools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,84 @@ def test_mpl_cli_fit_on_three_schedules_predicts_six_heldout(tmp_path):
     # the published parameters as printed (3-5 digits) give 0.00394 here, unrounded 0.00376
     assert np.mean(maes) <= min(0.0040, _avg_metrics(MPL_25M)["mae"]), maes
     assert np.mean(maes) == pytest.approx(_avg_metrics(dict(zip(C.MPL_NAMES, MPL_25M_FULL)))["mae"], abs=1e-6)
+
+
+def _cosine_per_step(path: Path, total: int) -> np.ndarray:
+    """The 25M cosine schedule as tests/fixtures/scaling/make_fixtures.py builds it (warmup 2160 steps
+    to 3e-4, cosine to 3e-5 at `total`), written with one `step,lr` row per step and no losses."""
+    s = np.arange(total, dtype=np.float64)
+    lr = 3e-5 + 0.5 * (3e-4 - 3e-5) * (1 + np.cos(np.pi * (s - 2160) / (total - 2160)))
+    lr[:2160] = np.linspace(0, 3e-4, 2160)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["step", "lr"], *([i, repr(float(v))] for i, v in enumerate(lr))])
+    return lr
+
+
+def _pairwise_prediction(c, steps, p):
+    """The law at `steps` with LD summed pair by pair over every drop."""
+    ld = C._loss_drop(C._drop_blocks(c, steps), p["C"], p["beta"], p["gamma"]).numpy()
+    return p["L0"] + p["A"] * c.area[steps] ** -p["alpha"] - p["B"] * ld
+
+
+def _predict_argv(tmp_path, schedule: Path) -> list[str]:
+    """`cptrain scaling predict` of the published 25M parameters on `schedule`, into tmp_path/pred.csv."""
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"law": "multipower", "params": dict(zip(C.MPL_NAMES, MPL_25M_FULL))}))
+    return ["scaling", "predict", "--fit", str(fit), "--curve", str(schedule),
+            "--out", str(tmp_path / "pred.csv")]
+
+
+def _read_pred(tmp_path) -> np.ndarray:
+    rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(len(rows)))
+    return np.array([float(r["loss_pred"] or "nan") for r in rows])
+
+
+def test_mpl_predicts_a_72000_step_schedule_given_per_step(tmp_path):
+    """One row per step: LD over every (step, drop) pair is 2.6e9 terms; the prediction must equal,
+    at the logged steps of the fixture, the pairwise sum computed at those steps only."""
+    lr = _cosine_per_step(tmp_path / "cosine_72000.csv", 72000)
+    fixture = I.curve_from_csv(CURVES / "cosine_72000.csv")
+    np.testing.assert_allclose(lr[fixture.row_steps], fixture.lr[fixture.row_steps], rtol=1e-12)  # the same schedule
+    assert main(_predict_argv(tmp_path, tmp_path / "cosine_72000.csv")) == 0
+    pred = _read_pred(tmp_path)
+    assert len(pred) == 72000 and np.isnan(pred[0]) and np.isfinite(pred[1:]).all()
+    params = dict(zip(C.MPL_NAMES, MPL_25M_FULL))
+    c = I.curve_from_csv(tmp_path / "cosine_72000.csv")
+    np.testing.assert_allclose(pred[fixture.steps], _pairwise_prediction(c, fixture.steps, params), rtol=1e-12, atol=0)
+    # the fixture's rows rebuild the LR within 1e-10 (make_fixtures.py): its own predictions agree within 1e-8
+    np.testing.assert_allclose(pred[fixture.steps], C.predict_curve("multipower", params, fixture, fixture.steps),
+                               rtol=1e-8)
+
+
+def test_mpl_predicts_200000_steps_per_step_in_bounded_memory(tmp_path):
+    """The whole command (reading 200,000 rows, predicting, writing, plotting) in a fresh process,
+    its peak resident memory read back from the process itself."""
+    _cosine_per_step(tmp_path / "cosine_200000.csv", 200000)
+    code = ("import resource, sys; from cptrain.launch.cli import main; assert main(sys.argv[1:]) == 0; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")  # KiB on Linux
+    run = subprocess.run([sys.executable, "-c", code, *_predict_argv(tmp_path, tmp_path / "cosine_200000.csv")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.split()[-1]) * 1024 < 2**30
+    pred = _read_pred(tmp_path)
+    c = I.curve_from_csv(tmp_path / "cosine_200000.csv")
+    steps = np.linspace(1, 199999, 24).astype(np.int64)
+    np.testing.assert_allclose(pred[steps], _pairwise_prediction(c, steps, dict(zip(C.MPL_NAMES, MPL_25M_FULL))),
+                               rtol=1e-12, atol=0)
+
+
+def test_mpl_fit_objective_same_with_blocks_rebuilt_on_each_pass(monkeypatch):
+    """Curves whose blocks exceed FIT_BLOCK_BYTES are streamed: the objective and gradient are the same."""
+    curves, theta = _train_curves(), np.array(MPL_25M_FULL) * 1.01
+    data = C._mpl_data(curves)
+    assert all(isinstance(blocks, list) for _, _, blocks in data)  # the 25M fit keeps its blocks
+    kept = C.mpl_value_grad(theta, data)
+    monkeypatch.setattr(C, "FIT_BLOCK_BYTES", 0)
+    data = C._mpl_data(curves)
+    assert all(isinstance(blocks, C._Rebuilt) for _, _, blocks in data)
+    streamed = C.mpl_value_grad(theta, data)
+    assert streamed[0] == kept[0] and np.array_equal(streamed[1], kept[1])
 
 
 def test_tissue_fit_predicts_heldout():
