@@ -1,6 +1,7 @@
 """ModelConfig: the shape of a decoder and the few switches on which the families differ; parameter
-counts and FLOPs per token. The switches are named for what they do; model/families.py maps each
-family's Hugging Face config.json onto them, and model/presets.py holds the shapes as data."""
+counts and FLOPs per token. The switches are named for what they do; each family's record
+(model/families.py) says which it fixes and which optional settings it carries, model/hf_config.py
+maps its Hugging Face config.json onto them, and model/presets.py holds the shapes as data."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,22 +10,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import UserError
+from .families import FAMILIES, OPTIONAL
 
 ATTENTION_BACKENDS = ("sdpa", "flash_attn", "flex")
 LAYER_TYPES = ("full", "sliding")
-_GEMMA = {"norm_placement": "sandwich", "norm_unit_offset": True, "activation": "gelu_tanh", "embed_scale": True}
-# What each family fixes (the switches of its block) and the optional settings its models may carry.
-FAMILY_SWITCHES: dict[str, dict] = {
-    "llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": "head"},
-    "gemma2": _GEMMA, "gemma3": {**_GEMMA, "qk_norm": "head"}, "olmo2": {"qk_norm": "full", "norm_placement": "post"},
-}
-_SLIDING = {"sliding_window", "layer_types"}
-FAMILY_OPTIONS: dict[str, set] = {
-    "llama": {"rope_scaling"}, "mistral": {"sliding_window"}, "qwen2": _SLIDING, "qwen3": _SLIDING, "olmo2": set(),
-    "gemma2": {*_SLIDING, "attn_scale_dim", "attn_softcap", "final_softcap"},
-    "gemma3": {*_SLIDING, "attn_scale_dim", "attn_softcap", "final_softcap", "rope_local_theta", "rope_scaling"},
-}
-FAMILIES = tuple(FAMILY_SWITCHES)
 # The keys of a Llama-3 `rope_scaling` dict (HF `rope_type: llama3`, Llama 3.1 report sec. 3.x / the
 # reference `apply_scaling` in meta-llama/llama-models).
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -32,7 +21,7 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 
 @dataclass
 class ModelConfig:
-    family: str = "llama"  # the Hugging Face architecture imported from and exported to (model/families.py)
+    family: str = "llama"  # the family record (model/families.py): its switches and HF architecture
     vocab_size: int = 32000  # tokens in the vocabulary (rows of the embedding and output head)
     dim: int = 4096  # width of the residual stream (HF hidden_size)
     n_layers: int = 32  # transformer blocks
@@ -80,16 +69,15 @@ class ModelConfig:
                 raise UserError(f"{source}: {name} must be a positive integer, got {value!r}")
         if self.family not in FAMILIES:
             raise UserError(f"{source}: family {self.family!r} is unknown; use one of {', '.join(FAMILIES)}")
-        defaults = ModelConfig()
-        for name, want in {**{k: getattr(defaults, k) for v in FAMILY_SWITCHES.values() for k in v},
-                           **FAMILY_SWITCHES[self.family]}.items():
+        family, defaults = FAMILIES[self.family], ModelConfig()
+        for name, want in {**{k: getattr(defaults, k) for f in FAMILIES.values() for k in f.switches},
+                           **family.switches}.items():
             if getattr(self, name) != want:
                 raise UserError(f"{source}: {name}={getattr(self, name)!r} is not a {self.family} model's ({want!r}); "
                                 f"the family fixes it (or pick the family that has it)")
-        for name in {"sliding_window", "layer_types", "attn_scale_dim", "attn_softcap", "final_softcap",
-                     "rope_local_theta", "rope_scaling"} - FAMILY_OPTIONS[self.family]:
-            if getattr(self, name) != getattr(defaults, name):
-                able = [f for f, opts in FAMILY_OPTIONS.items() if name in opts]
+        for name in OPTIONAL:
+            if name not in family.options and getattr(self, name) != getattr(defaults, name):
+                able = [f.name for f in FAMILIES.values() if name in f.options]
                 raise UserError(f"{source}: {name} is not part of a {self.family} model; families with it: {', '.join(able)}")
         if not self.head_dim and self.dim % self.n_heads:
             raise UserError(f"{source}: dim {self.dim} is not divisible by n_heads {self.n_heads}; "

@@ -20,7 +20,7 @@ from cptrain.launch.cli import main as cli
 from cptrain.launch.launchers import torchrun_command
 from cptrain.model.config import param_counts
 from cptrain.model.decoder import Decoder
-from cptrain.model.families import from_hf_config, to_hf_config
+from cptrain.model.hf_config import from_hf_config, to_hf_config
 from cptrain.model.hf import load_hf_dir, save_hf_dir
 from cptrain.model.presets import PRESETS, preset
 from cptrain.trainer.config import load_config

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from cptrain.errors import UserError
 from cptrain.model import attention
 from cptrain.model.config import ModelConfig, flops_per_token, hardware_flops_per_token, param_counts
-from cptrain.model.families import to_hf_config
+from cptrain.model.hf_config import to_hf_config
 from cptrain.model.presets import preset
 from cptrain.model.decoder import Decoder, rope_inv_freq
 
