@@ -11,12 +11,10 @@ from typing import Literal
 
 from ..errors import UserError
 from .families import FAMILIES, OPTIONAL
+from .rope import validate_rope_scaling
 
 ATTENTION_BACKENDS = ("sdpa", "flash_attn", "flex")
 LAYER_TYPES = ("full", "sliding")
-# The keys of a Llama-3 `rope_scaling` dict (HF `rope_type: llama3`, Llama 3.1 report sec. 3.x / the
-# reference `apply_scaling` in meta-llama/llama-models).
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -31,7 +29,7 @@ class ModelConfig:
     ffn_dim: int = 11008  # hidden width of the gated MLP (HF intermediate_size)
     norm_eps: float = 1e-5  # epsilon inside RMSNorm
     rope_theta: float = 10000.0  # RoPE base period
-    rope_scaling: dict | None = None  # Llama-3 ({rope_type: llama3, ...}) or linear ({rope_type: linear, factor}) frequency scaling
+    rope_scaling: dict | None = None  # frequency scaling, {rope_type: linear | llama3 | yarn, ...} as transformers' rope_parameters (model/rope.py)
     rope_local_theta: float | None = None  # RoPE base of the sliding-window layers, unscaled (Gemma 3: 10000); None: as the others
     max_seq_len: int = 4096  # longest sequence the model is meant for (HF max_position_embeddings)
     tie_embeddings: bool = False  # share the input embedding with the output head
@@ -103,6 +101,10 @@ class ModelConfig:
             raise UserError(f"{source}: layer_types has sliding layers but sliding_window is not set")
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, source)
+            if "rope_local_theta" in family.options and self.rope_scaling.get("truncate", True) is not True:
+                # transformers reads `truncate` beside the per-layer-type dicts, where it never is
+                raise UserError(f"{source}: rope_scaling truncate={self.rope_scaling['truncate']!r} is not supported for "
+                                f"{self.family} (transformers truncates YaRN's ramp of per-layer-type RoPE always); remove it")
         return self
 
     def to_dict(self) -> dict:
@@ -116,22 +118,6 @@ class ModelConfig:
         if unknown:
             raise UserError(f"{source}: unknown model keys {unknown}; valid keys are {sorted(names)}")
         return cls(**d).validate(source)
-
-
-def validate_rope_scaling(rs: dict, source: str) -> None:
-    kind = rs.get("rope_type") if isinstance(rs, dict) else None
-    if kind == "linear":
-        if not isinstance(rs.get("factor"), (int, float)) or not rs["factor"] > 0:
-            raise UserError(f"{source}: linear rope_scaling needs a positive factor, got {rs!r}")
-        return
-    if kind != "llama3":
-        raise UserError(f"{source}: rope_scaling {rs!r} is not supported; use Llama-3 scaling (rope_type 'llama3' with "
-                        f"{', '.join(LLAMA3_ROPE_KEYS)}), linear scaling (rope_type 'linear' with factor) or null")
-    missing = [k for k in LLAMA3_ROPE_KEYS if k not in rs]
-    if missing:
-        raise UserError(f"{source}: rope_scaling lacks {missing}; Llama-3 scaling needs {', '.join(LLAMA3_ROPE_KEYS)}")
-    if not rs["low_freq_factor"] < rs["high_freq_factor"]:
-        raise UserError(f"{source}: rope_scaling low_freq_factor must be < high_freq_factor")
 
 
 def swiglu_width(dim: int, multiple_of: int = 128) -> int:

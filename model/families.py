@@ -13,7 +13,7 @@ from typing import Literal
 # The ModelConfig settings only some families carry, each with the config.json key that holds it.
 # A family's `options` names those its models may set; every other one must keep its default.
 OPTIONAL = {
-    "sliding_window": "sliding_window", "layer_types": "layer_types", "rope_scaling": "rope_scaling",
+    "sliding_window": "sliding_window", "layer_types": "layer_types",
     "rope_local_theta": "rope_local_base_freq",  # Gemma 3: the sliding layers' RoPE base (per layer type)
     "attn_scale_dim": "query_pre_attn_scalar", "attn_softcap": "attn_logit_softcapping",
     "final_softcap": "final_logit_softcapping",
@@ -64,8 +64,7 @@ _GEMMA_DEFAULTS = {"tie_word_embeddings": True, "query_pre_attn_scalar": 256}
 _QWEN_OPTIONS = frozenset({"sliding_window", "layer_types"})
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llama", "llama", "LlamaForCausalLM", options=frozenset({"rope_scaling"}),
-           required={**_SILU, "attention_bias": False, "mlp_bias": False}),
+    Family("llama", "llama", "LlamaForCausalLM", required={**_SILU, "attention_bias": False, "mlp_bias": False}),
     Family("mistral", "mistral", "MistralForCausalLM", options=frozenset({"sliding_window"}), required=_SILU, sliding="all"),
     Family("qwen2", "qwen2", "Qwen2ForCausalLM", switches={"qkv_bias": True}, options=_QWEN_OPTIONS, required=_SILU,
            sliding="window_layers"),
@@ -75,7 +74,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            required=_GEMMA_REQUIRED, defaults=_GEMMA_DEFAULTS, sliding="alternating",
            tensors=tensor_names({**_BLOCK, **_SANDWICH_NORMS})),
     Family("gemma3", "gemma3_text", "Gemma3ForCausalLM", switches={**_GEMMA_SWITCHES, "qk_norm": "head"},
-           options=_GEMMA_OPTIONS | {"rope_local_theta", "rope_scaling"},
+           options=_GEMMA_OPTIONS | {"rope_local_theta"},
            required={**_GEMMA_REQUIRED, "use_bidirectional_attention": False},
            defaults={**_GEMMA_DEFAULTS, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
                      "sliding_window_pattern": 6},

@@ -8,8 +8,9 @@ decoder does not implement is refused with one line naming it.
 from __future__ import annotations
 
 from ..errors import UserError
-from .config import LLAMA3_ROPE_KEYS, ModelConfig, validate_rope_scaling
+from .config import ModelConfig
 from .families import FAMILIES, OPTIONAL, Family
+from .rope import ROPE_KEYS, validate_rope_scaling
 
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 _HF_KIND = {"full_attention": "full", "sliding_attention": "sliding"}
@@ -22,36 +23,44 @@ def supported() -> str:
     return ", ".join(f"{f.model_type} ({f.architecture})" for f in FAMILIES.values())
 
 
-def _rope(params: dict, source: str) -> tuple[float, dict | None]:
-    """(theta, scaling) of one RoPE parameter dict (transformers-5 `rope_parameters` style)."""
+def _rope(params: dict, max_len: int, source: str) -> tuple[float, dict | None]:
+    """(theta, scaling) of one RoPE parameter dict, read as transformers 5 standardizes it: the kind in
+    `rope_type` (or the older `type`), and for llama3 and yarn an original_max_position_embeddings that
+    defaults to max_position_embeddings. Other kinds (dynamic, longrope, ...) are refused."""
     params = dict(params)
     theta = float(params.pop("rope_theta"))
-    kind = params.pop("rope_type", params.pop("type", "default"))
+    kind = params.pop("rope_type", None) or params.get("type") or "default"
+    params.pop("type", None)
+    partial = params.pop("partial_rotary_factor", None)
+    if partial not in (None, 1, 1.0):
+        raise UserError(f"{source}: partial_rotary_factor={partial!r} is not supported (cptrain rotates whole heads)")
     if kind == "default":
         return theta, None
-    if kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(params["factor"])}
-    elif kind == "llama3":
-        scaling = {"rope_type": "llama3", **{k: params[k] for k in LLAMA3_ROPE_KEYS if k in params}}
-    else:
-        raise UserError(f"{source}: RoPE type {kind!r} is not supported; cptrain supports default, linear and llama3 RoPE")
+    if kind not in ROPE_KEYS:
+        raise UserError(f"{source}: RoPE type {kind!r} is not supported; cptrain supports default, "
+                        f"{', '.join(ROPE_KEYS)} RoPE (and any rope_theta)")
+    scaling = {"rope_type": kind, **params}
+    if "original_max_position_embeddings" in ROPE_KEYS[kind][0]:
+        scaling.setdefault("original_max_position_embeddings", max_len)
     validate_rope_scaling(scaling, source)
     return theta, scaling
 
 
 def _rope_of(h: dict, family: Family, source: str) -> dict:
-    """ModelConfig's rope fields from either transformers-5 `rope_parameters` (per layer type where the
-    family keeps a base for its sliding layers, Gemma 3) or the older top-level `rope_theta` /
-    `rope_scaling` / `rope_local_base_freq`."""
-    params = h.get("rope_parameters") or {}
-    legacy = {"rope_theta": h["rope_theta"], **(h.get("rope_scaling") or {})}
+    """ModelConfig's rope fields. As transformers 5 reads them: the older top-level `rope_scaling` wins
+    over `rope_parameters` and `rope_theta` fills in a dict without one; where the family keeps a base for
+    its sliding layers (Gemma 3) `rope_parameters` holds a dict per layer type, `rope_scaling` updates
+    the full layers' and `rope_local_base_freq` is the sliding layers' base."""
+    max_len = h["max_position_embeddings"]
     if "rope_local_theta" not in family.options:
-        theta, scaling = _rope({"rope_theta": legacy["rope_theta"], **params} if params else legacy, source)
+        params = h.get("rope_scaling") or h.get("rope_parameters") or {}
+        theta, scaling = _rope({"rope_theta": h["rope_theta"], **params}, max_len, source)
         return {"rope_theta": theta, "rope_scaling": scaling}
-    full = params.get("full_attention") or legacy
-    local = params.get("sliding_attention") or {"rope_theta": h["rope_local_base_freq"]}
-    theta, scaling = _rope(full, source)
-    local_theta, local_scaling = _rope(local, source)
+    params = h.get("rope_parameters") or {}
+    full = {"rope_theta": h["rope_theta"], **(params.get("full_attention") or {}), **(h.get("rope_scaling") or {})}
+    local = {"rope_theta": h["rope_local_base_freq"], **(params.get("sliding_attention") or {})}
+    theta, scaling = _rope(full, max_len, source)
+    local_theta, local_scaling = _rope(local, max_len, source)
     if local_scaling is not None:
         raise UserError(f"{source}: RoPE scaling on the sliding-window layers is not supported (cptrain scales the full layers only)")
     return {"rope_theta": theta, "rope_scaling": scaling, "rope_local_theta": local_theta}

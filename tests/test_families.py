@@ -218,8 +218,8 @@ def test_what_is_not_implemented_is_refused_in_one_line(tmp_path):
     cases = {
         "use_bidirectional_attention=True is not supported for gemma3_text": dict(use_bidirectional_attention=True),
         "hidden_activation='gelu' is not supported": dict(hidden_activation="gelu"),
-        "RoPE type 'yarn' is not supported": dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0,
-                                                                                      "rope_theta": 1e4},
+        "RoPE type 'dynamic' is not supported": dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0,
+                                                                                         "rope_theta": 1e4},
                                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
         "layer_types \\['chunked_attention'\\] are not supported": dict(layer_types=["chunked_attention"] * 4),
         "model_type .phi3. / architectures \\[.Phi3ForCausalLM.\\] is not supported; cptrain imports llama \\(LlamaForCausalLM\\), mistral":
