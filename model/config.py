@@ -29,7 +29,7 @@ class ModelConfig:
     ffn_dim: int = 11008  # hidden width of the gated MLP (HF intermediate_size)
     norm_eps: float = 1e-5  # epsilon inside RMSNorm
     rope_theta: float = 10000.0  # RoPE base period
-    rope_scaling: dict | None = None  # frequency scaling, {rope_type: linear | llama3 | yarn, ...} as transformers' rope_parameters (model/rope.py)
+    rope_scaling: dict | None = None  # {rope_type: linear|llama3|yarn, ...} as transformers' rope_parameters (model/rope.py)
     rope_local_theta: float | None = None  # RoPE base of the sliding-window layers, unscaled (Gemma 3: 10000); None: as the others
     max_seq_len: int = 4096  # longest sequence the model is meant for (HF max_position_embeddings)
     tie_embeddings: bool = False  # share the input embedding with the output head

@@ -2,7 +2,8 @@
 family: the frequencies and the attention scale bitwise, configs that import and export unchanged in
 both the older `rope_scaling` and the newer `rope_parameters` spelling, logits of tiny models with
 randomized weights, and `cptrain eval` of a YaRN Qwen3 at 4x its original window; one-line refusals
-of what is not implemented."""
+of what is not implemented. Then `model.extend`: each method resolved, undefined combinations
+refused, and a YaRN-extended run whose export transformers scores as cptrain does past the old window."""
 import dataclasses
 import importlib
 import json
@@ -11,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from cptrain.data_pipeline.loader import split_batches
 from cptrain.errors import UserError
 from cptrain.launch.cli import main as cli
 from cptrain.model.decoder import Decoder
@@ -18,7 +20,10 @@ from cptrain.model.hf import load_hf_dir
 from cptrain.model.hf_config import from_hf_config, to_hf_config
 from cptrain.model.presets import preset
 from cptrain.model.rope import rope_init
-from tests.conftest import FIXTURES
+from cptrain.trainer.config import load_config
+from cptrain.trainer.evaluate import load_model
+from cptrain.trainer.loop import run
+from tests.conftest import FIXTURES, tiny_overrides
 from tests.test_evaluate import reference_loss
 
 pytestmark = pytest.mark.longctx
@@ -197,3 +202,82 @@ def test_eval_of_a_yarn_qwen3_at_four_times_its_window_equals_transformers(long_
     (tmp_path / "hf/config.json").write_text(json.dumps(plain))
     assert cli(["eval", str(tmp_path / "hf"), "--data", str(long_data), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["loss"] != pytest.approx(want, rel=1e-3)
+
+
+# ---- model.extend: a longer window for the model of model.init_from ----
+def _config_only(folder, **hf) -> str:
+    """An HF folder holding only config.json: all that resolving a config reads."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config_json("llama", KINDS["abf"]) | hf))
+    return str(folder)
+
+
+def test_extend_resolves_each_method_and_refuses_undefined_combinations(tmp_path):
+    def arch(init_from, **extend):
+        overrides = [f"--model.init_from={init_from}", "--data.seq_len=64"]
+        return load_config(None, overrides + [f"--model.extend.{k}={v}" for k, v in extend.items()]).model.arch
+
+    plain = _config_only(tmp_path / "plain", max_position_embeddings=64)
+    a = arch(plain, method="yarn", factor=4)
+    assert a.max_seq_len == 256 and a.rope_theta == 500_000.0
+    assert a.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                              "beta_fast": 32.0, "beta_slow": 1.0}
+    a = arch(plain, method="llama3", max_seq_len=512)
+    assert a.rope_scaling["factor"] == 8.0 and a.rope_scaling["original_max_position_embeddings"] == 64
+    a = arch(plain, method="theta", rope_theta=5e6, max_seq_len=128)
+    assert (a.rope_theta, a.rope_scaling, a.max_seq_len) == (5e6, None, 128)
+    linear = _config_only(tmp_path / "linear", max_position_embeddings=128,
+                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    assert arch(linear, method="linear", factor=3).rope_scaling == {"rope_type": "linear", "factor": 6.0}
+    yarn = _config_only(tmp_path / "yarn", max_position_embeddings=256, rope_parameters=KINDS["yarn"])
+    a = arch(yarn, method="theta", rope_theta=1e6, max_seq_len=512)  # a new base on top of YaRN
+    assert a.rope_theta == 1e6 and a.rope_scaling == {k: v for k, v in KINDS["yarn"].items() if k != "rope_theta"}
+    refusals = {"already scaled \\(yarn, factor 4.0\\), and yarn on top of it is not defined": (yarn, dict(method="yarn", factor=2)),
+                "max_seq_len=32 does not exceed the model's max_seq_len 64": (plain, dict(method="yarn", max_seq_len=32)),
+                "method=theta takes rope_theta": (plain, dict(method="theta", rope_theta=1e6)),
+                "needs factor \\(e.g. 4\\) or max_seq_len": (plain, dict(method="linear")),
+                "has settings but model.extend.method is off": (plain, dict(factor=4))}
+    for message, (init_from, extend) in refusals.items():
+        with pytest.raises(UserError, match=message) as err:
+            arch(init_from, **extend)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="model.max_seq_len conflicts with model.extend, which sets it to 256"):
+        load_config(None, [f"--model.init_from={plain}", "--model.extend.method=yarn", "--model.extend.factor=4",
+                           "--model.max_seq_len=512"])
+
+
+def test_a_yarn_extended_run_exports_what_transformers_computes_past_the_old_window(long_data, austen_data, tmp_path):
+    """A tiny Llama with a 64-token window, extended by YaRN x4 and trained 2 steps on 256-token
+    samples: its checkpoints and its HF export carry the new RoPE and window, and transformers gives
+    the export the logits and the loss cptrain gives the run."""
+    config = transformers.LlamaConfig(**{**SHAPE, "vocab_size": 512, "max_position_embeddings": 64})
+    tiny_model(config).save_pretrained(tmp_path / "base")
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(run_dir, long_data, **{
+        "model.init_from": str(tmp_path / "base"), "model.extend.method": "yarn", "model.extend.factor": 4,
+        "data.seq_len": 256, "train.max_tokens": 1024, "train.global_batch_tokens": 512, "train.micro_batch_size": 2,
+        "train.device": "cpu", "train.precision": "fp32", "schedule.kind": "constant", "schedule.lr": 1e-3,
+        "schedule.warmup_tokens": 0, "checkpoint.interval_tokens": 512, "eval.max_samples": 4,
+        "continual.report": "off"}) if not o.startswith(("--model.preset", "--model.vocab_size", "--model.max_seq_len"))]
+    rows = run(load_config(None, overrides))
+    assert len([r for r in rows if "loss" in r]) == 2
+    saved = json.loads((run_dir / "checkpoints/step-00000002/model_config.json").read_text())
+    want = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
+    assert saved["rope_scaling"] == want and saved["max_seq_len"] == 256
+    assert cli(["convert", "cptrain-to-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+    exported = json.loads((tmp_path / "hf/config.json").read_text())
+    assert exported["max_position_embeddings"] == 256 and exported["rope_parameters"] == {**want, "rope_theta": 10_000.0}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="sdpa").eval()
+    ours = load_model(run_dir, torch.device("cpu"))
+    _, batches = split_batches(long_data, "val", 2, 2)
+    tokens = next(batches)["tokens"][:, :-1]  # [2, 256]: four times the old window
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-5, rtol=0)
+    for model in (run_dir, tmp_path / "hf"):
+        assert cli(["eval", str(model), "--data", str(long_data), "--json", str(tmp_path / "eval.json")]) == 0
+        got = json.loads((tmp_path / "eval.json").read_text())["loss"]
+        assert got == pytest.approx(reference_loss(tmp_path / "hf", long_data, "val", None)[0], rel=1e-5)
+    # An anneal branch of the run keeps its extended model.
+    assert cli(["anneal", str(run_dir), "--tokens", "512", "--checkpoint", "step-00000001", "--out",
+                str(tmp_path / "branch"), "--no-train"]) == 0
+    assert load_config(tmp_path / "branch/config.yaml").model.arch == load_config(run_dir / "config.yaml").model.arch
