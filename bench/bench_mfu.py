@@ -36,7 +36,7 @@ import torch
 
 
 from cptrain.model.config import flops_per_token, hardware_flops_per_token, param_counts
-from cptrain.model.families import to_hf_config
+from cptrain.model.hf_config import to_hf_config
 from cptrain.model.presets import preset
 
 DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1,

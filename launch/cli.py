@@ -1,24 +1,17 @@
-"""The `cptrain` command. Parsers live here (cheap to import, so `--help` is instant); each
-subcommand's work lives in the module that owns it and is imported only when it runs."""
+"""The `cptrain` command's parsers. Each subcommand names its body in launch/commands.py, which
+imports the modules doing the work only when the command runs, so `--help` is instant."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from ..errors import UserError
+from . import commands
 
 
-def _dispatch(target: str):
-    def run(args):
-        module, func = target.split(":")
-        return getattr(importlib.import_module(module), func)(args)
-    return run
-
-
-def _add(sub, name, target, help):
+def _add(sub, name, func, help):
     p = sub.add_parser(name, help=help, description=help)
-    p.set_defaults(func=_dispatch(target))
+    p.set_defaults(func=func)
     return p
 
 
@@ -26,13 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cptrain", description="Pretraining and continual pretraining of decoder LLMs (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3, OLMo 2).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _add(sub, "demo", "cptrain.launch.demo:main", "The built-in end-to-end demo on the shipped corpus (CPU is enough).")
+    p = _add(sub, "demo", commands.demo, "The built-in end-to-end demo on the shipped corpus (CPU is enough).")
     p.add_argument("--out", default="demo_out", help="output folder (data, runs, plots)")
     p.add_argument("--steps", type=int, default=None, help="override the demo's pretraining steps")
     p.add_argument("--continual-steps", type=int, default=None, help="override the demo's continual-pretraining steps")
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
-    p = _add(data, "prepare", "cptrain.data_pipeline.prepare:main", "Tokenize, pack and write MDS shards plus manifest.json.")
+    p = _add(data, "prepare", commands.data_prepare, "Tokenize, pack and write MDS shards plus manifest.json.")
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (jsonl/json, parquet, txt)")
     p.add_argument("--out", required=True, help="output directory")
     tok = p.add_mutually_exclusive_group(required=True)
@@ -53,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-mb", type=float, default=64.0,
                    help="MB of text per chunk, the unit a rerun after an interruption skips when done")
 
-    p = _add(sub, "train", "cptrain.launch.commands:train", "Train from a YAML config, in this process or under a launcher.")
+    p = _add(sub, "train", commands.train, "Train from a YAML config, in this process or under a launcher.")
     p.add_argument("config", help="YAML config")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the run directory's latest good checkpoint")
     mode.add_argument("--overwrite", action="store_true",
                       help="start anew in a run directory that holds a run, moving the old run aside (never deleted)")
 
-    p = _add(sub, "launch", "cptrain.launch.launchers:main", "Print and run (or, for slurm, write) the real launcher command.")
+    p = _add(sub, "launch", commands.launch, "Print and run (or, for slurm, write) the real launcher command.")
     p.add_argument("--launcher", choices=["deepspeed", "torchrun", "slurm"], required=True)
     p.add_argument("--hostfile", help="deepspeed hostfile (`HOST slots=GPUS` per line); written for --nodes > 1 if absent")
     p.add_argument("--nodes", type=int, default=None, help="number of machines (default 1, or every host of --hostfile)")
@@ -81,15 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
 
     conv = sub.add_parser("convert", help="checkpoint import/export").add_subparsers(dest="convert_command", required=True)
-    p = _add(conv, "hf-to-cptrain", "cptrain.launch.commands:hf_to_cptrain", "Import an HF folder as cptrain weights.")
+    p = _add(conv, "hf-to-cptrain", commands.hf_to_cptrain, "Import an HF folder as cptrain weights.")
     p.add_argument("src")
     p.add_argument("out")
-    p = _add(conv, "cptrain-to-hf", "cptrain.launch.commands:cptrain_to_hf", "Export a cptrain checkpoint (any engine) as an HF folder.")
+    p = _add(conv, "cptrain-to-hf", commands.cptrain_to_hf, "Export a cptrain checkpoint (any engine) as an HF folder.")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
-    p = _add(sub, "eval", "cptrain.launch.commands:evaluate",
+    p = _add(sub, "eval", commands.evaluate,
              "Score a model (HF folder, run directory, checkpoint or weights folder): mean next-token loss on a prepared "
              "split (--data), and/or multiple-choice accuracy by log-likelihood (--task).")
     p.add_argument("model", help="an HF folder, a cptrain run directory, checkpoint or weights folder")
@@ -110,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help='write {"loss", "tokens", ...} and/or {"tasks": {...}} to this file')
 
     vocab = sub.add_parser("vocab", help="vocabulary extension").add_subparsers(dest="vocab_command", required=True)
-    p = _add(vocab, "extend", "cptrain.launch.commands:vocab_extend",
+    p = _add(vocab, "extend", commands.vocab_extend,
              "Extend a model's tokenizer with tokens learned on a new-language corpus and grow its embeddings; "
              "writes an HF folder that transformers loads.")
     p.add_argument("--model", required=True, help="an HF folder, or a cptrain run directory, checkpoint or weights folder")
@@ -130,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="the model's tokenizer, when MODEL is not an HF folder or a run")
     p.add_argument("--json", default=None, help="write the report here too (it is also OUT/vocab_extension.json)")
 
-    p = _add(sub, "anneal", "cptrain.launch.commands:anneal",
+    p = _add(sub, "anneal", commands.anneal,
              "Anneal branch: from a checkpoint of a constant (WSD stable, infinite) phase, decay to the floor in a new run "
              "directory, resuming the checkpoint exactly; the main run is left untouched. Extra --section.key=value "
              "overrides apply to the branch (e.g. --eval.interval_tokens=1M).")
@@ -141,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the branch's run directory")
     p.add_argument("--no-train", action="store_true", help="write the branch's config and checkpoint link only")
 
-    p = _add(sub, "merge", "cptrain.launch.commands:merge",
+    p = _add(sub, "merge", commands.merge,
              "Checkpoint merging: a weighted average of a run's checkpoints (or of their weight EMAs) as a weights "
              "folder that trains (model.init_from), evaluates, anneals and exports like any checkpoint. --shape picks "
              "the weights that emulate that LR decay over the merged window (WSM, Tian et al. 2025).")
@@ -155,23 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="average the checkpoints' EMAs of the weights (train.ema_decay) instead")
     p.add_argument("--out", required=True, help="the weights folder to write (must not exist)")
 
-    p = _add(sub, "forgetting", "cptrain.launch.commands:forgetting",
+    p = _add(sub, "forgetting", commands.forgetting,
              "Forgetting report of a run: old- and new-domain validation losses against its first evaluation.")
     p.add_argument("run_dir")
     p.add_argument("--old", default=None, help="comma-separated old domains (default: continual.old_domains or replay)")
     p.add_argument("--new", default=None, help="comma-separated new domains (default: continual.new_domains or data.domains)")
 
     sched = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
-    p = _add(sched, "plot", "cptrain.launch.commands:schedule_plot", "Draw a config's LR schedule before running it.")
+    p = _add(sched, "plot", commands.schedule_plot, "Draw a config's LR schedule before running it.")
     p.add_argument("config")
     p.add_argument("--out", required=True)
 
-    p = _add(sub, "report", "cptrain.trainer.analysis.report:main", "Plots and a summary of a run.")
+    p = _add(sub, "report", commands.report, "Plots and a summary of a run.")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
 
     scaling = sub.add_parser("scaling", help="scaling-law fitting").add_subparsers(dest="scaling_command", required=True)
-    p = _add(scaling, "fit", "cptrain.trainer.analysis.scaling.cli:fit", "Fit a scaling law; writes DIR/fit.json and plots.")
+    p = _add(scaling, "fit", commands.scaling_fit, "Fit a scaling law; writes DIR/fit.json and plots.")
     p.add_argument("inputs", nargs="+", help="run directories or CSV files (loss-curve laws: step,lr,loss CSVs or run directories)")
     p.add_argument("--law", required=True, help="chinchilla, chinchilla_sparse, kaplan, gadre (over N, D); multipower, tissue (loss curves)")
     p.add_argument("--out", required=True, help="output directory for fit.json and plots")
@@ -184,14 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--starts", type=int, default=0, help="(N, D) laws: L-BFGS from the K best grid starts only (0 = the whole published grid)")
     p.add_argument("--holdout-largest", type=int, default=0, metavar="K", help="hold out the K runs of largest compute 6ND and report the extrapolation error")
     p.add_argument("--holdout-above-n", type=float, default=None, metavar="N", help="hold out every run with at least N parameters")
-    p = _add(scaling, "predict", "cptrain.trainer.analysis.scaling.cli:predict", "Predictions from a fit.")
+    p = _add(scaling, "predict", commands.scaling_predict, "Predictions from a fit.")
     p.add_argument("--fit", required=True, help="DIR/fit.json written by `cptrain scaling fit`")
     p.add_argument("--curve", default=None, help="loss-curve laws: schedule CSV (step,lr[,loss]); writes step,lr,loss_pred to --out")
     p.add_argument("--out", default=None, help="output CSV")
     p.add_argument("--n", type=float, nargs="+", default=None, help="(N, D) laws: parameter counts")
     p.add_argument("--d", type=float, nargs="+", default=None, help="(N, D) laws: token counts")
     p.add_argument("--compute", type=float, nargs="+", default=None, help="(N, D) laws: compute budgets C = 6ND for the compute-optimal allocation")
-    p = _add(scaling, "suggest", "cptrain.trainer.analysis.scaling.suggest:suggest",
+    p = _add(scaling, "suggest", commands.scaling_suggest,
              "Peak LR and batch size from Step Law (Li et al. 2025); with --fit, the compute-optimal N, D of a fitted law.")
     p.add_argument("--params", type=float, required=True, help="N: non-embedding parameters (Step Law's N)")
     p.add_argument("--tokens", type=float, required=True, help="D: training tokens")

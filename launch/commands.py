@@ -1,23 +1,63 @@
-"""The bodies of the `cptrain` commands that join several layers (train, anneal, forgetting,
-schedule plot, convert). Each reads its arguments, calls the owners' functions and prints what was
-done; none holds logic of its own. Commands with one owner dispatch to it directly (launch/cli.py)."""
+"""The body of every `cptrain` command, which launch/cli.py's parsers name. Each reads its
+arguments, calls the functions of the modules that own the work and prints what was done; none holds
+logic of its own. Those modules (and torch) are imported inside each body, when the command runs, so
+building the parser imports nothing heavy and `cptrain --help` stays instant."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
-from ..trainer.config import load_config, parse_int
-from ..trainer.engines.base import autocast_for
+
+
+def demo(args) -> int:
+    from .demo import main
+
+    return main(args)
+
+
+def data_prepare(args) -> int:
+    from ..data_pipeline.prepare import main
+
+    return main(args)
+
+
+def launch(args) -> int:
+    from .launchers import main
+
+    return main(args)
+
+
+def report(args) -> int:
+    from ..trainer.analysis.report import main
+
+    return main(args)
+
+
+def scaling_fit(args) -> int:
+    from ..trainer.analysis.scaling.cli import fit
+
+    return fit(args)
+
+
+def scaling_predict(args) -> int:
+    from ..trainer.analysis.scaling.cli import predict
+
+    return predict(args)
+
+
+def scaling_suggest(args) -> int:
+    from ..trainer.analysis.scaling.suggest import suggest
+
+    return suggest(args)
 
 
 def train(args) -> int:
     """`cptrain train CONFIG [--resume | --overwrite] [overrides]`."""
     import torch.distributed as dist
 
+    from ..trainer.config import load_config
     from ..trainer.loop import run
 
     run(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
@@ -29,6 +69,7 @@ def train(args) -> int:
 def anneal(args) -> int:
     """`cptrain anneal RUN_DIR --tokens N [--checkpoint step-X] [--shape S] --out BRANCH [overrides]`."""
     from ..trainer.branch import BRANCH_FILE, prepare_branch
+    from ..trainer.config import parse_int
     from ..trainer.loop import run
 
     tokens = parse_int(args.tokens, "--tokens", "cptrain anneal")
@@ -50,6 +91,7 @@ def merge(args) -> int:
     from ..trainer.averaging import merge_checkpoints, merge_coefficients, pick_checkpoints, write_merged
     from ..model.hf import copy_tokenizer
     from ..trainer.checkpoint import step_of
+    from ..trainer.config import parse_int
     from ..trainer.evaluate import tokenizer_for
 
     out = Path(args.out)
@@ -77,6 +119,7 @@ def merge(args) -> int:
 def forgetting(args) -> int:
     """`cptrain forgetting RUN_DIR [--old A,B] [--new C]`: the report for any finished run."""
     from ..trainer.analysis.forgetting import format_forgetting, write_forgetting
+    from ..trainer.config import load_config
     from ..trainer.continual import split_domains
 
     run_dir = Path(args.run_dir)
@@ -92,8 +135,11 @@ def forgetting(args) -> int:
 
 def evaluate(args) -> int:
     """`cptrain eval MODEL [--data DIR] [--task FILE...] [--lm-eval TASK...] [--json FILE]`."""
+    import torch
+
     from ..data_pipeline.tokenizer import load_tokenizer
     from ..trainer import tasks as T
+    from ..trainer.engines.base import autocast_for
     from ..trainer.evaluate import check_vocab, load_model, lm_eval_tasks, split_loss, tokenizer_for, write_json
 
     if not (args.data or args.task or args.lm_eval):
@@ -188,6 +234,7 @@ def vocab_extend(args) -> int:
 def schedule_plot(args) -> int:
     """`cptrain schedule plot CONFIG.yaml --out FILE.png`."""
     from ..trainer.analysis.report import plot_schedule
+    from ..trainer.config import load_config
     from ..trainer.schedule import build_schedule
 
     cfg = load_config(args.config, getattr(args, "overrides", None) or [])
@@ -215,6 +262,8 @@ def hf_to_cptrain(args) -> int:
 
 def cptrain_to_hf(args) -> int:
     """`cptrain convert cptrain-to-hf CKPT OUT [--dtype D]`: any engine's checkpoint -> an HF folder."""
+    import torch
+
     from ..model.hf import save_hf_dir
     from ..trainer.checkpoint import load_full_weights
 

@@ -8,11 +8,13 @@ replay, and prints the forgetting report (trainer/configs/demo_continual.yaml, t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
 from ..data_pipeline.tasks import word_order_items, write_task
-from .cli import main as cli
+from ..errors import UserError
 from ..trainer.config import load_config
 from ..trainer.loop import run
 from ..trainer.analysis.report import plot_loss
@@ -28,8 +30,13 @@ def corpus(name: str) -> Path:
 def prepare(out: Path, name: str, text: str, tokenizer: list[str]) -> Path:
     dest = out / "data" / name
     if not (dest / "manifest.json").is_file():
-        cli(["data", "prepare", "--input", str(corpus(text)), "--out", str(dest), *tokenizer,
-             "--seq-len", "256", "--val-fraction", "0.05", "--txt-split", "paragraph"])
+        # The command line a user runs, in a process of its own (the CLI dispatches to this module, so
+        # importing it back here would close an import circle).
+        rc = subprocess.run([sys.executable, "-m", "cptrain.launch.cli", "data", "prepare", "--input", str(corpus(text)),
+                             "--out", str(dest), *tokenizer, "--seq-len", "256", "--val-fraction", "0.05",
+                             "--txt-split", "paragraph"]).returncode
+        if rc:
+            raise UserError(f"cptrain data prepare of the demo's {text} into {dest} failed (exit {rc}); see its message above")
     return dest
 
 

@@ -1,6 +1,7 @@
 """ModelConfig: the shape of a decoder and the few switches on which the families differ; parameter
-counts and FLOPs per token. The switches are named for what they do; model/families.py maps each
-family's Hugging Face config.json onto them, and model/presets.py holds the shapes as data."""
+counts and FLOPs per token. The switches are named for what they do; each family's record
+(model/families.py) says which it fixes and which optional settings it carries, model/hf_config.py
+maps its Hugging Face config.json onto them, and model/presets.py holds the shapes as data."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,30 +10,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import UserError
+from .families import FAMILIES, OPTIONAL
+from .rope import validate_rope_scaling
 
 ATTENTION_BACKENDS = ("sdpa", "flash_attn", "flex")
 LAYER_TYPES = ("full", "sliding")
-_GEMMA = {"norm_placement": "sandwich", "norm_unit_offset": True, "activation": "gelu_tanh", "embed_scale": True}
-# What each family fixes (the switches of its block) and the optional settings its models may carry.
-FAMILY_SWITCHES: dict[str, dict] = {
-    "llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": "head"},
-    "gemma2": _GEMMA, "gemma3": {**_GEMMA, "qk_norm": "head"}, "olmo2": {"qk_norm": "full", "norm_placement": "post"},
-}
-_SLIDING = {"sliding_window", "layer_types"}
-FAMILY_OPTIONS: dict[str, set] = {
-    "llama": {"rope_scaling"}, "mistral": {"sliding_window"}, "qwen2": _SLIDING, "qwen3": _SLIDING, "olmo2": set(),
-    "gemma2": {*_SLIDING, "attn_scale_dim", "attn_softcap", "final_softcap"},
-    "gemma3": {*_SLIDING, "attn_scale_dim", "attn_softcap", "final_softcap", "rope_local_theta", "rope_scaling"},
-}
-FAMILIES = tuple(FAMILY_SWITCHES)
-# The keys of a Llama-3 `rope_scaling` dict (HF `rope_type: llama3`, Llama 3.1 report sec. 3.x / the
-# reference `apply_scaling` in meta-llama/llama-models).
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
 class ModelConfig:
-    family: str = "llama"  # the Hugging Face architecture imported from and exported to (model/families.py)
+    family: str = "llama"  # the family record (model/families.py): its switches and HF architecture
     vocab_size: int = 32000  # tokens in the vocabulary (rows of the embedding and output head)
     dim: int = 4096  # width of the residual stream (HF hidden_size)
     n_layers: int = 32  # transformer blocks
@@ -42,7 +29,7 @@ class ModelConfig:
     ffn_dim: int = 11008  # hidden width of the gated MLP (HF intermediate_size)
     norm_eps: float = 1e-5  # epsilon inside RMSNorm
     rope_theta: float = 10000.0  # RoPE base period
-    rope_scaling: dict | None = None  # Llama-3 ({rope_type: llama3, ...}) or linear ({rope_type: linear, factor}) frequency scaling
+    rope_scaling: dict | None = None  # {rope_type: linear|llama3|yarn, ...} as transformers' rope_parameters (model/rope.py)
     rope_local_theta: float | None = None  # RoPE base of the sliding-window layers, unscaled (Gemma 3: 10000); None: as the others
     max_seq_len: int = 4096  # longest sequence the model is meant for (HF max_position_embeddings)
     tie_embeddings: bool = False  # share the input embedding with the output head
@@ -80,16 +67,15 @@ class ModelConfig:
                 raise UserError(f"{source}: {name} must be a positive integer, got {value!r}")
         if self.family not in FAMILIES:
             raise UserError(f"{source}: family {self.family!r} is unknown; use one of {', '.join(FAMILIES)}")
-        defaults = ModelConfig()
-        for name, want in {**{k: getattr(defaults, k) for v in FAMILY_SWITCHES.values() for k in v},
-                           **FAMILY_SWITCHES[self.family]}.items():
+        family, defaults = FAMILIES[self.family], ModelConfig()
+        for name, want in {**{k: getattr(defaults, k) for f in FAMILIES.values() for k in f.switches},
+                           **family.switches}.items():
             if getattr(self, name) != want:
                 raise UserError(f"{source}: {name}={getattr(self, name)!r} is not a {self.family} model's ({want!r}); "
                                 f"the family fixes it (or pick the family that has it)")
-        for name in {"sliding_window", "layer_types", "attn_scale_dim", "attn_softcap", "final_softcap",
-                     "rope_local_theta", "rope_scaling"} - FAMILY_OPTIONS[self.family]:
-            if getattr(self, name) != getattr(defaults, name):
-                able = [f for f, opts in FAMILY_OPTIONS.items() if name in opts]
+        for name in OPTIONAL:
+            if name not in family.options and getattr(self, name) != getattr(defaults, name):
+                able = [f.name for f in FAMILIES.values() if name in f.options]
                 raise UserError(f"{source}: {name} is not part of a {self.family} model; families with it: {', '.join(able)}")
         if not self.head_dim and self.dim % self.n_heads:
             raise UserError(f"{source}: dim {self.dim} is not divisible by n_heads {self.n_heads}; "
@@ -115,6 +101,10 @@ class ModelConfig:
             raise UserError(f"{source}: layer_types has sliding layers but sliding_window is not set")
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, source)
+            if "rope_local_theta" in family.options and self.rope_scaling.get("truncate", True) is not True:
+                # transformers reads `truncate` beside the per-layer-type dicts, where it never is
+                raise UserError(f"{source}: rope_scaling truncate={self.rope_scaling['truncate']!r} is not supported for "
+                                f"{self.family} (transformers truncates YaRN's ramp of per-layer-type RoPE always); remove it")
         return self
 
     def to_dict(self) -> dict:
@@ -128,22 +118,6 @@ class ModelConfig:
         if unknown:
             raise UserError(f"{source}: unknown model keys {unknown}; valid keys are {sorted(names)}")
         return cls(**d).validate(source)
-
-
-def validate_rope_scaling(rs: dict, source: str) -> None:
-    kind = rs.get("rope_type") if isinstance(rs, dict) else None
-    if kind == "linear":
-        if not isinstance(rs.get("factor"), (int, float)) or not rs["factor"] > 0:
-            raise UserError(f"{source}: linear rope_scaling needs a positive factor, got {rs!r}")
-        return
-    if kind != "llama3":
-        raise UserError(f"{source}: rope_scaling {rs!r} is not supported; use Llama-3 scaling (rope_type 'llama3' with "
-                        f"{', '.join(LLAMA3_ROPE_KEYS)}), linear scaling (rope_type 'linear' with factor) or null")
-    missing = [k for k in LLAMA3_ROPE_KEYS if k not in rs]
-    if missing:
-        raise UserError(f"{source}: rope_scaling lacks {missing}; Llama-3 scaling needs {', '.join(LLAMA3_ROPE_KEYS)}")
-    if not rs["low_freq_factor"] < rs["high_freq_factor"]:
-        raise UserError(f"{source}: rope_scaling low_freq_factor must be < high_freq_factor")
 
 
 def swiglu_width(dim: int, multiple_of: int = 128) -> int:

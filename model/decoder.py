@@ -1,6 +1,6 @@
 """The decoder: one block with a few switches (model/config.py) covers Llama, Mistral, Qwen2/2.5,
-Qwen3, Gemma 2/3 and OLMo 2. RMSNorm, RoPE (default, Llama-3 or linear scaling; a base of its own
-for sliding-window layers), grouped-query attention with optional q/k biases and q/k norms, a gated
+Qwen3, Gemma 2/3 and OLMo 2. RMSNorm, RoPE (every kind of model/rope.py; a base of its own for
+sliding-window layers), grouped-query attention with optional q/k biases and q/k norms, a gated
 MLP (SwiGLU or tanh-GELU GeGLU), norms before and/or after attention and MLP, soft-capped logits.
 Knows nothing of distribution, data or training.
 
@@ -17,27 +17,7 @@ from torch import nn
 
 from .attention import AttentionContext, attend, build_context, doc_positions
 from .config import ModelConfig
-
-
-def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] (float32). The arithmetic follows transformers'
-    `_compute_default_rope_parameters` / `_compute_linear_scaling_rope_parameters` /
-    `_compute_llama3_parameters` op for op, so results match bitwise."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    if scaling is None:
-        return inv_freq
-    if scaling["rope_type"] == "linear":  # positions divided by the factor (Chen et al. 2023, position interpolation)
-        return inv_freq / scaling["factor"]
-    # Llama 3.1: wavelengths longer than original_len / low_freq_factor are stretched by `factor`,
-    # shorter than original_len / high_freq_factor are kept, and the band between is interpolated.
-    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
+from .rope import apply_rope, rope_cos_sin, rope_init
 
 
 def rope_of(cfg: ModelConfig, kind: str) -> tuple[float, dict | None]:
@@ -45,20 +25,6 @@ def rope_of(cfg: ModelConfig, kind: str) -> tuple[float, dict | None]:
     if kind == "sliding" and cfg.rope_local_theta:
         return cfg.rope_local_theta, None
     return cfg.rope_theta, cfg.rope_scaling
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, S] -> (cos, sin) [B, S, head_dim] float32."""
-    freqs = positions[..., None].float() * inv_freq  # [B, S, head_dim / 2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, heads, hd] rotated by cos/sin [B, S, hd]."""
-    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 # The parameter-free computations of a block are plain functions that modules reach through an
@@ -216,7 +182,8 @@ class Decoder(nn.Module):
         contexts = {}
         for kind in dict.fromkeys(cfg.kinds):
             theta, scaling = rope_of(cfg, kind)
-            cos, sin = rope_cos_sin(rope_inv_freq(theta, cfg.head_size, scaling, tokens.device), positions)
+            inv_freq, rope_scale = rope_init(theta, cfg.head_size, scaling, tokens.device)
+            cos, sin = rope_cos_sin(inv_freq, rope_scale, positions)
             window = cfg.sliding_window if kind == "sliding" else None
             contexts[kind] = build_context(cfg.attention, doc_ids, cos, sin, b, s, tokens.device, scale=scale,
                                            softcap=cfg.attn_softcap, window=window)

@@ -1,16 +1,43 @@
-"""The Hugging Face side of each family: config.json <-> ModelConfig, both ways.
+"""One record per model family: the switches its block fixes, the optional settings its checkpoints
+may carry, and how transformers names it, its config.json keys and its tensors. Adding a family is
+one entry in FAMILIES: ModelConfig's validation (model/config.py), the config.json adapters
+(model/hf_config.py) and the tensor names (model/hf.py) read nothing else.
 
-A family is a `model_type` and an architecture class in transformers. Everything the families share
-(shape keys, RoPE, layer types) is read and written once; what differs is a short table of keys per
-family. Tensor names do not depend on the family, only on the switches (model/hf.py). Anything a
-checkpoint sets that the decoder does not implement is refused with one line naming it.
+Plain data, importing nothing of the model, so model/config.py can validate against it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from ..errors import UserError
-from .config import FAMILIES, FAMILY_SWITCHES, LLAMA3_ROPE_KEYS, ModelConfig, validate_rope_scaling
+# The ModelConfig settings only some families carry, each with the config.json key that holds it.
+# A family's `options` names those its models may set; every other one must keep its default.
+OPTIONAL = {
+    "sliding_window": "sliding_window", "layer_types": "layer_types",
+    "rope_local_theta": "rope_local_base_freq",  # Gemma 3: the sliding layers' RoPE base (per layer type)
+    "attn_scale_dim": "query_pre_attn_scalar", "attn_softcap": "attn_logit_softcapping",
+    "final_softcap": "final_logit_softcapping",
+}
+
+# Tensor names: our module path -> transformers', matched on a prefix of the dotted name (the
+# parameter's `.weight` / `.bias` follows its module). A `*` segment matches any one segment (a layer's
+# index; an expert's, for mixture-of-experts families) and is carried into the `*` of the HF name.
+_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_BLOCK = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+          "attention.wo": "self_attn.o_proj", "attention.q_norm": "self_attn.q_norm",
+          "attention.k_norm": "self_attn.k_norm", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+          "feed_forward.w2": "mlp.down_proj"}
+# HF calls Llama's pre-MLP norm `post_attention_layernorm`; with norms after attention as well (Gemma,
+# OLMo 2) that name is the post-attention norm and the MLP's are pre_/post_feedforward_layernorm.
+_PRE_NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_SANDWICH_NORMS = {"attention_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
+                   "ffn_norm": "pre_feedforward_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
+_POST_NORMS = {"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
+
+
+def tensor_names(block: dict[str, str]) -> dict[str, str]:
+    """The whole-model table from a block's table (our path inside a block -> HF's inside `model.layers.{i}`)."""
+    return {**_TOP, **{f"layers.*.{ours}": f"model.layers.*.{hf}" for ours, hf in block.items()}}
 
 
 @dataclass(frozen=True)
@@ -18,153 +45,40 @@ class Family:
     name: str  # ModelConfig.family
     model_type: str  # config.json `model_type`
     architecture: str  # config.json `architectures[0]`
-    tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the transformers default)
+    switches: dict = field(default_factory=dict)  # ModelConfig switches the family fixes (unnamed ones keep their defaults)
+    options: frozenset = frozenset()  # keys of OPTIONAL its models may set
     required: dict = field(default_factory=dict)  # config.json keys the decoder implements only at these values
-    sliding: str = "none"  # none | all (Mistral: every layer) | layers (per layer: Qwen's max_window_layers, Gemma's pattern)
+    defaults: dict = field(default_factory=dict)  # config.json values transformers assumes where a key is absent
+    # Which layers slide: none; all (one window for every layer, Mistral); window_layers (Qwen:
+    # use_sliding_window, layers from max_window_layers on); alternating (Gemma 2: even layers);
+    # pattern (Gemma 3: all but every sliding_window_pattern-th). An explicit `layer_types` list wins.
+    sliding: Literal["none", "all", "window_layers", "alternating", "pattern"] = "none"
+    tensors: dict = field(default_factory=lambda: tensor_names({**_BLOCK, **_PRE_NORMS}))  # our name -> HF's (see tensor_names)
 
 
 _SILU = {"hidden_act": "silu"}
+_GEMMA_SWITCHES = {"norm_placement": "sandwich", "norm_unit_offset": True, "activation": "gelu_tanh", "embed_scale": True}
+_GEMMA_OPTIONS = frozenset({"sliding_window", "layer_types", "attn_scale_dim", "attn_softcap", "final_softcap"})
 _GEMMA_REQUIRED = {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False}
-SPECS = {s.name: s for s in (
+_GEMMA_DEFAULTS = {"tie_word_embeddings": True, "query_pre_attn_scalar": 256}
+_QWEN_OPTIONS = frozenset({"sliding_window", "layer_types"})
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "llama", "LlamaForCausalLM", required={**_SILU, "attention_bias": False, "mlp_bias": False}),
-    Family("mistral", "mistral", "MistralForCausalLM", required=_SILU, sliding="all"),
-    Family("qwen2", "qwen2", "Qwen2ForCausalLM", required=_SILU, sliding="layers"),
-    Family("qwen3", "qwen3", "Qwen3ForCausalLM", required={**_SILU, "attention_bias": False}, sliding="layers"),
-    Family("gemma2", "gemma2", "Gemma2ForCausalLM", tied_default=True, required=_GEMMA_REQUIRED, sliding="layers"),
-    Family("gemma3", "gemma3_text", "Gemma3ForCausalLM", tied_default=True,
-           required={**_GEMMA_REQUIRED, "use_bidirectional_attention": False}, sliding="layers"),
-    Family("olmo2", "olmo2", "Olmo2ForCausalLM", required={**_SILU, "attention_bias": False}),
+    Family("mistral", "mistral", "MistralForCausalLM", options=frozenset({"sliding_window"}), required=_SILU, sliding="all"),
+    Family("qwen2", "qwen2", "Qwen2ForCausalLM", switches={"qkv_bias": True}, options=_QWEN_OPTIONS, required=_SILU,
+           sliding="window_layers"),
+    Family("qwen3", "qwen3", "Qwen3ForCausalLM", switches={"qk_norm": "head"}, options=_QWEN_OPTIONS,
+           required={**_SILU, "attention_bias": False}, sliding="window_layers"),
+    Family("gemma2", "gemma2", "Gemma2ForCausalLM", switches=_GEMMA_SWITCHES, options=_GEMMA_OPTIONS,
+           required=_GEMMA_REQUIRED, defaults=_GEMMA_DEFAULTS, sliding="alternating",
+           tensors=tensor_names({**_BLOCK, **_SANDWICH_NORMS})),
+    Family("gemma3", "gemma3_text", "Gemma3ForCausalLM", switches={**_GEMMA_SWITCHES, "qk_norm": "head"},
+           options=_GEMMA_OPTIONS | {"rope_local_theta"},
+           required={**_GEMMA_REQUIRED, "use_bidirectional_attention": False},
+           defaults={**_GEMMA_DEFAULTS, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                     "sliding_window_pattern": 6},
+           sliding="pattern", tensors=tensor_names({**_BLOCK, **_SANDWICH_NORMS})),
+    Family("olmo2", "olmo2", "Olmo2ForCausalLM", switches={"qk_norm": "full", "norm_placement": "post"},
+           required={**_SILU, "attention_bias": False}, tensors=tensor_names({**_BLOCK, **_POST_NORMS})),
 )}
-assert tuple(SPECS) == FAMILIES
-_BY_MODEL_TYPE = {s.model_type: s for s in SPECS.values()}
-_HF_KIND = {"full_attention": "full", "sliding_attention": "sliding"}
-
-
-def supported() -> str:
-    return ", ".join(f"{s.model_type} ({s.architecture})" for s in SPECS.values())
-
-
-def _rope(params: dict, source: str) -> tuple[float, dict | None]:
-    """(theta, scaling) of one RoPE parameter dict (transformers-5 `rope_parameters` style)."""
-    params = dict(params)
-    theta = float(params.pop("rope_theta"))
-    kind = params.pop("rope_type", params.pop("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(params["factor"])}
-    elif kind == "llama3":
-        scaling = {"rope_type": "llama3", **{k: params[k] for k in LLAMA3_ROPE_KEYS if k in params}}
-    else:
-        raise UserError(f"{source}: RoPE type {kind!r} is not supported; cptrain supports default, linear and llama3 RoPE")
-    validate_rope_scaling(scaling, source)
-    return theta, scaling
-
-
-def _rope_of(hf: dict, spec: Family, source: str) -> dict:
-    """ModelConfig's rope fields from either transformers-5 `rope_parameters` (per layer type for Gemma 3)
-    or the older top-level `rope_theta` / `rope_scaling` / `rope_local_base_freq`."""
-    params = hf.get("rope_parameters") or {}
-    legacy = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
-    if spec.name != "gemma3":
-        theta, scaling = _rope({"rope_theta": legacy["rope_theta"], **params} if params else legacy, source)
-        return {"rope_theta": theta, "rope_scaling": scaling}
-    full = params.get("full_attention") or {**legacy, "rope_theta": hf.get("rope_theta", 1_000_000.0)}
-    local = params.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
-    theta, scaling = _rope(full, source)
-    local_theta, local_scaling = _rope(local, source)
-    if local_scaling is not None:
-        raise UserError(f"{source}: RoPE scaling on the sliding-window layers is not supported (cptrain scales the full layers only)")
-    return {"rope_theta": theta, "rope_scaling": scaling, "rope_local_theta": local_theta}
-
-
-def _layer_types(hf: dict, spec: Family, n_layers: int, source: str) -> tuple[int | None, list[str]]:
-    """(sliding_window, layer_types) as ModelConfig keeps them: no list when every layer is alike."""
-    if spec.sliding == "none":
-        return None, []
-    window = hf.get("sliding_window")
-    if spec.name in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-        window = None  # transformers reads `sliding_window` only with use_sliding_window
-    if spec.sliding == "all" or not window:
-        return window or None, []
-    if hf.get("layer_types"):
-        unknown = sorted(set(hf["layer_types"]) - set(_HF_KIND))
-        if unknown:
-            raise UserError(f"{source}: layer_types {unknown} are not supported; cptrain has full_attention and sliding_attention")
-        kinds = [_HF_KIND[k] for k in hf["layer_types"]]
-    elif spec.name in ("qwen2", "qwen3"):
-        kinds = ["sliding" if i >= hf.get("max_window_layers", n_layers) else "full" for i in range(n_layers)]
-    elif spec.name == "gemma2":
-        kinds = ["sliding" if i % 2 == 0 else "full" for i in range(n_layers)]
-    else:  # Gemma 3: every `sliding_window_pattern`-th layer is global
-        pattern = hf.get("sliding_window_pattern", 6)
-        kinds = ["sliding" if (i + 1) % pattern else "full" for i in range(n_layers)]
-    if len(kinds) != n_layers:
-        raise UserError(f"{source}: layer_types lists {len(kinds)} layers, num_hidden_layers is {n_layers}")
-    return window, [] if len(set(kinds)) == 1 and kinds[0] == "sliding" else kinds
-
-
-def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
-    """ModelConfig from an HF config.json dict; `source` names the file in errors."""
-    spec = _BY_MODEL_TYPE.get(hf.get("model_type"))
-    archs = hf.get("architectures") or []
-    if spec is None or (archs and archs[0] != spec.architecture):
-        what = f"model_type {hf.get('model_type')!r}" + (f" / architectures {archs}" if archs else "")
-        raise UserError(f"{source}: {what} is not supported; cptrain imports {supported()}")
-    for key, ok in spec.required.items():
-        value = hf.get(key)
-        if value is not None and value != ok:  # absent or null: the transformers default, which is `ok`
-            raise UserError(f"{source}: {key}={value!r} is not supported for {spec.model_type} (cptrain needs {key}={ok!r})")
-    dim, n_heads, n_layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
-    head_dim = hf.get("head_dim") or dim // n_heads
-    window, kinds = _layer_types(hf, spec, n_layers, source)
-    fields = dict(
-        family=spec.name, vocab_size=hf["vocab_size"], dim=dim, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=0 if head_dim == dim // n_heads else head_dim,
-        ffn_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", spec.tied_default)),
-        sliding_window=window, layer_types=kinds, **_rope_of(hf, spec, source), **FAMILY_SWITCHES[spec.name])
-    if spec.name in ("gemma2", "gemma3"):
-        scalar = hf.get("query_pre_attn_scalar", 256)
-        fields.update(attn_scale_dim=0 if scalar == head_dim else int(scalar),
-                      attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"))
-    return ModelConfig(**fields).validate(source)
-
-
-def _rope_dict(theta: float, scaling: dict | None) -> dict:
-    return {**(scaling or {"rope_type": "default"}), "rope_theta": theta}
-
-
-def to_hf_config(cfg: ModelConfig) -> dict:
-    """The HF config.json dict of `cfg`, which transformers loads as its family's architecture. RoPE is
-    written both as transformers-5 `rope_parameters` and as the older top-level keys, so readers of
-    either vintage agree."""
-    spec = SPECS[cfg.family]
-    out = {
-        "architectures": [spec.architecture], "model_type": spec.model_type,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_size,
-        "intermediate_size": cfg.ffn_dim, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, **spec.required,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None,  # a copy: HF edits it
-    }
-    if spec.name == "gemma3":
-        local = cfg.rope_local_theta or cfg.rope_theta
-        out.update(rope_parameters={"full_attention": _rope_dict(cfg.rope_theta, cfg.rope_scaling),
-                                    "sliding_attention": _rope_dict(local, None)}, rope_local_base_freq=local)
-    else:
-        out["rope_parameters"] = _rope_dict(cfg.rope_theta, cfg.rope_scaling)
-    kinds = cfg.kinds
-    if spec.sliding == "all":
-        out["sliding_window"] = cfg.sliding_window
-    elif spec.sliding == "layers":
-        out.update(sliding_window=cfg.sliding_window, layer_types=[f"{k}_attention" for k in kinds])
-        if spec.name in ("qwen2", "qwen3"):
-            out.update(use_sliding_window="sliding" in kinds,
-                       max_window_layers=kinds.index("sliding") if "sliding" in kinds else cfg.n_layers)
-    if spec.name in ("gemma2", "gemma3"):
-        out.update(query_pre_attn_scalar=cfg.attn_scale_dim or cfg.head_size, attn_logit_softcapping=cfg.attn_softcap,
-                   final_logit_softcapping=cfg.final_softcap)
-    return out

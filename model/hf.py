@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from .config import ModelConfig
-from .families import from_hf_config, to_hf_config
 from .decoder import Decoder
+from .families import FAMILIES
+from .hf_config import from_hf_config, to_hf_config
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
 HF_INDEX_FILE = "model.safetensors.index.json"
@@ -32,35 +33,29 @@ def copy_tokenizer(src: Path, out: Path) -> list[str]:
         shutil.copy2(f, Path(out) / name)
     return [name for _, name in pairs]
 
-# Per-block names: ours (Meta's naming) -> HF's, under `layers.{i}.` and `model.layers.{i}.`. The same
-# in every family; which of them a block has follows from its switches.
-_LINEARS = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-            "feed_forward.w2": "mlp.down_proj"}
-# HF calls Llama's pre-MLP norm `post_attention_layernorm`; with norms after attention as well (Gemma,
-# OLMo 2) that name is the post-attention norm and the MLP's are pre_/post_feedforward_layernorm.
-_NORMS = {
-    "pre": {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
-    "sandwich": {"attention_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
-                 "ffn_norm": "pre_feedforward_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
-    "post": {"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
-}
+
+def _hf_name(table: dict[str, str], name: str) -> str:
+    """Our tensor name under a family's table (model/families.py): the longest key matching a prefix of
+    its segments gives the HF prefix, each `*` standing for the segment it matched; the rest is kept."""
+    parts, best = name.split("."), None
+    for key, value in table.items():
+        pattern = key.split(".")
+        if len(pattern) <= len(parts) and all(p in ("*", q) for p, q in zip(pattern, parts)):
+            if best is None or len(pattern) > len(best[0]):
+                best = (pattern, value)
+    if best is None:
+        raise KeyError(f"no HF name for tensor {name!r}: add its module to the family's `tensors` table")
+    pattern, value = best
+    stars = iter(q for p, q in zip(pattern, parts) if p == "*")
+    return ".".join([next(stars) if seg == "*" else seg for seg in value.split(".")] + parts[len(pattern):])
 
 
 def name_map(cfg: ModelConfig) -> dict[str, str]:
     """Our parameter name -> the HF name, for every tensor of our state dict."""
-    block = {f"{ours}.weight": f"{hf}.weight" for ours, hf in _LINEARS.items()}
-    if cfg.qkv_bias:
-        block.update({f"attention.w{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"})
-    if cfg.qk_norm != "none":
-        block.update({"attention.q_norm.weight": "self_attn.q_norm.weight", "attention.k_norm.weight": "self_attn.k_norm.weight"})
-    block.update({f"{ours}.weight": f"{hf}.weight" for ours, hf in _NORMS[cfg.norm_placement].items()})
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    for i in range(cfg.n_layers):
-        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{hf}" for ours, hf in block.items()})
-    if not cfg.tie_embeddings:
-        names["output.weight"] = "lm_head.weight"
-    return names
+    with torch.device("meta"):
+        ours = Decoder(cfg).state_dict()
+    table = FAMILIES[cfg.family].tensors
+    return {name: _hf_name(table, name) for name in ours}
 
 
 def _check_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str,

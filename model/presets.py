@@ -1,5 +1,5 @@
 """Named model shapes, as data. Released checkpoints are written as the config.json keys of their
-Hugging Face repositories and read through the family adapters (model/families.py), so a preset
+Hugging Face repositories and read through the config.json adapters (model/hf_config.py), so a preset
 and the checkpoint it names cannot disagree; the parameter counts of the released ones are checked
 against their model cards in tests/test_families.py."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import copy
 
 from ..errors import UserError
 from .config import ModelConfig, swiglu_width
-from .families import from_hf_config
+from .hf_config import from_hf_config
 
 
 def _llama3_rope(factor: float) -> dict:

@@ -20,7 +20,7 @@ from cptrain.launch.cli import main as cli
 from cptrain.launch.launchers import torchrun_command
 from cptrain.model.config import param_counts
 from cptrain.model.decoder import Decoder
-from cptrain.model.families import from_hf_config, to_hf_config
+from cptrain.model.hf_config import from_hf_config, to_hf_config
 from cptrain.model.hf import load_hf_dir, save_hf_dir
 from cptrain.model.presets import PRESETS, preset
 from cptrain.trainer.config import load_config
@@ -218,8 +218,8 @@ def test_what_is_not_implemented_is_refused_in_one_line(tmp_path):
     cases = {
         "use_bidirectional_attention=True is not supported for gemma3_text": dict(use_bidirectional_attention=True),
         "hidden_activation='gelu' is not supported": dict(hidden_activation="gelu"),
-        "RoPE type 'yarn' is not supported": dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0,
-                                                                                      "rope_theta": 1e4},
+        "RoPE type 'dynamic' is not supported": dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0,
+                                                                                         "rope_theta": 1e4},
                                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
         "layer_types \\['chunked_attention'\\] are not supported": dict(layer_types=["chunked_attention"] * 4),
         "model_type .phi3. / architectures \\[.Phi3ForCausalLM.\\] is not supported; cptrain imports llama \\(LlamaForCausalLM\\), mistral":

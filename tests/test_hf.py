@@ -143,8 +143,8 @@ def test_bad_folders_raise_user_errors(tmp_path):
         "model_type 'gpt_neox' / architectures \\['GPTNeoXForCausalLM'\\] is not supported; cptrain imports llama":
             lambda d: _edit_config(d, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"]),
         "attention_bias=True is not supported": lambda d: _edit_config(d, attention_bias=True),
-        "RoPE type 'yarn' is not supported":
-            lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0}),
+        "RoPE type 'dynamic' is not supported":
+            lambda d: _edit_config(d, rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
         "tensor shapes do not match": lambda d: _edit_config(d, intermediate_size=128),
         "tensors do not match the config": lambda d: _edit_config(d, num_hidden_layers=3),
         "config.json: not valid JSON": lambda d: (d / "config.json").write_text("{"),

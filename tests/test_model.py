@@ -12,9 +12,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from cptrain.errors import UserError
 from cptrain.model import attention
 from cptrain.model.config import ModelConfig, flops_per_token, hardware_flops_per_token, param_counts
-from cptrain.model.families import to_hf_config
+from cptrain.model.hf_config import to_hf_config
 from cptrain.model.presets import preset
-from cptrain.model.decoder import Decoder, rope_inv_freq
+from cptrain.model.decoder import Decoder
+from cptrain.model.rope import rope_init
 
 pytestmark = pytest.mark.model
 
@@ -168,6 +169,10 @@ def test_flops_per_token_against_torchs_flop_counter(monkeypatch):
     full = preset("8B")
     assert hardware_flops_per_token(full, 4096, True) - flops_per_token(full, 4096) == pytest.approx(
         (flops_per_token(full, 4096) - 6 * full.vocab_size * full.dim) / 3)
+
+
+def rope_inv_freq(theta, head_dim, scaling):
+    return rope_init(theta, head_dim, scaling)[0]
 
 
 def test_rope_llama3_scaling_matches_transformers():

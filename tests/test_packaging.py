@@ -2,11 +2,14 @@
 no circles, model and data know nothing of training, the loop nothing of the commands, analysis
 nothing of the engines. The import graph is read from the source (every import, also the ones inside
 functions), so a lazy import cannot hide a circle."""
+import argparse
 import ast
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = ("model", "data_pipeline", "trainer", "launch")
@@ -107,3 +110,29 @@ def test_installed_package_outside_the_checkout(tmp_path):
     for cmd in ([sys.executable, "-m", "cptrain.launch.cli", "--help"], [str(Path(sys.executable).with_name("cptrain")), "--help"]):
         r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
         assert r.returncode == 0 and "continual pretraining" in r.stdout, r.stderr
+
+
+def _command_bodies(parser: argparse.ArgumentParser) -> dict[str, object]:
+    """Every subcommand's `func`, by its words (`data prepare`)."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if "func" in sub._defaults:
+                    out[name] = sub._defaults["func"]
+                out.update({f"{name} {k}": f for k, f in _command_bodies(sub).items()})
+    return out
+
+
+@pytest.mark.packaging
+def test_the_cli_reaches_its_commands_by_reference_and_builds_without_torch():
+    """The parsers name functions of launch/commands.py (imports the layering test reads), and building
+    them imports no torch: `cptrain --help` stays instant."""
+    from cptrain.launch import cli, commands
+
+    bodies = _command_bodies(cli.build_parser())
+    assert {"train", "data prepare", "convert cptrain-to-hf", "scaling fit", "eval", "demo"} <= set(bodies)
+    assert all(getattr(commands, f.__name__, None) is f for f in bodies.values()), bodies
+    code = "import sys, cptrain.launch.cli as c; c.build_parser(); print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

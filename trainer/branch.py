@@ -93,8 +93,9 @@ def prepare_branch(run_dir, out, anneal_tokens: int, shape: str = "linear", chec
     if anneal_tokens <= 0 or anneal_tokens % saved["tokens_per_step"]:
         raise UserError(f"--tokens {anneal_tokens:,} must be a positive multiple of the parent's train.global_batch_tokens "
                         f"({saved['tokens_per_step']:,})")
+    # The parent's resolved model as it is: nothing to initialize from, nothing to extend again.
     cfg = load_config(parent_ckpt / "config.yaml", [*(overrides or []), f"--run_dir={out}", "--model.init_from=",
-                                                     f"--train.max_tokens={at + anneal_tokens}"])
+                                                     "--model.extend={}", f"--train.max_tokens={at + anneal_tokens}"])
     if cfg.train.global_batch_tokens != saved["tokens_per_step"]:
         raise UserError("train.global_batch_tokens must stay the parent's in an anneal branch (the data position and the "
                         "schedule are counted in the parent's steps); drop that override")

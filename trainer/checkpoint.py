@@ -294,7 +294,7 @@ def is_hf_folder(path: str | Path) -> bool:
 def model_config_of(path: str | Path):
     """The ModelConfig of an HF folder, a cptrain weights/checkpoint folder, or a run directory."""
     from ..model.config import ModelConfig
-    from ..model.families import from_hf_config
+    from ..model.hf_config import from_hf_config
 
     p = Path(path)
     if is_hf_folder(p):

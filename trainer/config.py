@@ -22,6 +22,7 @@ import yaml
 from ..data_pipeline.config import DataConfig
 from ..errors import UserError
 from ..model.config import ModelConfig
+from ..model.extend import ExtendConfig, extend_rope
 from ..model.presets import preset
 from .continual import ContinualSection
 from .engines.deepspeed import DeepSpeedSection
@@ -42,7 +43,8 @@ class ModelSection:
     init_from: str = ""  # HF folder or cptrain checkpoint/weights folder to start from
     load: Literal["weights", "weights+optimizer", "all"] = "weights"  # what init_from restores (cptrain checkpoints)
     reset_optimizer: bool = False  # with load=weights+optimizer/all: zero the Adam moments anyway
-    arch: ModelConfig | None = None  # resolved shape: preset (or init_from) plus the keys given in YAML
+    extend: ExtendConfig = field(default_factory=ExtendConfig)  # a longer window: RoPE method, factor or base, new max_seq_len (model/extend.py)
+    arch: ModelConfig | None = None  # resolved shape: preset (or init_from), extended, plus the keys given in YAML
 
 
 @dataclass
@@ -254,12 +256,13 @@ def _apply_override(raw: dict, override: str, src: str) -> None:
 
 
 def _resolve_model(raw: dict, src: str) -> ModelSection:
-    """The model section is flat in YAML (preset, init_from and any ModelConfig key); the shape is
-    the preset's (or init_from's) with the given keys replaced."""
+    """The model section is flat in YAML (preset, init_from, extend and any ModelConfig key); the shape is
+    the preset's (or init_from's), extended by `extend`, with the given keys replaced."""
     raw = dict(raw or {})
     if "arch" in raw:  # a resolved config written by a previous run
         raw.update(raw.pop("arch") or {})
-    section = from_dict(ModelSection, {k: raw.pop(k) for k in ("preset", "init_from", "load", "reset_optimizer") if k in raw}, "model", src)
+    own = ("preset", "init_from", "load", "reset_optimizer", "extend")
+    section = from_dict(ModelSection, {k: raw.pop(k) for k in own if k in raw}, "model", src)
     if section.init_from:
         from .checkpoint import model_config_of
 
@@ -270,7 +273,13 @@ def _resolve_model(raw: dict, src: str) -> ModelSection:
             raise UserError(f"{src}: model.{clash[0]} conflicts with the shape of {section.init_from}; remove it (the checkpoint sets the shape)")
     else:
         base = preset(section.preset)
+    base = extend_rope(base, section.extend, src)
     arch = from_dict(ModelConfig, {**to_dict(base), **raw}, "model", src)
+    # The extension sets these; given as well (a run's resolved config repeats them) they must agree.
+    clash = [k for k in ("rope_theta", "rope_scaling", "max_seq_len") if getattr(arch, k) != getattr(base, k)]
+    if clash and section.extend.method != "off":
+        raise UserError(f"{src}: model.{clash[0]} conflicts with model.extend, which sets it to "
+                        f"{getattr(base, clash[0])!r}; remove one of them")
     arch.validate()
     section.arch = arch
     return section
