@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from cptrain.model.decoder import Decoder
 from cptrain.trainer import checkpoint as ckpt
 from cptrain.trainer.config import load_config
 from cptrain.trainer.engines import build_engine
-from cptrain.trainer.engines.base import init_distributed
+from cptrain.trainer.engines.layout import init_distributed
+from cptrain.trainer.engines.spec import engine_spec
 from cptrain.trainer.loss import lm_loss
 
 
@@ -38,16 +38,13 @@ def measure(engine_name: str, args, root: Path) -> dict:
                              "--model.attention=sdpa", "--model.doc_masking=false", f"--checkpoint.async={engine_name != 'deepspeed'}",
                              f"--run_dir={root / engine_name}"])
     ctx = init_distributed(cfg.train.device)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Decoder(cfg.model.arch)
-    engine = build_engine(cfg, model, ctx, None)
+    engine = build_engine(engine_spec(cfg, ctx), cfg.model.arch)
     tokens = torch.randint(0, cfg.model.arch.vocab_size, (mb, seq + 1), device=ctx.device)
 
     def step() -> float:
         t0 = time.perf_counter()
         engine.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1.0 / (mb * seq)), sync=True)
-        engine.step(1e-5, 1.0)
+        engine.step(1e-5)
         _sync(ctx.device)
         return time.perf_counter() - t0
 
@@ -62,7 +59,7 @@ def measure(engine_name: str, args, root: Path) -> dict:
 
     sync = saver(False)
     t0 = time.perf_counter()
-    folder = sync.save(1, engine, {"progress": {}}, {})
+    folder = sync.save(1, engine, [], {"progress": {}}, {})
     row["sync_save_s"] = round(time.perf_counter() - t0, 2)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     row["checkpoint_gb"] = round(size / 1e9, 2)
@@ -70,7 +67,7 @@ def measure(engine_name: str, args, root: Path) -> dict:
     background = saver(True)
     for attempt in range(2):  # the second reuses the first's pinned buffers: the steady state
         t0 = time.perf_counter()
-        background.save(2 + attempt, engine, {"progress": {}}, {})
+        background.save(2 + attempt, engine, [], {"progress": {}}, {})
         stall = time.perf_counter() - t0
         steps, published = [], None
         while published is None:

@@ -54,18 +54,15 @@ def _time_engine(args, engine: str, ctx) -> dict:
     import torch.distributed as dist
 
     from cptrain.model.config import flops_per_token, hardware_flops_per_token
-    from cptrain.model.decoder import Decoder
     from cptrain.trainer.engines import build_engine
+    from cptrain.trainer.engines.spec import engine_spec
     from cptrain.trainer.loss import lm_loss
     from cptrain.trainer.metrics import device_peak_tflops
 
     cfg = _config(args, engine, ctx.world_size)
     arch = cfg.model.arch
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Decoder(arch)
     t_build = time.perf_counter()
-    eng = build_engine(cfg, model, ctx, None)
+    eng = build_engine(engine_spec(cfg, ctx), arch)
     build_s = time.perf_counter() - t_build
     gen = torch.Generator().manual_seed(ctx.rank)
     batch = {"tokens": torch.randint(0, arch.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(ctx.device)}
@@ -79,7 +76,7 @@ def _time_engine(args, engine: str, ctx) -> dict:
             sync(), dist.barrier()
             t0 = time.perf_counter()
         eng.forward_backward(batch, loss_fn, sync=True)
-        eng.step(1e-4, 1.0)
+        eng.step(1e-4)
     sync(), dist.barrier()
     seconds = (time.perf_counter() - t0) / args.steps
     phases = {"fwd_bwd_s": 0.0, "opt_step_s": 0.0}
@@ -88,12 +85,12 @@ def _time_engine(args, engine: str, ctx) -> dict:
         eng.forward_backward(batch, loss_fn, sync=True)
         sync()
         t2 = time.perf_counter()
-        eng.step(1e-4, 1.0)
+        eng.step(1e-4)
         sync()
         phases["fwd_bwd_s"] += (t2 - t1) / 3
         phases["opt_step_s"] += (time.perf_counter() - t2) / 3
     if args.profile and ctx.is_main:
-        _profile(f"{args.preset}_{engine}", lambda: (eng.forward_backward(batch, loss_fn, sync=True), eng.step(1e-4, 1.0)), sync)
+        _profile(f"{args.preset}_{engine}", lambda: (eng.forward_backward(batch, loss_fn, sync=True), eng.step(1e-4)), sync)
     tps = args.micro_batch * args.seq_len / seconds
     peak = device_peak_tflops(ctx.device, 0.0) * 1e12
     row = {"engine": engine, "gpus": ctx.world_size, "preset": args.preset, "seq_len": args.seq_len,
@@ -102,7 +99,7 @@ def _time_engine(args, engine: str, ctx) -> dict:
            "hfu": hardware_flops_per_token(arch, args.seq_len, args.ac) * tps / peak if peak else None,
            "fp8": cfg.train.fp8, "set": args.set,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None}
-    del eng, model
+    del eng
     gc.collect()
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -134,7 +131,7 @@ def _profile(name: str, step, sync) -> None:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from cptrain.trainer.engines.base import init_distributed
+    from cptrain.trainer.engines.layout import init_distributed
     from cptrain.trainer.engines.fsdp import ensure_process_group
 
     import torch

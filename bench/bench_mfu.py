@@ -78,10 +78,10 @@ def random_batch(mb: int, vocab: int, device, gen: torch.Generator, mean_doc: in
 
 
 def build_ours(model_name: str, run: dict, device):
-    from cptrain.model.decoder import Decoder
     from cptrain.trainer.config import load_config
-    from cptrain.trainer.engines.base import DistContext
-    from cptrain.trainer.engines.local import LocalEngine
+    from cptrain.trainer.engines import build_engine
+    from cptrain.trainer.engines.layout import Layout
+    from cptrain.trainer.engines.spec import engine_spec
     from cptrain.trainer.loss import lm_loss
 
     overrides = [f"--model.preset={model_name}", f"--model.attention={run['attn']}",
@@ -91,17 +91,14 @@ def build_ours(model_name: str, run: dict, device):
                  f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}", f"--train.fp8={run['fp8']}"]
     cfg = load_config(None, overrides)
     set_fa4(bool(run["fa4"]), device)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Decoder(cfg.model.arch)
-    engine = LocalEngine(model, cfg, DistContext(device=device), None)
+    engine = build_engine(engine_spec(cfg, Layout(device=device)), cfg.model.arch)
     if run["bf16"]:
-        engine.inner.to(torch.bfloat16)  # optimizer state is created lazily, so it follows in bf16
+        engine.module.to(torch.bfloat16)  # optimizer state is created lazily, so it follows in bf16
     scale = 1.0 / (run["mb"] * SEQ)
 
     def step(batch):
         engine.forward_backward(batch, lambda m, b: lm_loss(m, b, scale, run["ce"]), sync=True)
-        return engine.step(1e-4, 1.0)
+        return engine.step(1e-4)
     return step, cfg.model.arch
 
 

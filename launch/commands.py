@@ -139,7 +139,7 @@ def evaluate(args) -> int:
 
     from ..data_pipeline.tokenizer import load_tokenizer
     from ..trainer import tasks as T
-    from ..trainer.engines.base import autocast_for
+    from ..trainer.engines.spec import autocast_for, uses_bf16
     from ..trainer.evaluate import check_vocab, load_model, lm_eval_tasks, split_loss, tokenizer_for, write_json
 
     if not (args.data or args.task or args.lm_eval):
@@ -160,7 +160,7 @@ def evaluate(args) -> int:
         check_vocab(model, tokenizer.vocab_size, str(tokenizer.path))
     for spec in specs:
         requests = T.build_requests(items[spec.stem], tokenizer, spec.num_fewshot, spec.seed, model.cfg.max_seq_len)
-        with autocast_for(device, args.precision):
+        with autocast_for(device, uses_bf16(args.precision, device.type)):
             scores = T.loglikelihoods(model, requests, args.batch_size, device, progress=True)
         done = T.summarize(items[spec.stem], requests, scores, args.log_samples)
         result.setdefault("tasks", {})[spec.stem] = done

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cptrain.model.decoder import Decoder
 from cptrain.trainer.config import load_config
 from cptrain.trainer.engines import build_engine
-from cptrain.trainer.engines.base import init_distributed
+from cptrain.trainer.engines.layout import init_distributed
+from cptrain.trainer.engines.spec import engine_spec
 from cptrain.trainer.loss import lm_loss
 
 
@@ -28,24 +28,21 @@ def main(out: str, overrides_file: str) -> None:
     result = {}
     for stage in (1, 2):
         cfg = load_config(None, overrides + [f"--deepspeed.zero_stage={stage}"])
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = Decoder(cfg.model.arch)
-        engine = build_engine(cfg, model, ctx, None)
+        engine = build_engine(engine_spec(cfg, ctx), cfg.model.arch)
         gen = torch.Generator().manual_seed(ctx.rank)
         batch = {"tokens": torch.randint(0, cfg.model.arch.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1),
                                          generator=gen)}
         scale = ctx.world_size / cfg.train.global_batch_tokens
         # Whichever rank's partition holds the infinite element after the reduction, the other
         # rank's stays finite: only the all-reduced norm makes both skip.
-        first = next(engine.inner.parameters())
+        first = next(engine.module.parameters())
         norms, changed, before = [], [], engine.full_state_dict()
         for step in range(3):
             hook = first.register_hook(infinite_element) if step == 1 and ctx.rank == 1 else None
             engine.forward_backward(batch, lambda m, b: lm_loss(m, b, scale), sync=True)
             if hook is not None:
                 hook.remove()
-            norms.append(engine.step(1e-3, 1.0))
+            norms.append(engine.step(1e-3))
             after = engine.full_state_dict()
             changed.append(any(not torch.equal(before[k], after[k]) for k in before))
             before = after

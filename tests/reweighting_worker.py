@@ -18,7 +18,7 @@ from cptrain.trainer.loop import Trainer
 def main(out: Path) -> None:
     cfg = load_config(None, json.loads((out / "args.json").read_text()))
     trainer = Trainer(cfg)
-    torch.save(first_step_weights(trainer), out / f"weights{trainer.ctx.rank}.pt")
+    torch.save(first_step_weights(trainer), out / f"weights{trainer.layout.rank}.pt")
     trainer.train()
     dist.barrier()
     dist.destroy_process_group()

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from cptrain.trainer.config import load_config
 from cptrain.trainer.loop import Trainer
 from cptrain.trainer.params import collect_targets
+from cptrain.trainer.sparsity import Pruner
 
 
 def quantize(targets) -> None:
@@ -28,13 +29,14 @@ def quantize(targets) -> None:
 def main(out: Path) -> None:
     cfg = load_config(None, json.loads((out / "args.json").read_text()))
     trainer = Trainer(cfg)
+    pruner = next(a for a in trainer.addons if isinstance(a, Pruner))
     quantize(collect_targets(trainer.engine, cfg.sparsity.params)[0])
-    trainer.pruner.prune(cfg.sparsity.target)
+    pruner.prune(cfg.sparsity.target)
     (out / "masks").mkdir(exist_ok=True)
-    trainer.pruner.save(out / "masks", trainer.ctx.rank)
+    pruner.save(out / "masks", trainer.layout.rank)
     trainer.train()
     weights = trainer.engine.full_state_dict()  # collective under FSDP2 and ZeRO-3
-    if trainer.ctx.is_main:
+    if trainer.layout.is_main:
         torch.save(weights, out / "final.pt")
     if dist.is_initialized():
         dist.barrier()

@@ -20,6 +20,7 @@ from cptrain.launch.cli import main as cli_main
 from tests.conftest import tiny_overrides
 from cptrain.trainer import checkpoint as ckpt
 from cptrain.trainer.config import load_config
+from cptrain.trainer.addons import saved_state
 from cptrain.trainer.faults import FaultMonitor, FaultsSection, GracefulStop, RunAborted
 from cptrain.trainer.loop import run
 from tests.multiproc import free_port, run_processes
@@ -120,11 +121,13 @@ def test_monitor_policies():
         m.judge(nan, 3)
     m = FaultMonitor(FaultsSection(spike_zscore=3, spike_window=4, spike_action="log"))
     for step, loss in enumerate([5.0, 4.9, 5.1, 5.0], 1):
-        assert m.judge(loss, step) == ("update", "") and m.after_update(1.0, step) == ""
+        assert m.judge(loss, step) == ("update", "") and m.judge_norm(1.0, step) == ""
     verdict, note = m.judge(9.0, 5)
     assert verdict == "update" and "loss spike" in note and m.row() == {"loss_spikes": 1}
-    assert m.after_update(nan, 5).startswith("step 5: gradient norm is nan") and m.row()["skipped_steps"] == 1
-    assert FaultMonitor(m.cfg, m.state_dict()).state_dict() == m.state_dict()
+    assert m.judge_norm(nan, 5).startswith("step 5: gradient norm is nan") and m.row()["skipped_steps"] == 1
+    restored = FaultMonitor(m.cfg)
+    restored.load_state_dict(m.state_dict())
+    assert restored.state_dict() == m.state_dict()
 
 
 @pytest.mark.faults
@@ -215,7 +218,7 @@ def test_nan_step_is_skipped_and_data_advances(tmp_path, austen_data):
     assert not all(torch.equal(w3[k], w4[k]) for k in w3)
     pos = [ckpt.read_state(root / f"step-0000000{s}")["progress"]["data"]["position"] for s in (2, 3, 4)]
     assert pos[1] - pos[0] == pos[2] - pos[1] > 0, "the NaN batch was consumed, not retried"
-    assert ckpt.read_state(root / "step-00000005")["progress"]["faults"]["skipped_steps"] == 1
+    assert saved_state(root / "step-00000005", "faults")["skipped_steps"] == 1
     assert rows[-1]["step"] == 5
 
 
@@ -233,7 +236,7 @@ def test_loss_spike_rolls_back_and_skips_the_data(tmp_path, austen_data, referen
     assert steps == sorted(steps) and len(steps) == len(set(steps)), "the abandoned branch's rows are dropped"
     final = ckpt.read_state(run_dir / "checkpoints" / "step-00000012")["progress"]
     assert final["data"]["position"] == (12 + 3) * 16, "steps 5-7's batches were skipped, not replayed"
-    assert final["faults"]["rollbacks"] == 1
+    assert saved_state(run_dir / "checkpoints" / "step-00000012", "faults")["rollbacks"] == 1
     with pytest.raises(RunAborted, match="max_rollbacks=1"):
         run(_cfg(tmp_path / "again", austen_data, **spike, **{"faults.inject_spike_at_steps": "[6, 7]", "faults.max_rollbacks": 1}))
 
@@ -405,9 +408,9 @@ def test_fsdp2_async_checkpoints_hold_the_state_of_their_own_step(tmp_path):
     """FSDP2's async saves copy the state into host buffers that the next save reuses (pinned, from a
     GPU): each checkpoint must hold the weights and optimizer state of its own step, not the previous
     checkpoint's or later ones'."""
-    from cptrain.model.decoder import Decoder
     from cptrain.trainer.engines import build_engine
-    from cptrain.trainer.engines.base import init_distributed
+    from cptrain.trainer.engines.layout import init_distributed
+    from cptrain.trainer.engines.spec import engine_spec
     from cptrain.trainer.loss import lm_loss
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -417,10 +420,7 @@ def test_fsdp2_async_checkpoints_hold_the_state_of_their_own_step(tmp_path):
     ctx = init_distributed(dev.type)
 
     def engine():
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = Decoder(cfg.model.arch)
-        return build_engine(cfg, model, ctx, None)
+        return build_engine(engine_spec(cfg, ctx), cfg.model.arch)
 
     def state(eng):
         return {k: v.detach().float().cpu().clone() for k, v in eng.optimizer.state_dict()["state"][0].items()
@@ -430,7 +430,7 @@ def test_fsdp2_async_checkpoints_hold_the_state_of_their_own_step(tmp_path):
 
     def train_step(eng, lr: float) -> None:
         eng.forward_backward({"tokens": tokens}, lambda m, b: lm_loss(m, b, 1 / 256), sync=True)
-        eng.step(lr, 1.0)
+        eng.step(lr)
 
     eng = engine()
     saver = ckpt.Checkpointer(tmp_path, keep_last=3, async_save=True, device=dev)
@@ -438,7 +438,7 @@ def test_fsdp2_async_checkpoints_hold_the_state_of_their_own_step(tmp_path):
     for step in range(1, 4):
         train_step(eng, 1e-3)
         saved[step] = state(eng)
-        saver.save(step, eng, {"progress": {}}, {})
+        saver.save(step, eng, [], {"progress": {}}, {})
         train_step(eng, 1e-3)  # changes the weights while the checkpoint is written
         saver.wait()
     for step in (2, 3):

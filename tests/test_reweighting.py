@@ -191,13 +191,13 @@ def first_step_weights(trainer) -> dict:
     """Sample weights of the first step's micro-batches on this rank (from a fresh loader at the
     run's start position) with their global sample ids, through the real collective."""
     from cptrain.data_pipeline.loader import build_train_loader
-    from cptrain.trainer.engines.base import autocast_for
-    cfg, ctx = trainer.cfg, trainer.ctx
-    loader = build_train_loader(trainer.data, micro_batch_size=cfg.train.micro_batch_size, rank=ctx.rank,
-                                world_size=ctx.world_size, seed=cfg.seed)
-    batches = [next(loader) for _ in range(trainer.accum)]
+    from cptrain.trainer.engines.spec import autocast_for
+    cfg, layout = trainer.cfg, trainer.layout
+    loader = build_train_loader(trainer.data, micro_batch_size=cfg.train.micro_batch_size, rank=layout.dp_rank,
+                                world_size=layout.dp_size, seed=cfg.seed)
+    batches = [next(loader) for _ in range(trainer.spec.accumulation)]
     attach_sample_weights(trainer.engine, batches, cfg.reweighting.instance, 0,
-                          lambda: autocast_for(ctx.device, cfg.train.precision))
+                          lambda: autocast_for(layout.device, trainer.spec.bf16))
     return {"ids": [b["sample_id"] for b in batches], "weights": [b["sample_weight"] for b in batches]}
 
 

@@ -169,3 +169,22 @@ def test_bad_token_counts_and_a_forgetting_report_without_baseline(tmp_path, aus
     out = capsys.readouterr().out
     assert "no baseline: the run has no evaluation before its first step" in out and "+0.0000" not in out
     assert json.loads((run_dir / "forgetting.json").read_text())["domains"]["old"]["change"] is None
+
+
+def test_a_checkpoint_written_before_the_add_on_files_resumes_exactly(tmp_path, monkeypatch):
+    """tests/fixtures/checkpoint_v1: step 10 of a 20-step run saved by cptrain before add-ons kept
+    state files of their own (fault and reweighting counters inside trainer_state.json's progress),
+    with sparsity masks, a weight EMA and online domain weights in play. Resumed now, it must train
+    steps 11-20 as the uninterrupted run did then (expected_after_resume.json)."""
+    work = tmp_path / "v1"
+    shutil.copytree(FIXTURES / "checkpoint_v1", work)
+    monkeypatch.chdir(work)  # the run's paths are relative to it
+    run(load_config("run/config.yaml"), resume=True)
+    got = {r["step"]: r for r in _rows(work / "run" / "metrics.jsonl") if r["step"] > 10}
+    for want in json.loads((work / "expected_after_resume.json").read_text()):
+        row = got[want["step"]]
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, rel=1e-5), (want["step"], key)
+    final = work / "run" / "checkpoints" / "step-00000020"
+    assert (final / "faults.json").is_file() and (final / "reweighting.json").is_file()
+    assert "faults" not in ckpt.read_state(final)["progress"]

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from cptrain.errors import UserError
-from cptrain.model.decoder import Decoder
 from tests.conftest import tiny_overrides
 from tests.sparsity_worker import quantize
 from cptrain.trainer.checkpoint import load_full_weights
 from cptrain.trainer.config import load_config
-from cptrain.trainer.engines.base import DistContext
+from cptrain.trainer.engines import build_engine
+from cptrain.trainer.engines.layout import Layout
+from cptrain.trainer.engines.spec import engine_spec
 from cptrain.trainer.engines.local import LocalEngine
 from cptrain.trainer.loop import run
 from tests.multiproc import run_ranks
@@ -31,15 +32,12 @@ def _cfg(tmp_path, data, **extra):
     return load_config(None, tiny_overrides(tmp_path / "run", data, **extra))
 
 
-def _engine(cfg) -> LocalEngine:
-    torch.manual_seed(cfg.seed)  # as the trainer builds it
-    with torch.device("meta"):
-        model = Decoder(cfg.model.arch)
-    return LocalEngine(model, cfg, DistContext(), None)
+def _engine(cfg, weights: dict | None = None) -> LocalEngine:
+    return build_engine(engine_spec(cfg, Layout()), cfg.model.arch, weights, seed=cfg.seed)  # as the trainer builds it
 
 
 def _pruner(cfg, engine) -> Pruner:
-    return Pruner(cfg.sparsity, cfg.train.max_tokens, sum(p.numel() for p in engine.inner.parameters()), engine)
+    return Pruner(cfg.sparsity, cfg.train.max_tokens, sum(p.numel() for p in engine.module.parameters()), engine)
 
 
 def _pruned_weights(state: dict) -> dict:
@@ -76,7 +74,7 @@ def test_exact_counts_and_ties(tmp_path, austen_data, scope):
     cfg = _cfg(tmp_path, austen_data, **{"sparsity.enabled": True, "sparsity.scope": scope})
     engine = _engine(cfg)
     with torch.no_grad():  # few distinct magnitudes: thousands of ties at every threshold
-        for p in engine.inner.parameters():
+        for p in engine.module.parameters():
             p.copy_(torch.randint(-4, 5, p.shape).float() * 0.01)
     pruner = _pruner(cfg, engine)
     pruner.prune(0.3)
@@ -106,9 +104,9 @@ def test_2_4_pattern(tmp_path, austen_data):
     cfg = _cfg(tmp_path, austen_data, **{"sparsity.enabled": True, "sparsity.pattern": "2of4",
                                          "sparsity.schedule": "oneshot", "sparsity.params": "[attention, mlp, output]"})
     engine = _engine(cfg)
-    dense = {n: p.detach().clone() for n, p in engine.inner.named_parameters()}
+    dense = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     _pruner(cfg, engine).prune(0.5)
-    for name, p in engine.inner.named_parameters():
+    for name, p in engine.module.named_parameters():
         if any(t in name for t in TARGETS + ("output",)):
             groups, orig = p.detach().view(-1, 4), dense[name].view(-1, 4).abs()
             assert bool(((groups == 0).sum(1) == 2).all()), name
@@ -215,14 +213,11 @@ def _val_loss(cfg, weights: dict) -> float:
     from cptrain.data_pipeline.loader import build_val_loaders
     from cptrain.trainer.loop import evaluate
 
-    torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
-        model = Decoder(cfg.model.arch)
-    engine = LocalEngine(model, cfg, DistContext(), weights)
+    engine = _engine(cfg, weights)
     loaders = build_val_loaders(validate_data(cfg.data, cfg.model.arch.vocab_size),
                                 micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1,
                                 max_samples=cfg.eval.max_samples)
-    return evaluate(engine, loaders, DistContext(), cfg)["val/austen"]
+    return evaluate(engine, loaders, cfg.train.loss_chunk_tokens)["val/austen"]
 
 
 @pytest.mark.distributed

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from . import checkpoint as ckpt
+from .addons import AddOn, Step
 from .params import Target, collect_targets, read_pieces
 
 EMA_FILE = "ema-rank{rank}.safetensors"
@@ -98,19 +99,21 @@ def pick_checkpoints(run_dir: Path, last: int | None, steps: list[int] | None) -
     return chosen
 
 
-class WeightEMA:
+class WeightEMA(AddOn):
     """theta_ema <- d theta_ema + (1 - d) theta after every optimizer step, on this rank's ranges."""
 
-    def __init__(self, decay: float, engine):
-        self.decay, self.engine = decay, engine
+    def __init__(self, decay: float, engine, say=print):
+        self.decay, self.engine, self.say = decay, engine, say
         targets, self.sharded = collect_targets(engine, ["all"])
         self.avg = {t.name: t.values.detach().float().clone() for t in targets}  # starts at the initial weights
 
     @torch.no_grad()
-    def update(self) -> None:
+    def after_update(self, step: Step) -> dict:
+        """Of the weights as the step left them (masks, held rows and all: the add-ons before it ran)."""
         targets = collect_targets(self.engine, ["all"])[0]
         torch._foreach_lerp_([self.avg[t.name] for t in targets], [t.values.detach().float() for t in targets],
                              1 - self.decay)
+        return {}
 
     def save(self, folder: Path, rank: int) -> list[Path]:
         if not (self.sharded or rank == 0):  # replicated ranks hold the same average
@@ -121,11 +124,15 @@ class WeightEMA:
                   metadata={t.name: str(t.start) for t in targets} | {"decay": str(self.decay)})
         return [path]
 
-    def load(self, folder: Path) -> bool:
+    def load(self, folder: Path, how: str) -> None:
+        """Resumed and rolled-back runs continue the checkpoint's EMA; a new run starts its own."""
+        if how == "init":
+            return
         files = sorted(folder.glob(EMA_FILE.format(rank="*")))
         if files:
             self.avg = read_pieces(files, collect_targets(self.engine, ["all"])[0], dtype=torch.float32)
-        return bool(files)
+        elif how == "resume":
+            self.say(f"train.ema_decay: {folder} holds no EMA of the weights; it starts from them now")
 
 
 def ema_weights(folder: Path) -> tuple:

@@ -185,8 +185,11 @@ class Checkpointer:
     """Writes one run's checkpoints. Collective: every rank calls every method at the same point of
     the loop. `engine.save(dir)` returns the files this rank wrote; with async_save,
     `engine.save_async(dir)` takes the snapshot and returns a function that finishes writing it,
-    which a background thread runs. `before_publish` (faults.debug_checkpoint_delay_s) runs on rank 0
-    between the files being written and the rename."""
+    which a background thread runs. The add-ons' files (trainer/addons.py: masks, EMAs, counters) are
+    written at once, also under async_save (they are host copies the next step would change), into the
+    same folder before its manifest is computed, so they are checksummed and published with it.
+    `before_publish` (faults.debug_checkpoint_delay_s) runs on rank 0 between the files being written
+    and the rename."""
 
     def __init__(self, run_dir: Path, keep_last: int, async_save: bool, device: torch.device, before_publish=None):
         self.root = Path(run_dir) / "checkpoints"
@@ -198,7 +201,7 @@ class Checkpointer:
     def pending(self) -> bool:
         return self._pending is not None
 
-    def save(self, step: int, engine, state: dict, texts: dict[str, str]) -> Path | None:
+    def save(self, step: int, engine, addons: list, state: dict, texts: dict[str, str]) -> Path | None:
         """Write checkpoint `step`; returns its folder once published (None while an async save runs).
         `texts`: file name -> content, written by rank 0 (config.yaml, model_config.json)."""
         self.wait()  # one checkpoint in flight at a time
@@ -215,6 +218,7 @@ class Checkpointer:
             for fname, text in {STATE: json.dumps(state, indent=1), **texts}.items():
                 (tmp / fname).write_text(text)
                 small.append(tmp / fname)
+        small += [f for a in addons for f in a.save(tmp, cc.rank())]
         if self._pool is not None:
             finish = engine.save_async(tmp)
             future = self._pool.submit(lambda: _digests(tmp, finish() + small))
@@ -323,26 +327,3 @@ def load_full_weights(path: str | Path):
     else:
         raise UserError(f"{p}: no model.safetensors in this checkpoint; is the folder complete?")
     return model_config_of(p), consolidate(p)
-
-
-class WithExtras:
-    """The engine as the Checkpointer sees it: its own files plus each extra's (sparsity masks, the
-    weight EMA: objects with save(folder, rank) -> files), written into the checkpoint folder before
-    the manifest is computed, so they are checksummed and published atomically with it. Under an
-    async save the extras are written at once (they are host copies the next step would change)."""
-
-    def __init__(self, engine, extras: list, rank: int):
-        self.engine, self.extras, self.rank = engine, [e for e in extras if e is not None], rank
-
-    def _extras(self, path: Path) -> list[Path]:
-        return [f for e in self.extras for f in e.save(path, self.rank)]
-
-    def save(self, path: Path) -> list[Path]:
-        return self.engine.save(path) + self._extras(path)
-
-    def save_async(self, path: Path):
-        finish, extra = self.engine.save_async(path), self._extras(path)
-        return lambda: finish() + extra
-
-    def __getattr__(self, name: str):  # anything else checkpointing asks of the engine
-        return getattr(self.engine, name)

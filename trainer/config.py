@@ -26,6 +26,8 @@ from ..model.extend import ExtendConfig, extend_rope
 from ..model.presets import preset
 from .continual import ContinualSection
 from .engines.deepspeed import DeepSpeedSection
+from .engines.layout import resolve_device
+from .engines.spec import grad_accumulation, uses_bf16
 from .faults import FaultsSection
 from .freezing import FreezeConfig
 from .tasks import TaskConfig
@@ -315,16 +317,14 @@ def _check(cfg: TrainConfig, src: str) -> None:
     seq = cfg.data.seq_len
     if t.micro_batch_size <= 0 or t.max_tokens <= 0 or t.global_batch_tokens <= 0:
         raise UserError(f"{src}: train.micro_batch_size, train.max_tokens and train.global_batch_tokens must be positive")
-    if t.global_batch_tokens % (seq * t.micro_batch_size):
-        raise UserError(
-            f"{src}: train.global_batch_tokens={t.global_batch_tokens} is not a multiple of data.seq_len * "
-            f"train.micro_batch_size = {seq * t.micro_batch_size}; pick a multiple")
+    grad_accumulation(t.global_batch_tokens, seq, t.micro_batch_size, 1, src)  # one process; the run checks its own
     if seq > cfg.model.arch.max_seq_len:
         raise UserError(f"{src}: data.seq_len={seq} exceeds model.max_seq_len={cfg.model.arch.max_seq_len}; raise model.max_seq_len")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
     if t.engine == "deepspeed":
-        cfg.deepspeed.check(t, src)
+        device_type = resolve_device(t.device).type
+        cfg.deepspeed.check(t, uses_bf16(t.precision, device_type), device_type, src)
     if t.fp8 != "off" and t.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3:
         raise UserError(f"{src}: train.fp8 with deepspeed.zero_stage=3 is not supported (ZeRO-3's partitioned weights "
                         "bypass the FP8 linears' casts); use train.engine=fsdp2, which all-gathers weights in FP8, or ZeRO-1/2")

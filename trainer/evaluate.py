@@ -15,7 +15,7 @@ from ..data_pipeline.loader import split_batches
 from ..errors import UserError
 from ..model.decoder import Decoder
 from .checkpoint import load_full_weights, resolve_checkpoint
-from .engines.base import autocast_for
+from .engines.spec import autocast_for, uses_bf16
 from .loss import token_losses
 
 
@@ -66,7 +66,7 @@ def split_loss(model: Decoder, data: str | Path, split: str = "val", max_samples
     manifest, batches = split_batches(Path(data), split, batch_size, max_samples)
     check_vocab(model, manifest["tokenizer"]["vocab_size"], str(Path(data) / "manifest.json"))
     total, tokens, samples = 0.0, 0, 0
-    with autocast_for(device, precision):
+    with autocast_for(device, uses_bf16(precision, device.type)):
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             losses = token_losses(model, batch, chunk_tokens)

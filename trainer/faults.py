@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from .addons import AddOn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # Ctrl-C under torchrun reaches a worker twice within milliseconds (from the terminal, then forwarded
@@ -69,16 +70,15 @@ class RunAborted(UserError):
 _SPIKE_FACTOR = 100.0
 
 
-class FaultMonitor:
-    """Judges each step's all-reduced loss; counters survive checkpoints through `state_dict`."""
+class FaultMonitor(AddOn):
+    """Judges each step's all-reduced loss (the loop asks `judge` before the update and `judge_norm`
+    after it: their verdict decides the step); as an add-on it injects debug faults into the loss and
+    keeps its counters in checkpoints."""
+    name = "faults"
 
-    def __init__(self, cfg: FaultsSection, state: dict | None = None):
-        self.cfg = cfg
-        state = state or {}
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.spikes = int(state.get("spikes", 0))
-        self.rollbacks = int(state.get("rollbacks", 0))
-        self.window = collections.deque(state.get("window", []), maxlen=cfg.spike_window)
+    def __init__(self, cfg: FaultsSection, rank: int = 0):
+        self.cfg, self.rank = cfg, rank
+        self.load_state_dict({})
         self.consecutive = 0
         self.attempts = 0
         self._pending = math.nan  # the loss judge() accepted, entering the window once its update is applied
@@ -89,9 +89,15 @@ class FaultMonitor:
         return {"skipped_steps": self.skipped_steps, "spikes": self.spikes, "rollbacks": self.rollbacks,
                 "window": list(self.window)}
 
-    def inject(self, loss_fn, step: int, rank: int):
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.spikes = int(state.get("spikes", 0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.window = collections.deque(state.get("window", []), maxlen=self.cfg.spike_window)
+
+    def wrap_loss(self, loss_fn, step: int):
         """DEBUG: the loss function of `step`, with the configured NaN or spike injected."""
-        if self.cfg.inject_rank not in (-1, rank) or step in self._injected:
+        if self.cfg.inject_rank not in (-1, self.rank) or step in self._injected:
             return loss_fn
         factor = (math.nan if step in self.cfg.inject_nan_at_steps else
                   _SPIKE_FACTOR if step in self.cfg.inject_spike_at_steps else None)
@@ -122,7 +128,7 @@ class FaultMonitor:
         self._pending = loss
         return "update", ""
 
-    def after_update(self, grad_norm: float, step: int) -> str:
+    def judge_norm(self, grad_norm: float, step: int) -> str:
         """The engine skips an update whose global grad norm is not finite; count it. '' if fine."""
         if math.isfinite(grad_norm):
             self.consecutive = 0

@@ -22,7 +22,8 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
-from .params import collect_targets, regather_persistent
+from .addons import AddOn, Step
+from .params import collect_targets
 
 EXTENSION_FILE = "vocab_extension.json"  # written by `cptrain vocab extend` into its HF folder
 
@@ -57,8 +58,8 @@ class FreezeConfig:
         return int(json.loads(report.read_text())["first_new_id"])
 
 
-class Freezer:
-    """The loop's hooks: before_step (set the groups' lr_scale for the step's phase), after_step
+class Freezer(AddOn):
+    """The loop's hooks: before_step (set the groups' lr_scale for the step's phase), after_update
     (write the old rows back)."""
 
     def __init__(self, cfg: FreezeConfig, init_from: str, engine, say=print):
@@ -70,10 +71,10 @@ class Freezer:
     def _phase(self, tokens: int) -> FreezePhase | None:
         return next((p for p in self.cfg.phases if tokens < p.until_tokens), None)
 
-    def before_step(self, tokens: int) -> None:
+    def before_step(self, batches: list[dict], tokens: int) -> dict:
         phase = self._phase(tokens)
         if phase is self.phase:
-            return
+            return {}
         self.phase = phase
         learning = {"new_rows": {"embeddings", "head"}, "embeddings": {"embeddings", "head"}}.get(phase.train) if phase else None
         for group in self.engine.optimizer.param_groups:
@@ -82,10 +83,10 @@ class Freezer:
         what = "everything" if phase is None else ("the new embedding rows" if phase.train == "new_rows"
                                                   else "the embedding and head rows")
         self.say(f"freeze: from {tokens:,} tokens {what} learn" + (f" (until {phase.until_tokens:,})" if phase else ""))
+        return {}
 
     def _targets(self):
-        module = getattr(self.engine, "inner", None) or self.engine.model
-        tied = getattr(getattr(module, "module", module), "output", None) is None
+        tied = self.engine.module.output is None
         return collect_targets(self.engine, ["embeddings"] if tied else ["embeddings", "output"])[0]
 
     def _old_rows(self):
@@ -100,9 +101,10 @@ class Freezer:
         return [part.detach().clone() for part in self._old_rows()]
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_update(self, step: Step) -> dict:
         """Write the old rows back into every copy (the optimizer has just moved them)."""
-        if self.snapshot is not None:
+        if self.snapshot is not None and step.updated:
             for part, saved in zip(self._old_rows(), self.snapshot):
                 part.copy_(saved)
-            regather_persistent(self.engine, self._targets())  # ZeRO-3's gathered copy of small tensors
+            self.engine.sync_written(self._targets())  # ZeRO-3's gathered copy of small tensors
+        return {}

@@ -18,46 +18,56 @@ import torch.distributed as dist
 
 from ..data_pipeline.config import validate_data
 from ..data_pipeline.loader import build_train_loader, build_val_loaders
-from ..data_pipeline.tokenizer import load_tokenizer
-from ..errors import UserError
 from ..model.config import flops_per_token, hardware_flops_per_token, param_counts
-from ..model.decoder import Decoder
 from . import checkpoint as ckpt
 from . import continual
+from .addons import AddOn, Step
+from .averaging import WeightEMA
 from .config import TrainConfig, save_config
 from .engines import build_engine
-from .engines.base import DistContext, autocast_for, init_distributed
+from .engines.layout import init_distributed
+from .engines.spec import autocast_for, engine_spec
 from .faults import FaultMonitor, GracefulStop
 from .freezing import Freezer
-from .reweighting import Reweighter
 from .loss import lm_loss, token_losses
 from .metrics import DROPPED, MetricsLogger, Throughput, device_peak_tflops, set_aside
+from .reweighting import Reweighter
 from .schedule import build_schedule
-from .averaging import WeightEMA
 from .sparsity import Pruner
 from .start import StartPlan, plan_start
-from .tasks import TaskSet
+from .tasks import TaskEval
 
 
 @dataclass
 class Progress:
-    """Counters saved in every checkpoint; with the data and schedule state they continue a run exactly."""
+    """Counters saved in every checkpoint; with the data and schedule state (and the add-ons' own,
+    trainer/addons.py) they continue a run exactly."""
     step: int = 0
     tokens: int = 0
     last_lr: float = 0.0
     data: dict = field(default_factory=dict)
     schedule: dict = field(default_factory=dict)
-    faults: dict = field(default_factory=dict)
-    reweighting: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path) -> "Progress":
+        """The progress of a checkpoint; the add-on entries that older checkpoints kept beside it
+        (faults, reweighting) are the add-ons' to read (addons.saved_state)."""
+        saved = ckpt.read_state(folder)["progress"]
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
-def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
-    per_pass = cfg.data.seq_len * cfg.train.micro_batch_size * world_size
-    if cfg.train.global_batch_tokens % per_pass:
-        raise UserError(
-            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not divisible by seq_len * micro_batch_size * "
-            f"world_size = {per_pass}; change train.micro_batch_size or the number of processes")
-    return cfg.train.global_batch_tokens // per_pass
+def build_addons(cfg: TrainConfig, engine, loader, val_loaders: dict, tokenizer_file: Path, say) -> list[AddOn]:
+    """The run's add-ons, in the order their hooks run: faults inject and judge, reweighting weighs the
+    batch, freezing holds rows, sparsity masks, the EMA averages what those left, tasks score."""
+    addons: list[AddOn] = [FaultMonitor(cfg.faults, engine.spec.layout.rank), Reweighter(cfg, engine, loader, val_loaders)]
+    if cfg.freeze.phases:
+        addons.append(Freezer(cfg.freeze, cfg.model.init_from, engine, say))
+    addons.append(Pruner(cfg.sparsity, cfg.train.max_tokens, param_counts(cfg.model.arch)[0], engine, say))
+    if cfg.train.ema_decay:
+        addons.append(WeightEMA(cfg.train.ema_decay, engine, say))
+    if cfg.eval.tasks:
+        addons.append(TaskEval(cfg.eval, tokenizer_file, cfg.model.arch.max_seq_len, engine))
+    return addons
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -66,20 +76,20 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def evaluate(engine, val_loaders: dict, ctx: DistContext, cfg: TrainConfig, tasks: TaskSet | None = None) -> dict:
-    """Mean token loss per validation domain and the tasks' accuracies, over all ranks."""
-    out = {}
+def evaluate(engine, val_loaders: dict, chunk_tokens: int, addons: list[AddOn] = ()) -> dict:
+    """Mean token loss per validation domain, and the add-ons' evaluations (tasks), over all ranks."""
+    out, device = {}, engine.spec.layout.device
     engine.model.eval()
-    with torch.no_grad(), autocast_for(ctx.device, cfg.train.precision):
+    with torch.no_grad(), autocast_for(device, engine.spec.bf16):
         for name, batches in val_loaders.items():
-            acc = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+            acc = torch.zeros(2, dtype=torch.float64, device=device)
             for batch in batches():
-                losses = token_losses(engine.model, _to_device(batch, ctx.device), cfg.train.loss_chunk_tokens)
-                acc += torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64, device=ctx.device)])
+                losses = token_losses(engine.model, _to_device(batch, device), chunk_tokens)
+                acc += torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64, device=device)])
             _all_reduce(acc)
             out[f"val/{name}"] = (acc[0] / acc[1].clamp(min=1)).item()
-        if tasks is not None:
-            out.update(tasks.evaluate(engine.model, cfg.eval.task_batch_size, ctx.device))
+        for addon in addons:
+            out.update(addon.evaluate())
     engine.model.train()
     return out
 
@@ -98,39 +108,23 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop: GracefulStop | None = None):
         self.cfg = cfg
         self.stop = stop or GracefulStop()  # installed by run(); a bare one is never signalled
-        self.ctx = init_distributed(cfg.train.device)
+        self.layout = init_distributed(cfg.train.device)
         self.run_dir = Path(cfg.run_dir)
         arch = cfg.model.arch
         self.data = validate_data(cfg.data, arch.vocab_size)  # before any expensive work
-        self.manifest = self.data.manifest
-        self.accum = grad_accumulation(cfg, self.ctx.world_size)
+        self.spec = engine_spec(cfg, self.layout)
         self.plan = plan_start(cfg, resume, overwrite, say=self._say)
         for line in self.plan.skipped:
             self._say(line)
         self._say(self.plan.describe())
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.ctx.is_main:
+        if self.layout.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        with torch.device("meta"):
-            model = Decoder(arch)
         initial = ckpt.load_full_weights(self.plan.source)[1] if self.plan.initial_weights else None
-        self.engine = build_engine(cfg, model, self.ctx, initial)
+        self.engine = build_engine(self.spec, arch, initial, seed=cfg.seed)
         self.progress = self._restore(self.plan)
         self.end_tokens = self._end_tokens()
-        self.pruner = Pruner(cfg.sparsity, cfg.train.max_tokens, param_counts(arch)[0], self.engine, self._say)
-        if self.plan.masks:  # masks of a sparse checkpoint (kept or, if sparsity is disabled, dropped)
-            self.pruner.load(Path(self.plan.source), resume=self.plan.counters)
-        self.freezer = Freezer(cfg.freeze, cfg.model.init_from, self.engine, self._say) if cfg.freeze.phases else None
-        self.ema = WeightEMA(cfg.train.ema_decay, self.engine) if cfg.train.ema_decay else None
-        if self.ema and self.plan.counters and not self.ema.load(Path(self.plan.source)):
-            self._say(f"train.ema_decay: {self.plan.source} holds no EMA of the weights; it starts from them now")
-
-        self.faults = FaultMonitor(cfg.faults, self.progress.faults)
-        self.saved_step = -1  # the step of the last checkpoint this process started
-        self.saver = ckpt.Checkpointer(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_, self.ctx.device,
-                                       self.faults.before_publish)
         self.schedule = build_schedule(cfg.schedule, self.end_tokens, cfg.train.global_batch_tokens)
         if self.progress.schedule:
             self.schedule.load_state_dict(self.progress.schedule)
@@ -138,21 +132,24 @@ class Trainer:
             # Keeps the LR continuous when the schedule changed at resume, and gives a rewarm its
             # starting LR (the checkpoint's) when continuing from another run.
             self.schedule.on_resume(self.progress.tokens, None if self.progress.schedule else (self.progress.last_lr or None))
-        self.loader = build_train_loader(self.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
-                                         world_size=self.ctx.world_size, seed=cfg.seed, state=self.progress.data or None)
-        self.val_loaders = build_val_loaders(self.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.ctx.rank,
-                                             world_size=self.ctx.world_size, max_samples=cfg.eval.max_samples)
-        self.reweighter = Reweighter(cfg, self.loader, self.val_loaders, self.progress.reweighting,
-                                     lambda: autocast_for(self.ctx.device, cfg.train.precision))
+        self.loader = build_train_loader(self.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.layout.dp_rank,
+                                         world_size=self.layout.dp_size, seed=cfg.seed, state=self.progress.data or None)
+        self.val_loaders = build_val_loaders(self.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.layout.dp_rank,
+                                             world_size=self.layout.dp_size, max_samples=cfg.eval.max_samples)
         self.domains = [d.name for d in cfg.data.domains + cfg.data.replay]  # the loader's `domain` indices
-        self.tasks = None
-        if cfg.eval.tasks:  # tokenized once, with the tokenizer the data was prepared with
-            tokenizer = load_tokenizer(Path(cfg.data.domains[0].path) / self.manifest["tokenizer"]["file"])
-            self.tasks = TaskSet(cfg.eval.tasks, tokenizer, arch.max_seq_len)
+        tokenizer = Path(cfg.data.domains[0].path) / self.data.manifest["tokenizer"]["file"]  # the one the data was prepared with
+        self.addons = build_addons(cfg, self.engine, self.loader, self.val_loaders, tokenizer, self._say)
+        self.faults = self.addons[0]  # the add-on whose verdicts decide each step
+        if self.plan.masks:  # a cptrain checkpoint: what the add-ons kept in it (masks of a sparse one, ...)
+            for addon in self.addons:
+                addon.load(Path(self.plan.source), "resume" if self.plan.counters else "init")
+        self.saved_step = -1  # the step of the last checkpoint this process started
+        self.saver = ckpt.Checkpointer(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_, self.layout.device,
+                                       self.faults.before_publish)
         self._write_run_info()
 
     def _say(self, text: str) -> None:
-        if self.ctx.is_main:
+        if self.layout.is_main:
             print(text, flush=True)
 
     def _end_tokens(self) -> int:
@@ -171,11 +168,11 @@ class Trainer:
         if plan.engine_state:
             self.engine.load(source, optimizer=plan.optimizer)
         if plan.counters:
-            ckpt.restore_rng(source, self.ctx.rank)
-            return Progress(**ckpt.read_state(source)["progress"])
+            ckpt.restore_rng(source, self.layout.rank)
+            return Progress.read(source)
         progress = Progress(last_lr=plan.last_lr or 0.0)  # where a `rewarm_from: checkpoint` schedule starts
         if plan.data_position:
-            progress.data = ckpt.read_state(source)["progress"]["data"]
+            progress.data = Progress.read(source).data
         return progress
 
     def _write_run_info(self) -> None:
@@ -183,73 +180,73 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.cfg.model.arch, self.cfg.data.seq_len)
         self.hardware_flops = hardware_flops_per_token(self.cfg.model.arch, self.cfg.data.seq_len,
                                                        self.cfg.train.activation_checkpointing)
-        self.peak = device_peak_tflops(self.ctx.device, self.cfg.train.peak_tflops) * 1e12
-        if self.ctx.is_main:
+        self.peak = device_peak_tflops(self.layout.device, self.cfg.train.peak_tflops) * 1e12
+        if self.layout.is_main:
             info = {"params": total, "params_non_embedding": non_emb, "flops_per_token": self.flops_per_token,
                     "hardware_flops_per_token": self.hardware_flops,
-                    "world_size": self.ctx.world_size, "grad_accumulation": self.accum, "engine": self.cfg.train.engine,
-                    "device": str(self.ctx.device), "data_manifest": self.manifest.get("tokenizer")}
+                    "world_size": self.layout.world_size, "grad_accumulation": self.spec.accumulation,
+                    "engine": self.cfg.train.engine, "device": str(self.layout.device),
+                    "data_manifest": self.data.manifest.get("tokenizer")}
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
 
     def _loss_fn(self):
-        scale = self.ctx.world_size / self.cfg.train.global_batch_tokens
+        scale = self.layout.world_size / self.cfg.train.global_batch_tokens  # gradients are averaged over every rank
         chunk = self.cfg.train.loss_chunk_tokens
         return lambda model, batch: lm_loss(model, batch, scale, chunk)
 
-    def train_step(self, data_iter) -> dict:
-        """One optimizer step over `accum` micro-batches; returns the step's metrics."""
-        n_dom = len(self.domains)
-        acc = torch.zeros(1 + 2 * n_dom, dtype=torch.float64, device=self.ctx.device)
-        loss_fn = self.faults.inject(self._loss_fn(), self.progress.step + 1, self.ctx.rank)
-        batches = [_to_device(next(data_iter), self.ctx.device) for _ in range(self.accum)]
-        weighting = self.reweighter.before_backward(self.engine, batches, self.progress.tokens)
+    def train_step(self, data_iter) -> tuple[dict, Step]:
+        """One optimizer step over `accum` micro-batches; returns the step's metrics and what the hooks
+        after it are told."""
+        n_dom, accum, p = len(self.domains), self.spec.accumulation, self.progress
+        acc = torch.zeros(1 + 2 * n_dom, dtype=torch.float64, device=self.layout.device)
+        loss_fn = self._loss_fn()
+        for addon in self.addons:
+            loss_fn = addon.wrap_loss(loss_fn, p.step + 1)
+        batches = [_to_device(next(data_iter), self.layout.device) for _ in range(accum)]
+        row = {}
+        for addon in self.addons:
+            row.update(addon.before_step(batches, p.tokens))
         for i, batch in enumerate(batches):
-            stats = self.engine.forward_backward(batch, loss_fn, sync=i == self.accum - 1)
+            stats = self.engine.forward_backward(batch, loss_fn, sync=i == accum - 1)
             acc[0] += stats["loss_sum"].double()
             dom = batch["domain"]
             acc[1:1 + n_dom] += torch.bincount(dom, weights=stats["sample_loss"].double(), minlength=n_dom)[:n_dom]
             acc[1 + n_dom:] += torch.bincount(dom, minlength=n_dom)[:n_dom].double()
         # The LR of a step is the schedule's value at the tokens seen once the step is done: the first
         # step already learns, and the last one lands exactly on the schedule's final LR.
-        lr = self.schedule.lr(self.progress.tokens + self.cfg.train.global_batch_tokens)
+        lr = self.schedule.lr(p.tokens + self.cfg.train.global_batch_tokens)
         _all_reduce(acc)  # before the update: every rank judges the same loss (trainer/faults.py)
-        self.reweighter.observe_train(acc[1:1 + n_dom], acc[1 + n_dom:])
         loss = (acc[0] / self.cfg.train.global_batch_tokens).item()
-        verdict, note = self.faults.judge(loss, self.progress.step + 1)
+        verdict, note = self.faults.judge(loss, p.step + 1)
         grad_norm = math.nan
         if verdict == "update":
-            if self.freezer is not None:
-                self.freezer.before_step(self.progress.tokens)  # which groups learn in this step's phase
-            grad_norm = self.engine.step(lr, self.cfg.optim.grad_clip)
-            if self.freezer is not None:
-                self.freezer.after_step()  # the old vocabulary rows back where they were
-            skipped = self.faults.after_update(grad_norm, self.progress.step + 1)
+            grad_norm = self.engine.step(lr)
+            skipped = self.faults.judge_norm(grad_norm, p.step + 1)
             verdict, note = ("skip", skipped) if skipped else (verdict, note)
         else:
             self.engine.zero_grad()
-        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **weighting, **self.faults.row()}
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **row, **self.faults.row()}
         if note:
             row.update(fault=note, fault_action=verdict)
         for d, name in enumerate(self.domains):
             if n_dom > 1 and acc[1 + n_dom + d] > 0:
                 row[f"train/{name}"] = (acc[1 + d] / acc[1 + n_dom + d]).item()
-        return row
+        step = Step(p.step + 1, p.tokens, p.tokens + self.cfg.train.global_batch_tokens, verdict == "update",
+                    acc[1:1 + n_dom], acc[1 + n_dom:])
+        return row, step
 
     def save(self, log: MetricsLogger, wait: bool = False) -> Path | None:
         """Checkpoint the state after this step; returns its folder once published (with `wait`, or
         always without checkpoint.async), else None: poll() publishes it later."""
         self.progress.data = self.loader.state_dict()
         self.progress.schedule = self.schedule.state_dict()
-        self.progress.faults = self.faults.state_dict()
-        self.progress.reweighting = self.reweighter.state_dict()
         state = {"progress": dataclasses.asdict(self.progress), "engine": self.cfg.train.engine,
-                 "world_size": self.ctx.world_size, "time": time.time()}
+                 "world_size": self.layout.world_size, "time": time.time()}
         texts = {"model_config.json": json.dumps(dataclasses.asdict(self.cfg.model.arch))}
-        if self.ctx.is_main:
+        if self.layout.is_main:
             texts["config.yaml"] = (self.run_dir / "config.yaml").read_text()
-        engine = ckpt.WithExtras(self.engine, [self.pruner, self.ema], self.ctx.rank)  # masks and EMA in the same checkpoint
         self.saved_step = self.progress.step
-        folder = self.saver.save(self.progress.step, engine, state, texts)
+        folder = self.saver.save(self.progress.step, self.engine, self.addons, state, texts)
         if wait and folder is None:
             folder = self.saver.wait()
         if folder is not None:
@@ -265,10 +262,9 @@ class Trainer:
             log.message(f"{note}: no checkpoint to roll back to; the update was skipped instead")
             return False
         self.engine.load(folder, optimizer=True)
-        self.pruner.load(folder, resume=True)
-        if self.ema:
-            self.ema.load(folder)
-        saved, p = Progress(**ckpt.read_state(folder)["progress"]), self.progress
+        for addon in self.addons:
+            addon.load(folder, "rollback")
+        saved, p = Progress.read(folder), self.progress
         p.step, p.tokens, p.last_lr, p.schedule = saved.step, saved.tokens, saved.last_lr, saved.schedule
         if p.schedule:
             self.schedule.load_state_dict(p.schedule)
@@ -281,57 +277,61 @@ class Trainer:
         if folder is not None:
             log.message(f"saved checkpoint {folder}")
 
-    def _after_step(self, before: int, row: dict, log: MetricsLogger, speed: Throughput) -> dict:
-        """The hooks of a finished step, in order: masks, metrics, evaluation, reweighting, logging,
-        checkpointing. Returns the step's row."""
+    def _after_step(self, step: Step, row: dict, log: MetricsLogger, speed: Throughput) -> dict:
+        """The hooks of a finished step, in order: the add-ons' after_update (weights), metrics,
+        evaluation, the add-ons' after_step, logging, checkpointing. Returns the step's row."""
         cfg, p = self.cfg, self.progress
         last = p.tokens >= self.end_tokens
-        row.update(self.pruner.after_step(before, p.tokens))  # re-mask what the optimizer wrote; prune/densify on schedule
-        if self.ema:
-            self.ema.update()  # of the weights as the step left them (masks, held rows and all)
-        speed.add(p.tokens - before)
+        for addon in self.addons:
+            row.update(addon.after_update(step))
+        speed.add(step.after - step.before)
         row = {"step": p.step, "tokens": p.tokens, **row}
         if p.step % cfg.log.interval_steps == 0 or last:
             row["tokens_per_s"] = speed.read()
             if self.peak:  # model FLOPs utilization, and the hardware's (recomputation counted)
-                row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.ctx.world_size)
-                row["hfu"] = self.hardware_flops * row["tokens_per_s"] / (self.peak * self.ctx.world_size)
+                row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.layout.world_size)
+                row["hfu"] = self.hardware_flops * row["tokens_per_s"] / (self.peak * self.layout.world_size)
             log.progress(p.step, row["loss"], row["tokens_per_s"])
         t0 = time.perf_counter()
-        if _crossed(before, p.tokens, cfg.eval.interval_tokens) or (last and (self.val_loaders or self.tasks)):
-            row.update(evaluate(self.engine, self.val_loaders, self.ctx, cfg, self.tasks))
-        row.update(self.reweighter.after_step(before, p.tokens, row))  # mixture weights from the next step on
+        if _crossed(step.before, p.tokens, cfg.eval.interval_tokens) or (last and (self.val_loaders or cfg.eval.tasks)):
+            row.update(self._evaluate())
+        for addon in self.addons:
+            row.update(addon.after_step(step, row))  # e.g. mixture weights from the next step on
         if "tokens_per_s" in row or any(k.startswith(("val/", "eval/", "domain_weight/")) for k in row) or "fault" in row:
             log.log(row)
         if "fault" in row:
             log.message(row["fault"])
         self._published(self.saver.poll(), log)
-        if _crossed(before, p.tokens, cfg.checkpoint.interval_tokens) or (last and cfg.checkpoint.at_end):
+        if _crossed(step.before, p.tokens, cfg.checkpoint.interval_tokens) or (last and cfg.checkpoint.at_end):
             self.save(log)
         speed.pause(time.perf_counter() - t0)
         return row
 
+    def _evaluate(self) -> dict:
+        return evaluate(self.engine, self.val_loaders, self.cfg.train.loss_chunk_tokens, self.addons)
+
     def train(self) -> list[dict]:
         cfg, p = self.cfg, self.progress
-        if self.ctx.is_main and (moved := set_aside(self.run_dir / "metrics.jsonl", p.step)):
+        if self.layout.is_main and (moved := set_aside(self.run_dir / "metrics.jsonl", p.step)):
             self._say(f"moved {moved} metrics rows logged after step {p.step} to {self.run_dir / DROPPED}")
         steps = p.step + (self.end_tokens - p.tokens) // cfg.train.global_batch_tokens
-        log = MetricsLogger(self.run_dir, self.ctx.is_main, cfg.log.tensorboard, cfg.log.progress, steps, p.step)
+        log = MetricsLogger(self.run_dir, self.layout.is_main, cfg.log.tensorboard, cfg.log.progress, steps, p.step)
         rows = []
-        if p.step == 0 and cfg.eval.at_start and (self.val_loaders or self.tasks):
-            row = {"step": 0, "tokens": 0, **evaluate(self.engine, self.val_loaders, self.ctx, cfg, self.tasks)}
-            row.update(self.reweighter.after_step(0, 0, row))  # signal=val: the first evaluation is the reference
+        if p.step == 0 and cfg.eval.at_start and (self.val_loaders or cfg.eval.tasks):
+            row = {"step": 0, "tokens": 0, **self._evaluate()}
+            start = Step(0, 0, 0, False, torch.zeros(0), torch.zeros(0))
+            for addon in self.addons:
+                row.update(addon.after_step(start, row))  # signal=val: the first evaluation is the reference
             log.log(row)
             rows.append(row)
         speed, data_iter = Throughput(), iter(self.loader)
         while p.tokens < self.end_tokens:
-            row = self.train_step(data_iter)
+            row, step = self.train_step(data_iter)
             if row.get("fault_action") == "rollback" and self._rollback(log, row["fault"]):
                 continue
-            before = p.tokens
-            p.step, p.tokens, p.last_lr = p.step + 1, p.tokens + cfg.train.global_batch_tokens, row["lr"]
-            rows.append(self._after_step(before, row, log, speed))
-            if self.stop.agreed(self.ctx.device) and p.tokens < self.end_tokens:
+            p.step, p.tokens, p.last_lr = step.number, step.after, row["lr"]
+            rows.append(self._after_step(step, row, log, speed))
+            if self.stop.agreed(self.layout.device) and p.tokens < self.end_tokens:
                 self._published(self.saver.wait(), log)
                 if self.saved_step != p.step:
                     self.save(log, wait=True)
@@ -339,9 +339,10 @@ class Trainer:
                             f"{self.run_dir / 'checkpoints' / f'step-{p.step:08d}'}; continue with `cptrain train CONFIG --resume`")
                 break
         self._published(self.saver.wait(), log)
-        self.pruner.finish(self.run_dir, self.ctx.is_main)
+        for addon in self.addons:
+            addon.at_end(self.run_dir)
         log.close()
-        if self.ctx.is_main and p.tokens >= self.end_tokens:
+        if self.layout.is_main and p.tokens >= self.end_tokens:
             continual.at_end_of_run(cfg, self.run_dir, self._say)  # the forgetting report
         return rows
 

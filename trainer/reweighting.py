@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from .addons import AddOn, Step
+from .engines.spec import autocast_for
 
 STRATEGIES = ("linupper", "quadratic", "extremes")
 
@@ -179,38 +181,46 @@ class DomainWeights:
 
 # ---------------------------------------------------------------- what the loop calls
 
-class Reweighter:
+class Reweighter(AddOn):
     """The loop's hooks: sample weights before a step's backward, domain weights after a step."""
+    name = "reweighting"
 
-    def __init__(self, cfg, loader, val_loaders: dict, state: dict | None, autocast):
+    def __init__(self, cfg, engine, loader, val_loaders: dict):
         self.icfg, self.step_tokens = cfg.reweighting.instance, cfg.train.global_batch_tokens
-        self.chunk, self.autocast, self.loader = cfg.train.loss_chunk_tokens, autocast, loader
-        dcfg = cfg.reweighting.domain
-        self.domains = None
-        if dcfg.signal != "none":
-            names = [d.name for d in cfg.data.domains]
-            missing = [n for n in names if n not in val_loaders]
-            if dcfg.signal == "val" and missing:
+        self.chunk, self.engine, self.loader = cfg.train.loss_chunk_tokens, engine, loader
+        self.dcfg, self.data_domains = cfg.reweighting.domain, cfg.data.domains
+        if self.dcfg.signal == "val":
+            missing = [d.name for d in self.data_domains if d.name not in val_loaders]
+            if missing:
                 raise UserError(f"reweighting.domain.signal=val: domains {missing} have no validation samples; "
                                 "prepare them with --val-fraction > 0 or use signal=train")
-            override = (loader.state_dict().get("weights_override") or {}).get("weights", {})
-            initial = [override.get(d.name, d.weight) for d in cfg.data.domains]
-            self.domains = DomainWeights(dcfg, names, initial, (state or {}).get("domain"))
+        self.load_state_dict({})
 
-    def before_backward(self, engine, batches: list[dict], tokens: int) -> dict:
+    def load_state_dict(self, state: dict) -> None:
+        self.domains = None
+        if self.dcfg.signal != "none":
+            override = (self.loader.state_dict().get("weights_override") or {}).get("weights", {})
+            initial = [override.get(d.name, d.weight) for d in self.data_domains]
+            self.domains = DomainWeights(self.dcfg, [d.name for d in self.data_domains], initial, state.get("domain"))
+
+    def before_step(self, batches: list[dict], tokens: int) -> dict:
         """Attaches sample weights to the step's micro-batches once the warmup is over."""
         if self.icfg.strategy == "none" or tokens < self.icfg.warmup_tokens:
             return {}
-        return attach_sample_weights(engine, batches, self.icfg, self.chunk, self.autocast)
+        layout = self.engine.spec.layout
+        return attach_sample_weights(self.engine, batches, self.icfg, self.chunk,
+                                     lambda: autocast_for(layout.device, self.engine.spec.bf16))
 
-    def observe_train(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+    def after_update(self, step: Step) -> dict:
         if self.domains is not None and self.domains.cfg.signal == "train":
-            self.domains.observe_train(sums, counts)
+            n = len(self.domains.names)
+            self.domains.observe_train(step.domain_loss_sums[:n], step.domain_counts[:n])
+        return {}
 
-    def after_step(self, before: int, after: int, row: dict) -> dict:
+    def after_step(self, step: Step, row: dict) -> dict:
         """Updates and applies the mixture weights when due (on every rank alike: the losses are
         global); returns `domain_weight/<name>` metrics on updates."""
-        if self.domains is None or not self.domains.due(before, after, row, self.step_tokens):
+        if self.domains is None or not self.domains.due(step.before, step.after, row, self.step_tokens):
             return {}
         logged = self.domains.update(row)
         self.loader.set_weights({n: float(w) for n, w in zip(self.domains.names, self.domains.weights)})

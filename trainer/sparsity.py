@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from .params import collect_targets, read_pieces, regather_persistent
+from .addons import AddOn, Step
+from .params import collect_targets, read_pieces
 
 MASK_FILE = "sparsity-masks-rank{rank}.safetensors"
 STATE_FILE = "sparsity.json"
@@ -208,9 +209,10 @@ class SparsityState:
     tokens: int = 0  # tokens counted in param_tokens
 
 
-class Pruner:
-    """The loop's hooks: `after_step` (re-mask, prune or densify on schedule, metrics), `save`/`load`
-    with checkpoints, `finish` (the run's average parameter count into run_info.json)."""
+class Pruner(AddOn):
+    """The loop's hooks: `after_update` (re-mask, prune or densify on schedule, metrics), `save`/`load`
+    with checkpoints (masks and sparsity.json), `at_end` (the run's average parameter count into
+    run_info.json)."""
 
     def __init__(self, cfg: SparsityConfig, max_tokens: int, total_params: int, engine, log=print):
         self.cfg, self.max_tokens, self.total, self.engine, self.log = cfg, max_tokens, total_params, engine, log
@@ -234,21 +236,23 @@ class Pruner:
         else:
             self.masks = select_unstructured(targets, self.masks, s, self.cfg.scope, sharded)
         apply_masks(targets, self.masks)
-        regather_persistent(self.engine, targets)
+        self.engine.sync_written(targets)
         self.state.sparsity, self.state.pruned = s, self._count(sharded)
 
     def densify(self, why: str) -> None:
         self.masks, self.state.pruned, self.state.densified = {}, 0, True
         self.log(f"sparsity: densified ({why}); all weights learn again")
 
-    def after_step(self, before: int, after: int) -> dict:
-        """Call after each optimizer step that took the run from `before` to `after` tokens."""
+    def after_update(self, step: Step) -> dict:
+        """After each step (from `step.before` to `step.after` tokens): the optimizer just wrote every copy
+        of the weights, so the masks go back on; then pruning or densifying on schedule."""
+        before, after = step.before, step.after
         self.state.param_tokens += (self.total - self.state.pruned) * (after - before)
         self.state.tokens += after - before
         if self.masks:
             targets, _ = self._targets()
             apply_masks(targets, self.masks)  # the optimizer just wrote every copy of the weights
-            regather_persistent(self.engine, targets)
+            self.engine.sync_written(targets)
         if self.cfg.enabled and not self.state.densified:
             if 0 < self.cfg.densify_at_tokens and before < self.cfg.densify_at_tokens <= after:
                 self.densify(f"at {after:,} tokens")
@@ -282,9 +286,10 @@ class Pruner:
             written[-1].write_text(json.dumps(asdict(self.state), indent=1))
         return written
 
-    def load(self, folder: Path, resume: bool) -> None:
+    def load(self, folder: Path, how: str) -> None:
         """Masks kept while sparsity is enabled, dropped when it is not (SPDF's dense phase, e.g.
-        continual pretraining from a sparse checkpoint). Counters continue on resume only."""
+        continual pretraining from a sparse checkpoint). Counters continue on resume (and rollback)."""
+        resume = how != "init"
         files = sorted(folder.glob(MASK_FILE.format(rank="*")))
         saved = SparsityState(**json.loads((folder / STATE_FILE).read_text())) if (folder / STATE_FILE).is_file() else None
         if resume and saved is not None:
@@ -303,9 +308,9 @@ class Pruner:
             self.state.sparsity, self.state.pruned = (saved.sparsity if saved else 0.0), self._count(sharded)
         apply_masks(targets, self.masks)
 
-    def finish(self, run_dir: Path, is_main: bool) -> None:
+    def at_end(self, run_dir: Path) -> None:
         """Record the run's average parameter count and what its FLOPs count in run_info.json."""
-        if not is_main:
+        if not self.engine.spec.layout.is_main:
             return
         path = Path(run_dir) / "run_info.json"
         info = json.loads(path.read_text()) if path.is_file() else {}

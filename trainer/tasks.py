@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from . import collectives as cc
+from .addons import AddOn
 
 FEWSHOT_DELIMITER = "\n\n"
 
@@ -174,18 +175,23 @@ def score_task(model, requests: list[Request], batch_size: int, device: torch.de
     return out
 
 
-class TaskSet:
-    """The tasks of a run, tokenized once; `evaluate` gives their metrics rows."""
+class TaskEval(AddOn):
+    """The run's tasks (eval.tasks), tokenized once with the tokenizer the data was prepared with,
+    scored at every evaluation: `eval/<task>/acc` and `acc_norm`."""
 
-    def __init__(self, tasks: list[TaskConfig], tokenizer, max_len: int):
-        self.tasks = []
-        for t in tasks:
+    def __init__(self, cfg, tokenizer_file: Path, max_len: int, engine):
+        from ..data_pipeline.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_file)
+        self.batch_size, self.engine, self.tasks = cfg.task_batch_size, engine, []
+        for t in cfg.tasks:
             items = load_items(t.path, t.max_items)
             self.tasks.append((t, items, build_requests(items, tokenizer, t.num_fewshot, t.seed, max_len)))
 
-    def evaluate(self, model, batch_size: int, device: torch.device) -> dict:
+    def evaluate(self) -> dict:
         row = {}
         for t, items, requests in self.tasks:
-            result = summarize(items, requests, score_task(model, requests, batch_size, device))
+            scores = score_task(self.engine.model, requests, self.batch_size, self.engine.spec.layout.device)
+            result = summarize(items, requests, scores)
             row[f"eval/{t.stem}/acc"], row[f"eval/{t.stem}/acc_norm"] = result["acc"], result["acc_norm"]
         return row

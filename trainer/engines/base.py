@@ -1,60 +1,22 @@
 """The interface between the training loop and the parallelism, and what its three implementations
-share: the process group, parameter groups, mixed precision, the optimizer and the clip-and-step.
+share: parameter groups, the optimizer, the clip-and-step, host snapshots for async checkpoints.
 LocalEngine (local.py), DeepSpeedEngine (deepspeed.py) and FSDPEngine (fsdp.py) implement it; the
-loop never branches on the engine."""
+loop and its add-ons use nothing of an engine but what `Engine` lists, and never branch on which
+engine runs."""
 from __future__ import annotations
 
-import contextlib
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ...errors import UserError
 from ...model.decoder import Decoder
+from ..params import Target
+from .layout import Layout
+from .spec import EngineSpec
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict]"]
-
-
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_pref: str) -> DistContext:
-    """Join the process group a launcher (torchrun/deepspeed/slurm) set up through env vars."""
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but this machine has no usable CUDA device; use train.device=auto or cpu")
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if "LOCAL_SIZE" in os.environ:  # the deepspeed launcher's name; streaming reads LOCAL_WORLD_SIZE
-        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(process_group_backend(use_cuda), device_id=device if use_cuda else None)
-    return DistContext(rank, world, local_rank, device)
-
-
-def process_group_backend(cuda: bool) -> str:
-    """NCCL for CUDA tensors and gloo for CPU ones: FSDP2's CPU offload and DeepSpeed's offloaded
-    optimizer reduce host tensors (the gradient norm, the skip flag) over the same group."""
-    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def cpu_snapshot(tree, into=None):
@@ -94,14 +56,20 @@ def cpu_snapshot(tree, into=None):
 
 
 class Engine(Protocol):
-    model: nn.Module  # what evaluation calls (may be wrapped)
+    """Everything the loop, checkpoints and add-ons use of an engine, with one meaning in every engine."""
+    spec: EngineSpec  # what it was built for (trainer/engines/spec.py)
+    module: Decoder  # the plain decoder: parameters by name, as this rank holds them (shards under FSDP2, ZeRO-3)
+    model: nn.Module  # what forwards outside the training step call (evaluation, sample weights): `module`, or
+    #                   the wrapper that gathers its parameters (DeepSpeed)
+    optimizer: torch.optim.Optimizer  # its param_groups carry `lr` and `lr_scale` (trainer/freezing.py holds groups still)
+    sharded: bool  # ranks hold disjoint pieces of the parameters (so selections over them need collectives)
 
     def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
         """Forward and backward one micro-batch; `sync` is False on all but the last of a step."""
 
-    def step(self, lr: float, grad_clip: float) -> float:
-        """Clip, apply the optimizer with this LR, zero the gradients; returns the global grad norm.
-        A non-finite global norm (NaN/inf on any rank) skips the update on every rank (trainer/faults.py)."""
+    def step(self, lr: float) -> float:
+        """Clip to spec.grad_clip, apply the optimizer with this LR, zero the gradients; returns the global
+        grad norm. A non-finite global norm (NaN/inf on any rank) skips the update on every rank."""
 
     def zero_grad(self) -> None:
         """Discard the accumulated gradients without an update (a step the loop decided to skip)."""
@@ -110,11 +78,23 @@ class Engine(Protocol):
         """Every rank writes its part of model + optimizer state into the folder `path`; returns the
         files this rank wrote (it hashes them for the manifest)."""
 
+    def save_async(self, path: Path) -> Callable[[], list[Path]]:
+        """Snapshot the state now (later steps cannot change what is written); the returned function
+        writes it (from a background thread) and returns this rank's files as save() does."""
+
     def load(self, path: Path, optimizer: bool) -> None:
         """Restore from a folder written by save(); optimizer=False loads the weights only."""
 
     def full_state_dict(self) -> dict:
-        """The full, unsharded model weights (on CPU), for export; on rank 0 at least."""
+        """The full, unsharded model weights (on CPU), for export; on rank 0 at least. Collective."""
+
+    def targets(self, pattern: str) -> list[Target]:
+        """Every copy the optimizer writes of each parameter whose name fully matches `pattern`, as this
+        rank holds it (trainer/params.py): what masks, frozen rows and weight EMAs act on."""
+
+    def sync_written(self, targets: list[Target]) -> None:
+        """After something other than the optimizer wrote into `targets`: make every copy a forward
+        reads agree (ZeRO-3 gathers its small parameters again; a no-op elsewhere)."""
 
 
 def param_groups(model: nn.Module, weight_decay: float, by_role: bool = False) -> list[dict]:
@@ -138,22 +118,12 @@ def param_groups(model: nn.Module, weight_decay: float, by_role: bool = False) -
             for role, ps in roles.items() if ps]
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast_for(device: torch.device, precision: str):
-    if uses_bf16(precision, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def full_initial_state(model: Decoder, initial_state: dict | None, ctx: DistContext) -> dict | None:
+def full_initial_state(model: Decoder, initial_state: dict | None, layout: Layout) -> dict | None:
     """The full weights a sharded engine starts from, on rank 0 only (None elsewhere): `initial_state`,
     or init_weights() run on a CPU copy - the same call on the same RNG stream as LocalEngine's, so
     every engine starts from identical weights. Rank 0's host memory holds one fp32 copy (4 bytes a
     parameter, 32 GB for 8B); devices only ever hold their shards."""
-    if not ctx.is_main:
+    if not layout.is_main:
         return None
     if initial_state is not None:
         return initial_state
@@ -164,35 +134,39 @@ def full_initial_state(model: Decoder, initial_state: dict | None, ctx: DistCont
     return cpu_model.state_dict()
 
 
-def optimizer_groups(model: nn.Module, cfg) -> list[dict]:
+def optimizer_groups(model: nn.Module, spec: EngineSpec) -> list[dict]:
     """param_groups for this run: by role when freeze phases hold roles apart or Muon takes the matrices."""
-    return param_groups(model, cfg.optim.weight_decay, by_role=bool(cfg.freeze.phases) or cfg.optim.name == "muon")
+    return param_groups(model, spec.optim.weight_decay, by_role=spec.groups_by_role)
 
 
-def build_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim.Optimizer:
-    if cfg.name == "muon":
+def build_optimizer(groups: list[dict], optim, device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW (fused on GPU unless optim.fused says otherwise) or Muon, for `optim` (the optim section)."""
+    if optim.name == "muon":
         from ..muon import Muon
 
         for g in groups:
             g["muon"] = g.get("name") == "matrices"
-        return Muon(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps)
-    fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+        return Muon(groups, betas=(optim.beta1, optim.beta2), eps=optim.eps, momentum=optim.muon_momentum,
+                    ns_steps=optim.muon_ns_steps)
+    fused = optim.fused == "on" or (optim.fused == "auto" and device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=0.0, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused or None)
 
 
-def wrap_blocks(model: Decoder, activation_checkpointing: bool, compile_blocks: bool, regions: bool = False) -> None:
+def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = None, regions: bool = False) -> None:
     """Per-block activation checkpointing and torch.compile, applied in place before sharding.
     Both are hook-based, so parameter names (and checkpoints) stay those of the plain model.
     regions: compile each block's parameter-free regions (norm, RoPE + attention, the MLP gate)
     instead of the block, for an engine whose hooks on every module (ZeRO-3's gathers) a compiled
-    block would trace into and recompile on."""
+    block would trace into and recompile on. compile_blocks: spec.compile unless the engine compiles
+    otherwise (DeepCompile)."""
     from torch.distributed._composable import checkpoint as checkpoint_block
 
     from ...model.decoder import RMSNorm, gated, rms_norm, rope_attend
 
+    compile_blocks = spec.compile if compile_blocks is None else compile_blocks
     kernels = {}
     for block in model.layers:
-        if activation_checkpointing:
+        if spec.activation_checkpointing:
             checkpoint_block(block)
         if compile_blocks and not regions:
             block.compile()
@@ -230,3 +204,11 @@ def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float)
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def whole_targets(module: nn.Module, pattern: str) -> list[Target]:
+    """Targets of an engine whose every rank holds whole parameters that the optimizer updates in place."""
+    import re
+
+    return [Target(n, tuple(p.shape), 0, p.data.view(-1), [(0, p.numel(), p.data.view(-1))])
+            for n, p in module.named_parameters() if re.fullmatch(pattern, n)]

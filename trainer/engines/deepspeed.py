@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 
 from ...errors import UserError
-from .base import (DistContext, LossFn, build_optimizer, full_initial_state, optimizer_groups, uses_bf16,
-                   wrap_blocks)
+from ..params import Target
+from .base import LossFn, build_optimizer, full_initial_state, optimizer_groups, wrap_blocks
 from .fp8 import apply_fp8
+from .layout import Layout
+from .spec import EngineSpec
 
 TAG = "deepspeed"  # the checkpoint's subfolder (DeepSpeed's "tag")
 
@@ -43,10 +45,9 @@ class DeepSpeedSection:
     deepcompile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, deep-merged last
 
-    def check(self, train, src: str) -> None:
-        """Checks that need the train section (called at config load)."""
-        bf16 = train.precision == "bf16" or (train.precision == "auto" and train.device != "cpu" and torch.cuda.is_available())
-        if self.deepcompile and train.compile and (train.device == "cpu" or not torch.cuda.is_available()):
+    def check(self, train, bf16: bool, device_type: str, src: str) -> None:
+        """Checks that need the train section and the device the run resolves to (called at config load)."""
+        if self.deepcompile and train.compile and device_type != "cuda":
             raise UserError(f"{src}: deepspeed.deepcompile needs a CUDA device (its ops are CUDA-only); "
                             "set deepspeed.deepcompile=false on CPU")
         if self.zero_stage == 0 and bf16:
@@ -67,45 +68,44 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _use_ds_optimizer(cfg, device: torch.device) -> bool:
+def _use_ds_optimizer(spec: EngineSpec) -> bool:
     # DeepSpeed's config optimizer JIT-compiles fused_adam (~50 s on CPU): GPU only by default.
-    return cfg.deepspeed.optimizer == "deepspeed" or (cfg.deepspeed.optimizer == "auto" and device.type == "cuda")
+    return spec.deepspeed.optimizer == "deepspeed" or (spec.deepspeed.optimizer == "auto" and spec.layout.device.type == "cuda")
 
 
-def deepspeed_config(cfg, ctx: DistContext) -> dict:
-    """Our config -> DeepSpeed's (before `deepspeed.extra` is merged in)."""
-    ds, t = cfg.deepspeed, cfg.train
-    accum = t.global_batch_tokens // (cfg.data.seq_len * t.micro_batch_size * ctx.world_size)
-    pin = ctx.device.type == "cuda"
-    zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.zero_stage >= 2 and ctx.device.type == "cuda"}
+def deepspeed_config(spec: EngineSpec) -> dict:
+    """Our spec -> DeepSpeed's config (before `deepspeed.extra` is merged in)."""
+    ds, device = spec.deepspeed, spec.layout.device
+    pin = device.type == "cuda"
+    zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.zero_stage >= 2 and device.type == "cuda"}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     conf = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": max(accum, 1),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.accumulation,
+        "gradient_clipping": spec.grad_clip,
         # check_grad_overflow: a non-finite gradient norm skips the update on every rank (fp32 does so already).
-        "bf16": {"enabled": uses_bf16(t.precision, ctx.device), "check_grad_overflow": True},
+        "bf16": {"enabled": spec.bf16, "check_grad_overflow": True},
         # Gradients accumulate over micro-batches in fp32, as the other engines do (the default under
         # bf16 would be bf16 buffers, which lose the low bits of each added micro-batch).
         "data_types": {"grad_accum_dtype": "fp32"} if ds.zero_stage >= 1 else {},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # a torch AdamW may run the offloaded step
-        "compile": {"deepcompile": ds.deepcompile and t.compile},
+        "compile": {"deepcompile": ds.deepcompile and spec.compile},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if _use_ds_optimizer(cfg, ctx.device):
-        o = cfg.optim
+    if _use_ds_optimizer(spec):
+        o = spec.optim
         conf["optimizer"] = {"type": "AdamW", "params": {"lr": 0.0, "betas": [o.beta1, o.beta2], "eps": o.eps,
                                                          "weight_decay": o.weight_decay}}
     return conf
 
 
-def _init_comm(ctx: DistContext) -> None:
+def _init_comm(layout: Layout) -> None:
     """Join (or, for a plain single process, create) the process group DeepSpeed communicates over."""
     import importlib
 
@@ -114,13 +114,13 @@ def _init_comm(ctx: DistContext) -> None:
     ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` as an attribute is torch itself
     # The CPU shared-memory all-reduce op JIT-compiles (~30 s) and leaves ~66 MB per rank in /dev/shm
     # that is never freed; gloo is fast enough for CPU runs.
-    if ctx.device.type == "cpu":
+    if layout.device.type == "cpu":
         ds_torch.build_shm_op = lambda: None
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if layout.device.type == "cuda" else "gloo")
 
 
 def _free_port() -> int:
@@ -132,37 +132,37 @@ def _free_port() -> int:
 
 
 class DeepSpeedEngine:
-    def __init__(self, model, cfg, ctx: DistContext, initial_state: dict | None):
-        if ctx.device.type == "cuda":  # a DeepSpeed wheel built without CUDA would otherwise pick the CPU accelerator
+    def __init__(self, model, spec: EngineSpec, initial_state: dict | None):
+        layout, ds = spec.layout, spec.deepspeed
+        if layout.device.type == "cuda":  # a DeepSpeed wheel built without CUDA would otherwise pick the CPU accelerator
             os.environ.setdefault("DS_ACCELERATOR", "cuda")
         import deepspeed
 
-        if cfg.deepspeed.zero_stage == 3 and cfg.train.loss_chunk_tokens > 0:
+        if ds.zero_stage == 3 and spec.fused_loss:
             raise UserError("train.loss_chunk_tokens needs engine fsdp2 or deepspeed.zero_stage <= 2: ZeRO-3 gathers "
                             "parameters only inside module forwards; set train.loss_chunk_tokens=0")
-        _init_comm(ctx)
-        self.ctx, self.cfg = ctx, cfg
-        self.grad_clip = cfg.optim.grad_clip
-        conf = _merge(deepspeed_config(cfg, ctx), cfg.deepspeed.extra)
-        full = full_initial_state(model, initial_state, ctx)
-        module = _build_zero3(model.cfg, conf, full) if cfg.deepspeed.zero_stage == 3 else _build_replicated(model, full, ctx)
+        _init_comm(layout)
+        self.spec, self.layout = spec, layout
+        self.sharded = ds.zero_stage == 3
+        conf = _merge(deepspeed_config(spec), ds.extra)
+        full = full_initial_state(model, initial_state, layout)
+        module = _build_zero3(model.cfg, conf, full) if ds.zero_stage == 3 else _build_replicated(model, full, layout)
         # The full weights' host copy (4 bytes a parameter, 32 GB at 8B) is spent once they are in
         # place; emptied now, it is not held beside what deepspeed.initialize allocates in the same host
         # memory under optimizer offload (12 more bytes a parameter). The caller's dict is emptied too.
         for state in (full, initial_state):
             if state:
                 state.clear()
-        apply_fp8(module, cfg.train, ctx.device)  # ZeRO-1/2 (config load refuses FP8 under ZeRO-3)
+        apply_fp8(module, spec.fp8, layout.device)  # ZeRO-1/2 (config load refuses FP8 under ZeRO-3)
         deepcompile = conf["compile"]["deepcompile"]
-        wrap_blocks(module, cfg.train.activation_checkpointing, cfg.train.compile and not deepcompile,
-                    regions=cfg.deepspeed.zero_stage == 3)
-        groups = optimizer_groups(module, cfg)
+        wrap_blocks(module, spec, compile_blocks=spec.compile and not deepcompile, regions=ds.zero_stage == 3)
+        groups = optimizer_groups(module, spec)
         client = None
-        if not _use_ds_optimizer(cfg, ctx.device):
-            client = build_optimizer(groups, cfg.optim, ctx.device)
+        if not _use_ds_optimizer(spec):
+            client = build_optimizer(groups, spec.optim, layout.device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, model_parameters=groups,
                                                                 config=conf)
-        self.inner = module
+        self.module = module
         _overflow_from_the_norm(self.model.optimizer)
         if deepcompile:
             self.model.compile()
@@ -176,9 +176,7 @@ class DeepSpeedEngine:
         self.model.backward(loss, scale_wrt_gas=False)
         return stats
 
-    def step(self, lr: float, grad_clip: float) -> float:
-        if grad_clip != self.grad_clip:
-            raise ValueError(f"grad_clip {grad_clip} differs from the {self.grad_clip} DeepSpeed was configured with")
+    def step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if hasattr(self.model.optimizer, "_global_grad_norm"):
@@ -187,7 +185,8 @@ class DeepSpeedEngine:
             return float(self.model.get_global_grad_norm())
         # ZeRO stage 0 in fp32 steps the bare torch optimizer, which records no norm; the gradients
         # were all-reduced at the boundary backward, so every rank measures the same norm.
-        norm = torch.nn.utils.clip_grad_norm_(self.inner.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        clip = self.spec.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
         if torch.isfinite(norm):
             self.model.step()
         else:
@@ -201,20 +200,26 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(str(path), tag=TAG, save_latest=False)
         # Each rank's partition is zero_pp_rank_<rank>_mp_rank_*; what rank 0 writes besides (model
         # states, DeepSpeed's zero_to_fp32.py) is hashed by the checkpoint's publisher.
-        return sorted((path / TAG).glob(f"*zero_pp_rank_{self.ctx.rank}_mp_rank_*"))
+        return sorted((path / TAG).glob(f"*zero_pp_rank_{self.layout.rank}_mp_rank_*"))
+
+    def save_async(self, path: Path):
+        """DeepSpeed writes its checkpoints synchronously (config load refuses checkpoint.async with this
+        engine): the files are written now, the returned function only names them."""
+        files = self.save(path)
+        return lambda: files
 
     def load(self, path: Path, optimizer: bool) -> None:
         if not (path / TAG).is_dir():
             raise UserError(f"{path}: no {TAG}/ folder; was it saved with train.engine=deepspeed?")
-        saved_world = json.loads((path / "trainer_state.json").read_text()).get("world_size", self.ctx.world_size)
-        if saved_world == self.ctx.world_size or self.cfg.deepspeed.zero_stage == 0:
+        saved_world = json.loads((path / "trainer_state.json").read_text()).get("world_size", self.layout.world_size)
+        if saved_world == self.layout.world_size or self.spec.deepspeed.zero_stage == 0:
             self._load(path, optimizer)
             return
         # ZeRO partitions are per rank: another world size needs the universal (per-parameter) format,
         # converted into this run's directory (removed after), never beside the source checkpoint.
-        universal = Path(self.cfg.run_dir) / f".tmp-universal-{path.name}"
-        if self.ctx.is_main:
-            to_universal(path / TAG, universal / TAG, self.cfg.deepspeed.zero_stage)
+        universal = self.spec.scratch_dir / f".tmp-universal-{path.name}"
+        if self.layout.is_main:
+            to_universal(path / TAG, universal / TAG, self.spec.deepspeed.zero_stage)
         dist.barrier()
         self.model._config.load_universal_checkpoint = True  # read at load time only
         try:
@@ -222,7 +227,7 @@ class DeepSpeedEngine:
         finally:
             self.model._config.load_universal_checkpoint = False
             dist.barrier()
-            if self.ctx.is_main:
+            if self.layout.is_main:
                 shutil.rmtree(universal, ignore_errors=True)
 
     def _load(self, folder: Path, optimizer: bool) -> None:
@@ -244,10 +249,72 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
-        for name, p in self.inner.named_parameters():
+        for name, p in self.module.named_parameters():
             full = safe_get_full_fp32_param(p)  # None at stage 0 in fp32, where the module holds the master
             out[name] = (p if full is None else full).detach().float().cpu().clone()
         return out
+
+    def targets(self, pattern: str) -> list[Target]:
+        import re
+
+        params = [(n, p) for n, p in self.module.named_parameters() if re.fullmatch(pattern, n)]
+        opt = self.model.optimizer
+        if self.spec.deepspeed.zero_stage == 3:
+            return _zero3_targets(params, opt)
+        if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+            return _zero12_targets(params, opt, opt.bit16_groups_flat, opt.single_partition_of_fp32_groups)
+        if hasattr(opt, "fp32_groups_flat_partition"):  # DeepSpeed's BF16 optimizer (ZeRO-1 in bf16)
+            return _zero12_targets(params, opt, opt.bf16_groups_flat, opt.fp32_groups_flat_partition)
+        return [Target(n, tuple(p.shape), 0, p.data.view(-1), [(0, p.numel(), p.data.view(-1))]) for n, p in params]
+
+    def sync_written(self, targets: list[Target]) -> None:
+        """ZeRO-3 keeps small ("persistent") parameters gathered between steps, and forwards read that
+        full copy: release it and gather it again from the written partitions (a gather alone skips
+        parameters that are still available)."""
+        names = {t.name for t in targets}
+        persistent = [p for n, p in self.module.named_parameters() if n in names and getattr(p, "ds_persist", False)]
+        if persistent:
+            persistent[0].partition(persistent)
+            persistent[0].all_gather(persistent)
+
+
+def _offset(view: torch.Tensor, base: torch.Tensor) -> int:
+    return (view.data_ptr() - base.data_ptr()) // base.element_size()
+
+
+def _zero12_targets(params, opt, flats, masters) -> list[Target]:
+    """ZeRO-1/2 (and DeepSpeed's BF16 optimizer): full parameters on every rank, views into a flat
+    buffer whose rank-th partition has an fp32 master copy. Selection reads the full (replicated)
+    parameter; a write must also reach the master slice, else the next step would undo it."""
+    out = []
+    for name, p in params:
+        i = next(i for i, f in enumerate(flats) if f.data_ptr() <= p.data_ptr() < f.data_ptr() + f.numel() * f.element_size())
+        group = opt.real_dp_process_group[i] if hasattr(opt, "real_dp_process_group") else None
+        size, rank, off = masters[i].numel(), dist.get_rank(group), _offset(p.data, flats[i])
+        full = p.data.view(-1)
+        copies = [(0, full.numel(), full)]
+        lo, hi = max(off, rank * size), min(off + full.numel(), (rank + 1) * size)
+        if lo < hi:
+            copies.append((lo - off, hi - off, masters[i][lo - rank * size:hi - rank * size]))
+        out.append(Target(name, tuple(p.shape), 0, full, copies))
+    return out
+
+
+def _zero3_targets(params, opt) -> list[Target]:
+    """ZeRO-3: each rank holds partition `rank` of every parameter (ds_tensor, inside a flat
+    sub-group buffer) and its fp32 master in the matching slice of the fp32 flat buffer."""
+    out = []
+    for name, p in params:
+        part = p.ds_tensor
+        i = next(i for i, g in enumerate(opt.fp16_partitioned_groups) if any(t is part for t in g))
+        flat16, flat32 = opt.fp16_partitioned_groups_flat[i], opt.fp32_partitioned_groups_flat[i]
+        start = dist.get_rank(p.ds_process_group) * part.ds_numel
+        n = max(0, min(part.ds_numel, p.ds_numel - start))
+        off = _offset(part, flat16)
+        master = flat32[off:off + n]
+        copies = [(0, n, master)] + ([(0, n, part.view(-1)[:n])] if flat32.data_ptr() != flat16.data_ptr() else [])
+        out.append(Target(name, tuple(p.ds_shape), start, master, copies))
+    return out
 
 
 def _overflow_from_the_norm(optimizer) -> None:
@@ -281,10 +348,10 @@ def _overflow_from_the_norm(optimizer) -> None:
     optimizer.get_grad_norm_direct = grad_norm
 
 
-def _build_replicated(model, full: dict | None, ctx: DistContext):
+def _build_replicated(model, full: dict | None, layout: Layout):
     """ZeRO 0-2 keep every parameter on every rank: materialize, then take rank 0's weights."""
-    model.to_empty(device=ctx.device)
-    if ctx.is_main:
+    model.to_empty(device=layout.device)
+    if layout.is_main:
         model.load_state_dict(full, strict=True)
     for p in model.parameters():  # the same weights everywhere before DeepSpeed flattens them
         if dist.get_world_size() > 1:

@@ -52,34 +52,34 @@ def fp8_config(recipe: str, fsdp_all_gather: bool, emulate: bool):
     return cfg
 
 
-def apply_fp8(model: nn.Module, train, device: torch.device, fsdp: bool = False) -> list[str]:
+def apply_fp8(model: nn.Module, fp8, device: torch.device, fsdp: bool = False) -> list[str]:
     """Swap the chosen linears of `model` for Float8Linear in place (before sharding and compile);
-    returns their names. No-op when train.fp8 is off."""
-    if train.fp8 == "off":
+    returns their names. No-op when the recipe (fp8: spec.FP8Spec) is off."""
+    if fp8.recipe == "off":
         return []
-    emulate = train.fp8_emulate
+    emulate = fp8.emulate
     if not emulate and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
-        raise UserError(f"train.fp8={train.fp8} needs a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, "
+        raise UserError(f"train.fp8={fp8.recipe} needs a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, "
                         f"Blackwell); this run is on {device.type if device.type != 'cuda' else torch.cuda.get_device_name(device)}"
                         "; set train.fp8=off")
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
         raise UserError("train.fp8 needs torchao (pip install torchao); or set train.fp8=off") from None
-    choose = fp8_filter(model, train.fp8_min_features, train.fp8_keep_ends)
+    choose = fp8_filter(model, fp8.min_features, fp8.keep_ends)
     chosen = [name for name, module in model.named_modules() if choose(module, name)]
     if not chosen:
-        raise UserError(f"train.fp8={train.fp8}: no linear qualifies (every block linear is narrower than "
-                        f"train.fp8_min_features={train.fp8_min_features}, or the model has too few blocks with "
+        raise UserError(f"train.fp8={fp8.recipe}: no linear qualifies (every block linear is narrower than "
+                        f"train.fp8_min_features={fp8.min_features}, or the model has too few blocks with "
                         "train.fp8_keep_ends); lower the size filter or set train.fp8=off")
-    convert_to_float8_training(model, module_filter_fn=choose, config=fp8_config(train.fp8, fsdp, emulate))
+    convert_to_float8_training(model, module_filter_fn=choose, config=fp8_config(fp8.recipe, fsdp, emulate))
     return chosen
 
 
-def after_fsdp_step(model: nn.Module, train) -> None:
+def after_fsdp_step(model: nn.Module, fp8) -> None:
     """FP8 all-gather of tensorwise weights: their scales, computed for all of them in one pass
     after the optimizer moved them (torchao's precompute_float8_dynamic_scale_for_fsdp)."""
-    if train.fp8 == "tensorwise":
+    if fp8.recipe == "tensorwise":
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
         precompute_float8_dynamic_scale_for_fsdp(model)

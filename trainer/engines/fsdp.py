@@ -30,10 +30,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from ...errors import UserError
-from .base import (DistContext, LossFn, autocast_for, build_optimizer, clip_and_step, cpu_snapshot,
-                   full_initial_state, optimizer_groups, process_group_backend, uses_bf16, wrap_blocks)
+from ..params import Target
+from .base import (LossFn, build_optimizer, clip_and_step, cpu_snapshot, full_initial_state, optimizer_groups,
+                   whole_targets, wrap_blocks)
 from .fp8 import after_fsdp_step, apply_fp8
+from .layout import Layout, process_group_backend
 from .local import build_whole
+from .spec import EngineSpec, autocast_for
 
 DCP_DIR = "dcp"  # the checkpoint's subfolder
 
@@ -45,46 +48,46 @@ class FSDPSection:
     defer_grad_sync: bool = False  # reduce-scatter only on a step's last micro-batch (less traffic, full-size grads kept)
 
 
-def ensure_process_group(ctx: DistContext) -> None:
+def ensure_process_group(layout: Layout) -> None:
     """FSDP2 needs a process group even for one process (a resume at world size 1)."""
     if not dist.is_initialized():
-        cuda = ctx.device.type == "cuda"
+        cuda = layout.device.type == "cuda"
         dist.init_process_group(process_group_backend(cuda), store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=ctx.device if cuda else None)
+                                device_id=layout.device if cuda else None)
 
 
 class FSDPEngine:
-    def __init__(self, model, cfg, ctx: DistContext, initial_state: dict | None):
+    def __init__(self, model, spec: EngineSpec, initial_state: dict | None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                             register_fsdp_forward_method)
 
-        ensure_process_group(ctx)
-        self.ctx, self.cfg = ctx, cfg
-        f = cfg.fsdp
+        layout, f = spec.layout, spec.fsdp
+        ensure_process_group(layout)
+        self.spec, self.layout = spec, layout
         self.sharded = dist.get_world_size() > 1 or f.cpu_offload
         # A background save runs DCP's collectives on a group of its own, so they never interleave with
         # the training step's (torch's advice for async_save); gloo, since it moves host tensors.
-        self._save_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_ else None
+        self._save_group = dist.new_group(backend="gloo") if spec.async_checkpoint else None
         self._snapshot = None  # host buffers of the last async checkpoint, reused by the next
         if not self.sharded:
             print("fsdp2 on one rank: nothing to shard, the model runs unsharded (checkpoints stay DCP, "
                   "resumable on any number of ranks)", flush=True)
-            self.optimizer = build_whole(model, cfg, ctx, initial_state)
-            self.model = model
-            self.autocast = lambda: autocast_for(ctx.device, cfg.train.precision)
+            self.optimizer = build_whole(model, spec, initial_state)
+            self.model = self.module = model
+            self.autocast = lambda: autocast_for(layout.device, spec.bf16)
             return
         self.autocast = contextlib.nullcontext  # FSDP2's mixed precision casts the gathered weights instead
-        mesh = init_device_mesh(ctx.device.type, (dist.get_world_size(),))
-        bf16 = uses_bf16(cfg.train.precision, ctx.device)
+        mesh = init_device_mesh(layout.device.type, (dist.get_world_size(),))
         # Mixed precision as in torchtitan: bf16 compute, fp32 sharded master weights and fp32
         # gradient reduction, so the sum over ranks does not lose low bits.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if spec.bf16
+              else MixedPrecisionPolicy())
         # Pinned host memory exists only beside a GPU; on a CPU-only machine the offload path runs unpinned.
-        offload = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if f.cpu_offload else OffloadPolicy()
+        offload = CPUOffloadPolicy(pin_memory=layout.device.type == "cuda") if f.cpu_offload else OffloadPolicy()
         shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-        apply_fp8(model, cfg.train, ctx.device, fsdp=True)  # on the meta model: FSDP2 then shards the FP8 linears
-        wrap_blocks(model, cfg.train.activation_checkpointing, cfg.train.compile)
+        apply_fp8(model, spec.fp8, layout.device, fsdp=True)  # on the meta model: FSDP2 then shards the FP8 linears
+        wrap_blocks(model, spec)
         for block in model.layers:
             fully_shard(block, reshard_after_forward=f.reshard_after_forward, **shard)
         # The root (embeddings, final norm, head) stays gathered from its forward to its backward: its
@@ -92,25 +95,24 @@ class FSDPEngine:
         # model.hidden(), which is registered to gather them like forward() does.
         fully_shard(model, reshard_after_forward=False, **shard)
         register_fsdp_forward_method(model, "hidden")
-        model.to_empty(device="cpu" if f.cpu_offload else ctx.device)
-        full = full_initial_state(model, initial_state, ctx)
+        model.to_empty(device="cpu" if f.cpu_offload else layout.device)
+        full = full_initial_state(model, initial_state, layout)
         set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        self.model = model
-        groups = optimizer_groups(model, cfg)
-        self.optimizer = build_optimizer(groups, cfg.optim, ctx.device)
+        self.model = self.module = model
+        self.optimizer = build_optimizer(optimizer_groups(model, spec), spec.optim, layout.device)
 
     def forward_backward(self, batch: dict, loss_fn: LossFn, sync: bool) -> dict:
         if self.sharded:
-            self.model.set_requires_gradient_sync(sync or not self.cfg.fsdp.defer_grad_sync)
+            self.model.set_requires_gradient_sync(sync or not self.spec.fsdp.defer_grad_sync)
         with self.autocast():
             loss, stats = loss_fn(self.model, batch)
         loss.backward()
         return stats
 
-    def step(self, lr: float, grad_clip: float) -> float:
-        norm = clip_and_step(self.optimizer, lr, grad_clip)
+    def step(self, lr: float) -> float:
+        norm = clip_and_step(self.optimizer, lr, self.spec.grad_clip)
         if self.sharded:
-            after_fsdp_step(self.model, self.cfg.train)  # FP8 all-gather scales of the new weights (tensorwise)
+            after_fsdp_step(self.model, self.spec.fp8)  # FP8 all-gather scales of the new weights (tensorwise)
         return norm
 
     def zero_grad(self) -> None:
@@ -119,7 +121,7 @@ class FSDPEngine:
     def _own_files(self, path: Path) -> list[Path]:
         # DCP's file system writer names each rank's data files __<rank>_<n>.distcp; rank 0's
         # coordinator also writes .metadata, which the checkpoint's publisher hashes.
-        return sorted((path / DCP_DIR).glob(f"__{self.ctx.rank}_*.distcp"))
+        return sorted((path / DCP_DIR).glob(f"__{self.layout.rank}_*.distcp"))
 
     def save(self, path: Path) -> list[Path]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
@@ -155,6 +157,35 @@ class FSDPEngine:
 
     def full_state_dict(self) -> dict:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def targets(self, pattern: str) -> list[Target]:
+        """Each parameter is a DTensor sharded on dim 0 in torch.chunk pieces; the optimizer updates the
+        local shard in place (a bf16 compute copy is cast from it at every all-gather)."""
+        import re
+
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import Shard
+
+        if not self.sharded:
+            return whole_targets(self.module, pattern)
+        for m in self.module.modules():  # a forward without backward (evaluation) leaves the root gathered
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        out = []
+        for name, p in self.module.named_parameters():
+            if not re.fullmatch(pattern, name):
+                continue
+            if tuple(p.placements) != (Shard(0),):
+                raise UserError(f"{name} is sharded as {p.placements}; per-parameter state (masks, EMAs, frozen rows) "
+                                "supports FSDP2's Shard(0) only")
+            local = p.to_local().view(-1)
+            rows = -(-p.shape[0] // p.device_mesh.size())
+            start = min(p.device_mesh.get_local_rank() * rows, p.shape[0]) * (p.numel() // max(p.shape[0], 1))
+            out.append(Target(name, tuple(p.shape), start, local, [(0, local.numel(), local)]))
+        return out
+
+    def sync_written(self, targets: list[Target]) -> None:
+        pass
 
 
 class _AlreadyStaged(AsyncStager):
