@@ -1,4 +1,5 @@
-"""`cptrain data prepare`: local files -> tokenized, packed MDS shards + manifest.json.
+"""`cptrain data prepare`: local files -> tokenized, packed MDS shards + manifest.json, in a local
+folder or uploaded to an object store as they are written (output.py).
 
 Layout written (docs/data.md has the details):
     DIR/manifest.json            written last: its presence means the directory is complete
@@ -8,8 +9,8 @@ Layout written (docs/data.md has the details):
     DIR/.work/                   plan, per-chunk completion markers, scratch (kept for reruns)
 
 Idempotence: the input is cut into deterministic chunks (consecutive documents, ~--chunk-mb of
-text each). A chunk is written into scratch, moved into place, then marked done by an atomic
-rename of its stats file. A rerun with the same settings skips chunks marked done, redoes any
+text each). A chunk is written into scratch, moved into place, published (uploaded, for a URL
+--out), then marked done by an atomic rename of its stats file. A rerun with the same settings skips chunks marked done, redoes any
 half-written one, then merges the indexes and writes the manifest.
 """
 from __future__ import annotations
@@ -23,11 +24,13 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from . import tokenizer as tokenizers
 from ..errors import UserError
+from .output import Output, tokenizer_files
 
 MANIFEST_VERSION = 1
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
@@ -202,8 +205,9 @@ def write_split(docs: list[np.ndarray], out: Path, seq_len: int, dtype: str, com
     return {"documents": len(docs), "tokens": n_tokens, "samples": samples, "dropped_tokens": dropped}
 
 
-def process_chunk(cid: int, texts: list[str], pool, args, dtype: str, out: Path) -> dict:
-    """Tokenize one chunk, split its documents into train/val, write both splits, mark it done."""
+def process_chunk(cid: int, texts: list[str], pool, args, dtype: str, out: Path,
+                  publish: Callable[[str], None]) -> dict:
+    """Tokenize one chunk, split its documents into train/val, write and publish both splits, mark it done."""
     batches = [texts[i:i + TOKENIZE_BATCH] for i in range(0, len(texts), TOKENIZE_BATCH)]
     docs = [d for b in (pool.imap(_encode, batches) if pool else map(_encode, batches)) for d in b]
     # Per-chunk seeded draw: deterministic for a given plan, independent of --num-proc.
@@ -218,6 +222,7 @@ def process_chunk(cid: int, texts: list[str], pool, args, dtype: str, out: Path)
         if stats[split]["samples"]:
             (out / split).mkdir(exist_ok=True)
             os.replace(scratch / split, out / split / name)
+    publish(name)
     marker = out / ".work" / "done" / f"{name}.json"
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "stats.json").write_text(json.dumps(stats))
@@ -330,8 +335,10 @@ def format_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, bad: BadRecords) -> list[dict]:
-    """Every chunk in order: skipped when marked done, else tokenized and written. Per-chunk stats."""
+def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, bad: BadRecords,
+                publish: Callable[[str], None]) -> list[dict]:
+    """Every chunk in order: skipped when marked done, else tokenized, written and published
+    (uploaded, for a URL --out). Per-chunk stats."""
     # Default threads: all cores in one process, one per process when there are several.
     threads = args.tokenizer_threads or (-1 if args.num_proc == 1 else 1)
     pool = Pool(args.num_proc, _init_worker, (str(tok_path), threads)) if args.num_proc > 1 else None
@@ -347,7 +354,7 @@ def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, 
             if marker.exists():
                 done.append(json.loads(marker.read_text()))
             else:
-                done.append(process_chunk(cid, texts, pool, args, dtype, out))
+                done.append(process_chunk(cid, texts, pool, args, dtype, out, publish))
             bar.update(1)
             bar.set_postfix(tokens=f"{sum(d['train']['tokens'] + d['val']['tokens'] for d in done):,}")
     finally:
@@ -358,23 +365,8 @@ def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, 
     return done
 
 
-def run(args) -> dict:
-    """The whole preparation; returns the manifest (also written to DIR/manifest.json)."""
-    if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0:
-        raise UserError("--seq-len must be >= 1, --val-fraction in [0, 1), --chunk-mb > 0")
-    files = expand_inputs(args.input)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(args, files)
-    if check_plan(out, plan):
-        print(f"{out}: already prepared with these settings; nothing to do", file=sys.stderr)
-        return json.loads((out / "manifest.json").read_text())
-    t0 = time.time()
-    tok = get_tokenizer(args, files, out)
-    tok_file = tok.save_to(out)
-    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
-    bad = BadRecords(args.on_bad_record)
-    done = process_all(args, files, out, out / tok_file, dtype, bad)
+def _check_totals(args, files: list[Path], done: list[dict], bad: BadRecords) -> dict:
+    """Summed chunk stats; a UserError when nothing trainable came out, a warning when no validation did."""
     if not done:
         raise UserError(f"{' '.join(args.input)}: no usable document (all {bad.as_dict()['total']} "
                         "records were bad); see the problems above and fix the input")
@@ -388,20 +380,63 @@ def run(args) -> dict:
                if any(f.suffix == ".txt" for f in files) and args.txt_split == "document" else "give more documents")
         print(f"warning: --val-fraction {args.val_fraction} left no validation sample ({docs} document{'s' * (docs != 1)} "
               f"in all); training evaluates nothing - {fix}", file=sys.stderr)
+    return totals
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / "manifest.json")
+
+
+def _already_done(out: Output, plan: dict) -> dict | None:
+    """The manifest when `out` is complete under this plan (finishing an interrupted upload);
+    None when there is work to do. Refuses a URL that holds another prepared directory."""
+    published = out.published_manifest()
+    if not check_plan(out.folder, plan):
+        if published:
+            raise UserError(f"{out.url}: already holds a prepared directory (manifest.json) with other inputs or "
+                            f"settings, or not prepared from {out.folder}; choose another --out or delete it")
+        return None
+    manifest = json.loads((out.folder / "manifest.json").read_text())
+    if out.url and not published:
+        out.publish_directory(manifest)
+    print(f"{out.location}: already prepared with these settings; nothing to do", file=sys.stderr)
+    return manifest
+
+
+def run(args) -> dict:
+    """The whole preparation; returns the manifest (also written to DIR/manifest.json)."""
+    if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0:
+        raise UserError("--seq-len must be >= 1, --val-fraction in [0, 1), --chunk-mb > 0")
+    files = expand_inputs(args.input)
+    out = Output.open(args.out, args.work_dir)  # a URL's bucket and credentials are checked here
+    folder = out.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(args, files)
+    manifest = _already_done(out, plan)
+    if manifest:
+        return manifest
+    t0 = time.time()
+    tok = get_tokenizer(args, files, folder)
+    tok_file = tok.save_to(folder)
+    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    bad = BadRecords(args.on_bad_record)
+    done = process_all(args, files, folder, folder / tok_file, dtype, bad, out.publish_chunk)
+    totals = _check_totals(args, files, done, bad)
     for split in ("train", "val"):
-        merge_split(out, split, len(done))
+        merge_split(folder, split, len(done))
     manifest = {
-        "version": MANIFEST_VERSION, "out": str(out), "seq_len": args.seq_len, "dtype": dtype,
+        "version": MANIFEST_VERSION, "out": out.location, "seq_len": args.seq_len, "dtype": dtype,
         "columns": {"tokens": f"ndarray:{dtype}", "doc_starts": "ndarray:uint32"},
-        "tokenizer": {**tok.identity(), "file": tok_file}, "splits": totals,
-        "chunks": len(done), "inputs": plan["inputs"], "bad_records": bad.as_dict(),
+        "tokenizer": {**tok.identity(), "file": tok_file}, "tokenizer_files": tokenizer_files(folder, tok_file),
+        "splits": totals, "chunks": len(done), "inputs": plan["inputs"], "bad_records": bad.as_dict(),
         "settings": {k: plan[k] for k in ("text_field", "txt_split", "val_fraction", "seed",
                                            "chunk_mb", "compression", "on_bad_record")},
         "seconds": round(time.time() - t0, 2),
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    write_manifest(folder, manifest)
+    out.publish_directory(manifest)  # the manifest last: a remote directory is complete once it exists
     return manifest
 
 

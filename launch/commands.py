@@ -92,6 +92,7 @@ def forgetting(args) -> int:
 
 def evaluate(args) -> int:
     """`cptrain eval MODEL [--data DIR] [--task FILE...] [--lm-eval TASK...] [--json FILE]`."""
+    from ..data_pipeline.remote import check_url, is_url
     from ..data_pipeline.tokenizer import load_tokenizer
     from ..trainer import tasks as T
     from ..trainer.evaluate import check_vocab, load_model, lm_eval_tasks, split_loss, tokenizer_for, write_json
@@ -104,6 +105,8 @@ def evaluate(args) -> int:
     tokenizer = load_tokenizer(tokenizer_for(args.model, args.tokenizer)) if (args.task or args.lm_eval) else None
     specs = [T.TaskConfig(path=f, num_fewshot=args.num_fewshot, max_items=args.max_items) for f in args.task]
     items = {s.stem: T.load_items(s.path, s.max_items) for s in specs}  # bad task files fail before the model loads
+    if args.data and is_url(args.data):
+        check_url(args.data)  # so does a URL scheme we cannot read
     model = load_model(args.model, device)
     result = {}
     if args.data:

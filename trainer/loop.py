@@ -147,7 +147,7 @@ class Trainer:
         self.domains = [d.name for d in cfg.data.domains + cfg.data.replay]  # the loader's `domain` indices
         self.tasks = None
         if cfg.eval.tasks:  # tokenized once, with the tokenizer the data was prepared with
-            tokenizer = load_tokenizer(Path(cfg.data.domains[0].path) / self.manifest["tokenizer"]["file"])
+            tokenizer = load_tokenizer(self.data.tokenizer_path())
             self.tasks = TaskSet(cfg.eval.tasks, tokenizer, arch.max_seq_len)
         self._write_run_info()
 
