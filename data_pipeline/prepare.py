@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -238,17 +239,29 @@ def _file_entry(p: Path) -> dict:
     return {"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def make_plan(args, files: list[Path]) -> dict:
+def make_plan(args, files: list[Path], part: tuple[int, int] | None = None) -> dict:
     """Everything that decides the output: a rerun may resume only under an identical plan."""
     if args.tokenizer:
         tok_src = {"path": str(Path(args.tokenizer).resolve()),
                    "identity": tokenizers.load_tokenizer(args.tokenizer).identity()}
     else:
         tok_src = {"train_vocab": args.train_tokenizer, "type": args.tokenizer_type}
-    return {"version": MANIFEST_VERSION, "inputs": [_file_entry(p) for p in files], "tokenizer": tok_src,
+    plan = {"version": MANIFEST_VERSION, "inputs": [_file_entry(p) for p in files], "tokenizer": tok_src,
             "seq_len": args.seq_len, "text_field": args.text_field, "txt_split": args.txt_split,
             "val_fraction": args.val_fraction, "seed": args.seed, "chunk_mb": args.chunk_mb,
             "compression": args.compression, "on_bad_record": args.on_bad_record}
+    return {**plan, "part": list(part)} if part else plan
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """`--part I/N` -> (I, N): this process prepares the chunks c with c mod N = I."""
+    if text is None:
+        return None
+    found = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not found or not int(found[1]) < int(found[2]):
+        raise UserError(f"--part {text}: give I/N with 0 <= I < N, e.g. --part 0/8 "
+                        "(in a Slurm array: --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(found[1]), int(found[2])
 
 
 def check_plan(out: Path, plan: dict) -> bool:
@@ -314,7 +327,7 @@ def merge_split(out: Path, split: str, n_chunks: int) -> None:
         logging.disable(logging.NOTSET)
 
 
-def _sum_stats(done: list[dict]) -> dict:
+def sum_stats(done: list[dict]) -> dict:
     keys = ("documents", "tokens", "samples", "dropped_tokens")
     return {split: {k: sum(d[split][k] for d in done) for k in keys} for split in ("train", "val")}
 
@@ -336,9 +349,11 @@ def format_report(manifest: dict) -> str:
 
 
 def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, bad: BadRecords,
-                publish: Callable[[str], None]) -> list[dict]:
+                publish: Callable[[str], None], part: tuple[int, int] | None = None) -> tuple[dict[int, dict], int]:
     """Every chunk in order: skipped when marked done, else tokenized, written and published
-    (uploaded, for a URL --out). Per-chunk stats."""
+    (uploaded, for a URL --out); with --part I/N only the chunks c with c mod N = I, the others
+    only read (the chunk boundaries depend on every document before them). Returns the stats of
+    this process's chunks by chunk number, and the number of chunks in the input."""
     # Default threads: all cores in one process, one per process when there are several.
     threads = args.tokenizer_threads or (-1 if args.num_proc == 1 else 1)
     pool = Pool(args.num_proc, _init_worker, (str(tok_path), threads)) if args.num_proc > 1 else None
@@ -346,31 +361,34 @@ def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, 
         _init_worker(str(tok_path), threads)
     from tqdm import tqdm
     bar = tqdm(desc="prepare", unit="chunk", disable=None, file=sys.stderr)
-    done = []
+    done, total = {}, 0
     try:
         chunks = iter_chunks(files, args.text_field, args.txt_split, int(args.chunk_mb * 1e6), bad)
         for cid, texts in enumerate(chunks):
+            total = cid + 1
+            if part and cid % part[1] != part[0]:
+                continue
             marker = out / ".work" / "done" / f"chunk-{cid:05d}.json"
             if marker.exists():
-                done.append(json.loads(marker.read_text()))
+                done[cid] = json.loads(marker.read_text())
             else:
-                done.append(process_chunk(cid, texts, pool, args, dtype, out, publish))
+                done[cid] = process_chunk(cid, texts, pool, args, dtype, out, publish)
             bar.update(1)
-            bar.set_postfix(tokens=f"{sum(d['train']['tokens'] + d['val']['tokens'] for d in done):,}")
+            bar.set_postfix(tokens=f"{sum(d['train']['tokens'] + d['val']['tokens'] for d in done.values()):,}")
     finally:
         bar.close()
         if pool is not None:
             pool.close()
             pool.join()
-    return done
+    return done, total
 
 
-def _check_totals(args, files: list[Path], done: list[dict], bad: BadRecords) -> dict:
+def check_totals(args, files: list[Path], done: list[dict], bad: BadRecords) -> dict:
     """Summed chunk stats; a UserError when nothing trainable came out, a warning when no validation did."""
     if not done:
         raise UserError(f"{' '.join(args.input)}: no usable document (all {bad.as_dict()['total']} "
                         "records were bad); see the problems above and fix the input")
-    totals = _sum_stats(done)
+    totals = sum_stats(done)
     if not totals["train"]["samples"]:
         raise UserError(f"{' '.join(args.input)}: {totals['train']['tokens']} training tokens cannot fill one "
                         f"sample of {args.seq_len}+1 tokens; use a smaller --seq-len or more text")
@@ -406,14 +424,19 @@ def _already_done(out: Output, plan: dict) -> dict | None:
 
 
 def run(args) -> dict:
-    """The whole preparation; returns the manifest (also written to DIR/manifest.json)."""
+    """The whole preparation (or its part `--part I/N`); returns the manifest (also written to
+    DIR/manifest.json)."""
     if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0:
         raise UserError("--seq-len must be >= 1, --val-fraction in [0, 1), --chunk-mb > 0")
+    part = parse_part(args.part)
+    if part and not args.tokenizer:
+        raise UserError("--part needs --tokenizer: every part must use the same tokenizer file; train one first "
+                        "(a prepare without --part, or any sentencepiece model) and pass it to each part")
     files = expand_inputs(args.input)
     out = Output.open(args.out, args.work_dir)  # a URL's bucket and credentials are checked here
     folder = out.folder
     folder.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(args, files)
+    plan = make_plan(args, files, part)
     manifest = _already_done(out, plan)
     if manifest:
         return manifest
@@ -422,19 +445,22 @@ def run(args) -> dict:
     tok_file = tok.save_to(folder)
     dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
     bad = BadRecords(args.on_bad_record)
-    done = process_all(args, files, folder, folder / tok_file, dtype, bad, out.publish_chunk)
-    totals = _check_totals(args, files, done, bad)
+    done, total = process_all(args, files, folder, folder / tok_file, dtype, bad, out.publish_chunk, part)
+    # A part may hold little or nothing: `data merge` checks the whole.
+    totals = sum_stats(list(done.values())) if part else check_totals(args, files, list(done.values()), bad)
     for split in ("train", "val"):
-        merge_split(folder, split, len(done))
+        merge_split(folder, split, total)
     manifest = {
         "version": MANIFEST_VERSION, "out": out.location, "seq_len": args.seq_len, "dtype": dtype,
         "columns": {"tokens": f"ndarray:{dtype}", "doc_starts": "ndarray:uint32"},
         "tokenizer": {**tok.identity(), "file": tok_file}, "tokenizer_files": tokenizer_files(folder, tok_file),
-        "splits": totals, "chunks": len(done), "inputs": plan["inputs"], "bad_records": bad.as_dict(),
+        "splits": totals, "chunks": total, "inputs": plan["inputs"], "bad_records": bad.as_dict(),
         "settings": {k: plan[k] for k in ("text_field", "txt_split", "val_fraction", "seed",
                                            "chunk_mb", "compression", "on_bad_record")},
         "seconds": round(time.time() - t0, 2),
     }
+    if part:
+        manifest["part"] = {"index": part[0], "count": part[1], "chunks": sorted(done)}
     write_manifest(folder, manifest)
     out.publish_directory(manifest)  # the manifest last: a remote directory is complete once it exists
     return manifest

@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what one document is in .txt inputs (a whole file by default)")
     p.add_argument("--chunk-mb", type=float, default=64.0,
                    help="MB of text per chunk, the unit a rerun after an interruption skips when done")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="prepare only chunks c with c mod N = I (one of N processes or nodes; needs --tokenizer); "
+                        "join the N part directories with `cptrain data merge`")
+
+    p = _add(data, "merge", "cptrain.data_pipeline.merge:main",
+             "Join the directories of `data prepare --part I/N` (all N) into one prepared directory.")
+    p.add_argument("parts", nargs="+", help="the part directories, in any order")
+    p.add_argument("--out", required=True, help="output directory, or an object-store URL to upload it to")
+    p.add_argument("--work-dir", default=None, help="with an --out URL: the local folder the directory is built in")
+    p.set_defaults(url_options=("out",))
 
     p = _add(sub, "train", "cptrain.launch.commands:train", "Train from a YAML config, in this process or under a launcher.")
     p.add_argument("config", help="YAML config")

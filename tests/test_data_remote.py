@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from cptrain.data_pipeline import merge
 from cptrain.data_pipeline.cache import NodeCache
 from cptrain.data_pipeline.config import DataConfig, DomainConfig, validate_data
 from cptrain.data_pipeline.loader import build_train_loader, split_batches
@@ -126,6 +127,20 @@ def test_prepare_uploads_a_complete_directory_manifest_last(server, prepared, au
     run_prepare(AUSTEN[:1], URL, "--tokenizer", austen_data / "tokenizer.model", "--seq-len", 64, "--val-fraction", 0.1,
                 "--chunk-mb", 0.005, "--work-dir", prepared / "work")
     assert len(server.requests("PUT")) == before and "already prepared" in capsys.readouterr().err
+
+
+def test_parts_merged_into_the_store_equal_one_prepare(server, prepared, austen_data, tmp_path):
+    args = ["--tokenizer", austen_data / "tokenizer.model", "--seq-len", 64, "--val-fraction", 0.1, "--chunk-mb", 0.005]
+    parts = [tmp_path / f"part-{i}" for i in range(2)]
+    for i, p in enumerate(parts):
+        run_prepare(AUSTEN[:1], p, *args, "--part", f"{i}/2")
+    merged = merge.run([str(p) for p in parts], f"s3://{BUCKET}/merged", str(tmp_path / "work"))
+    local = prepared / "local"
+    remote = _remote_files("merged")
+    assert json.loads(remote.pop("manifest.json")) == merged
+    assert remote == {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*")
+                      if p.is_file() and ".work" not in p.parts and p.name != "manifest.json"}
+    assert merged["splits"] == json.loads((local / "manifest.json").read_text())["splits"]
 
 
 def _cfg(run_dir: Path, data: str, cache: Path, **extra):
