@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from .cache import DEFAULT_DIR, NodeCache
+from .remote import check_url, is_url, join, read_bytes
 from .shards import ShardSplit
+from .tokenizer import HF_TOKENIZER_FILES
 
 
 @dataclass
 class DomainConfig:
     name: str = ""          # label used in metrics (val/<name>), phase weights and loader state
-    path: str = ""          # a directory written by `cptrain data prepare`
+    path: str = ""          # a directory written by `cptrain data prepare`, or its URL (s3://bucket/prefix)
     weight: float = 1.0     # relative sampling weight within its group (domains, or replay)
 
 
@@ -36,6 +39,8 @@ class DataConfig:
     shuffle: bool = True           # shuffle each domain per epoch (False: read in prepared order)
     num_workers: int = 0           # DataLoader worker processes per rank
     verify_shards: bool = True     # check each shard's xxh64 against index.json on first use
+    cache_dir: str = DEFAULT_DIR   # node-local folder for the shards of domains given as URLs
+    cache_limit_gb: float = 0.0    # evict least recently used cached shards above this size (0: no limit)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class PreparedData:
     cfg: DataConfig
     manifest: dict                              # the first domain's manifest.json
     splits: dict[str, dict[str, ShardSplit]]    # domain name -> {"train"/"val": split}, non-empty splits only
+    cache: NodeCache | None = None              # where shards of URL domains are kept (None: all local)
 
     def train_splits(self) -> list[ShardSplit]:
         """The train split of each of `cfg.domains + cfg.replay`, in that order (the loader's domain index)."""
@@ -53,13 +59,46 @@ class PreparedData:
         """(domain, its val split or None when empty) of every domain, in validation order."""
         return [(d, self.splits[d.name].get("val")) for d in all_domains(self.cfg)]
 
+    def tokenizer_path(self) -> Path:
+        """The tokenizer the first domain was prepared with, as a path on this machine."""
+        return prepared_tokenizer(self.cfg.domains[0].path, self.manifest, self.cache)
 
-def read_manifest(d: DomainConfig) -> dict:
-    path = Path(d.path) / "manifest.json"
-    if not path.exists():
-        raise UserError(f"{path}: missing (domain '{d.name}'); run `cptrain data prepare --out {d.path}` "
+
+def read_manifest(d: DomainConfig, cache: NodeCache | None = None) -> dict:
+    """A domain's manifest.json; for a URL domain it is read from the store (`cache` gives a
+    scratch folder), which also checks the URL, the bucket and the credentials."""
+    where = join(d.path, "manifest.json")
+    if is_url(d.path):
+        data = read_bytes(where, (cache or NodeCache.open(DEFAULT_DIR, 0)).root)
+    else:
+        data = Path(where).read_bytes() if Path(where).exists() else None
+    if data is None:
+        # A store answers "not found" alike for a missing object and a missing bucket.
+        place = f" (or no bucket '{d.path.split('/')[2]}')" if is_url(d.path) else ""
+        raise UserError(f"{where}: missing{place} (domain '{d.name}'); run `cptrain data prepare --out {d.path}` "
                         "or fix data path")
-    return json.loads(path.read_text())
+    return json.loads(data)
+
+
+def prepared_tokenizer(path: str, manifest: dict, cache: NodeCache | None) -> Path:
+    """The tokenizer file or folder of the prepared directory `path`; fetched once per node into
+    the cache when `path` is a URL."""
+    name = manifest["tokenizer"]["file"]
+    if not is_url(path):
+        return Path(path) / name
+    from .remote import download, is_missing
+    cache = cache or NodeCache.open(DEFAULT_DIR, 0)
+    folder = cache.folder(path, manifest["tokenizer"]["sha256"].encode())
+    # The manifest lists the tokenizer's files; without that list, an HF folder's usual names.
+    required = manifest.get("tokenizer_files") or [name if name == "tokenizer.model" else f"{name}/tokenizer.json"]
+    optional = [] if "tokenizer_files" in manifest else [f"{name}/{f}" for f in HF_TOKENIZER_FILES]
+    for f in dict.fromkeys(required + optional):
+        try:
+            cache.fetch(folder / f, lambda tmp, f=f: download(join(path, f), tmp))
+        except UserError as e:
+            if f in required or not is_missing(e):
+                raise
+    return folder / name
 
 
 def all_domains(cfg: DataConfig) -> list[DomainConfig]:
@@ -96,7 +135,7 @@ def check_mixture(cfg: DataConfig) -> None:
 
 
 def _check_manifest(cfg: DataConfig, d: DomainConfig, m: dict, vocab_size: int) -> None:
-    where = Path(d.path) / "manifest.json"
+    where = join(d.path, "manifest.json")
     if m.get("seq_len") != cfg.seq_len:
         raise UserError(f"{where}: prepared with seq_len {m.get('seq_len')} but data.seq_len is "
                         f"{cfg.seq_len}; set data.seq_len={m.get('seq_len')} or re-run prepare")
@@ -109,14 +148,19 @@ def validate_data(cfg: DataConfig, vocab_size: int) -> PreparedData:
     """Check the mixture and every domain's prepared directory against the config (manifests,
     shard files and sizes, one tokenizer, training samples present), opening each split once."""
     check_mixture(cfg)
+    for d in all_domains(cfg):  # a URL we cannot serve is refused here, never read as a local path
+        if is_url(d.path):
+            check_url(d.path)
+    remote = any(is_url(d.path) for d in all_domains(cfg))
+    cache = NodeCache.open(cfg.cache_dir, cfg.cache_limit_gb) if remote else None
     manifests, splits = [], {}
     for d in all_domains(cfg):
-        m = read_manifest(d)
+        m = read_manifest(d, cache)
         _check_manifest(cfg, d, m, vocab_size)
         splits[d.name] = {}
         for split in ("train", "val"):
             if m["splits"][split]["samples"]:
-                splits[d.name][split] = ShardSplit(Path(d.path) / split, verify=cfg.verify_shards)
+                splits[d.name][split] = ShardSplit(join(d.path, split), verify=cfg.verify_shards, cache=cache)
                 splits[d.name][split].check_files()
         manifests.append(m)
     ids = {m["tokenizer"]["sha256"] for m in manifests}
@@ -125,5 +169,5 @@ def validate_data(cfg: DataConfig, vocab_size: int) -> PreparedData:
                         "prepare every domain with the same --tokenizer")
     for d in cfg.domains + cfg.replay:
         if "train" not in splits[d.name]:
-            raise UserError(f"{Path(d.path) / 'train'}: no training samples; prepare more text or a smaller --seq-len")
-    return PreparedData(cfg, manifests[0], splits)
+            raise UserError(f"{join(d.path, 'train')}: no training samples; prepare more text or a smaller --seq-len")
+    return PreparedData(cfg, manifests[0], splits, cache)

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .cache import DEFAULT_DIR, NodeCache
 from .config import DomainConfig, PreparedData, read_manifest
 from .mixture import Mixture, mixture_probs
+from .remote import is_url, join
 from .shards import ShardSplit
 
 
@@ -129,20 +131,22 @@ def _val_batches(split: ShardSplit, d: int, n: int, seq_len: int, b: int, rank: 
         yield collate([samples[(d, k)] for k in range(start, min(start + b, lo + per_rank))])
 
 
-def split_batches(folder: Path, split: str, micro_batch_size: int, max_samples: int | None = None,
-                  rank: int = 0, world_size: int = 1) -> tuple[dict, Iterator[dict]]:
+def split_batches(folder: str | Path, split: str, micro_batch_size: int, max_samples: int | None = None,
+                  rank: int = 0, world_size: int = 1, cache: NodeCache | None = None) -> tuple[dict, Iterator[dict]]:
     """(manifest, batches) of the first max_samples samples (all when None) of one split of a
-    prepared directory, in order, this rank's contiguous share of them: `cptrain eval`'s input."""
-    folder = Path(folder)
-    manifest = read_manifest(DomainConfig(name=folder.name, path=str(folder)))
-    root = folder / split
-    if not (root / "index.json").exists():
-        raise UserError(f"{root}: no such split in {folder} (it has {', '.join(k for k in manifest['splits'])}); "
-                        "pass --split train or val")
-    reader = ShardSplit(root)
+    prepared directory (a path or a URL, read through `cache`), in order, this rank's contiguous
+    share of them: `cptrain eval`'s input."""
+    folder = str(folder)
+    if is_url(folder):
+        cache = cache or NodeCache.open(DEFAULT_DIR, 0)
+    manifest = read_manifest(DomainConfig(name=folder.rstrip("/").rsplit("/", 1)[-1], path=folder), cache)
+    if not manifest["splits"].get(split, {}).get("samples"):
+        raise UserError(f"{join(folder, split)}: no such split in {folder} (it has "
+                        f"{', '.join(k for k, v in manifest['splits'].items() if v['samples'])}); pass --split train or val")
+    reader = ShardSplit(join(folder, split), cache=cache)
     n = reader.num_samples if max_samples is None else min(max_samples, reader.num_samples)
     if n < world_size:
-        raise UserError(f"{root}: {n} samples, fewer than {world_size} ranks; evaluate a larger split or on fewer ranks")
+        raise UserError(f"{reader.root}: {n} samples, fewer than {world_size} ranks; evaluate a larger split or on fewer ranks")
     return manifest, _val_batches(reader, 0, n - n % world_size, manifest["seq_len"], micro_batch_size, rank, world_size)
 
 
@@ -157,7 +161,7 @@ def build_val_loaders(data: PreparedData, *, micro_batch_size: int, rank: int, w
     for d, (dom, split) in enumerate(data.val_splits()):
         n = min(max_samples, split.num_samples if split else 0)
         if n < world_size:
-            warnings.warn(f"{Path(dom.path) / 'val'}: {n} validation samples, fewer than {world_size} ranks; "
+            warnings.warn(f"{join(dom.path, 'val')}: {n} validation samples, fewer than {world_size} ranks; "
                           f"domain '{dom.name}' is not evaluated")
             continue
         out[dom.name] = (lambda s=split, d=d, n=n - n % world_size:

@@ -3,8 +3,10 @@
   * Global sample g (g = 0, 1, 2, ...) belongs to the domain drawn from a counter-based hash of
     (seed, g) under the weights in effect at g (base weights, a phase, or an online override).
   * Each domain d keeps a cursor c_d: the number of its samples drawn so far. Its c-th sample is
-    the sample `perm(seed, d, epoch)[c % N_d]` of its train split (epoch = c // N_d), so epochs wrap
-    and every sample appears once per epoch.
+    the sample `order(seed, d, epoch)[c % N_d]` of its train split (epoch = c // N_d), so epochs wrap
+    and every sample appears once per epoch. The order is a keyed bijection computed per position
+    (permutation.py, state version 2); states saved at version 1 keep the numpy permutation array
+    they were made with.
   * The state (position + cursors) says nothing about ranks or world size (docs/data.md).
 """
 from __future__ import annotations
@@ -16,8 +18,9 @@ import numpy as np
 
 from ..errors import UserError
 from .config import DataConfig
+from .permutation import Permutation
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: Feistel order (permutation.py); 1: rng.permutation(N) per domain and epoch
 
 
 def _uniform(seed: int, idx: np.ndarray) -> np.ndarray:
@@ -67,7 +70,11 @@ class Mixture:
                 warnings.warn(f"data: domain '{name}' had {n} training samples when this state was saved and "
                               f"has {sizes[self.names.index(name)]} now (re-prepared?); its order from here "
                               "on differs from the original run")
-        self._perm: dict[str, tuple[int, np.ndarray]] = {}
+        self.version = int(state.get("version", STATE_VERSION))
+        if self.version not in (1, STATE_VERSION):
+            raise UserError(f"data: the checkpoint's loader state has version {self.version}, this cptrain reads "
+                            f"1 and {STATE_VERSION}; resume with the cptrain that saved it")
+        self._orders: dict[str, tuple[int, Permutation | np.ndarray]] = {}  # domain -> (epoch, its order)
         self.rewind(state)
 
     def rewind(self, state: dict) -> None:
@@ -106,29 +113,42 @@ class Mixture:
                 return -(-p.until_tokens // self.cfg.seq_len)  # first g with g*seq_len >= until
         return 1 << 62
 
-    def sample_index(self, d: int, cursor: int) -> int:
+    def _order(self, name: str, n: int, epoch: int) -> Permutation | np.ndarray:
+        """Position -> sample index of one domain in one epoch (callable or indexable by an array)."""
+        cached = self._orders.get(name)
+        if cached is None or cached[0] != epoch:
+            key = [self.seed, zlib.crc32(name.encode()), epoch]
+            # Version 1 kept an O(N) array per domain; version 2 computes each position on demand.
+            order = np.random.default_rng(key).permutation(n) if self.version == 1 else Permutation(n, key)
+            cached = self._orders[name] = (epoch, order)
+        return cached[1]
+
+    def sample_indices(self, d: int, cursors: np.ndarray) -> np.ndarray:
+        """The sample index in domain d's train split of its draws number `cursors`."""
         name, n = self.names[d], self.sizes[d]
-        epoch, k = divmod(cursor, n)
+        epochs, k = np.divmod(cursors, n)
         if not self.cfg.shuffle:
             return k
-        cached = self._perm.get(name)
-        if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), epoch])
-            cached = (epoch, rng.permutation(n))
-            self._perm[name] = cached
-        return int(cached[1][k])
+        out = np.empty_like(k)
+        for epoch in np.unique(epochs):  # one or two epochs, unless a batch outnumbers the domain
+            sel = epochs == epoch
+            order = self._order(name, n, int(epoch))
+            out[sel] = order(k[sel]) if isinstance(order, Permutation) else order[k[sel]]
+        return out
 
     def take(self, n: int) -> list[tuple[int, int]]:
         """The next n global samples as (domain, sample index); advances the state."""
-        out = []
-        for d in self.domains_of(self.position, n):
-            name = self.names[d]
-            out.append((int(d), self.sample_index(int(d), self.cursors[name])))
-            self.cursors[name] += 1
+        domains = self.domains_of(self.position, n)
+        samples = np.empty(n, dtype=np.int64)
+        for d in np.unique(domains):
+            sel = np.flatnonzero(domains == d)
+            start = self.cursors[self.names[d]]  # a domain's draws take its next cursors, in order
+            samples[sel] = self.sample_indices(int(d), np.arange(start, start + len(sel), dtype=np.int64))
+            self.cursors[self.names[d]] += len(sel)
         self.position += n
-        return out
+        return list(zip(domains.tolist(), samples.tolist()))
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "seed": self.seed, "position": self.position,
+        return {"version": self.version, "seed": self.seed, "position": self.position,
                 "cursors": dict(self.cursors), "weights_override": self.override,
                 "num_samples": dict(zip(self.names, self.sizes))}

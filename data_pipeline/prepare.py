@@ -1,4 +1,5 @@
-"""`cptrain data prepare`: local files -> tokenized, packed MDS shards + manifest.json.
+"""`cptrain data prepare`: local files -> tokenized, packed MDS shards + manifest.json, in a local
+folder or uploaded to an object store as they are written (output.py).
 
 Layout written (docs/data.md has the details):
     DIR/manifest.json            written last: its presence means the directory is complete
@@ -8,8 +9,8 @@ Layout written (docs/data.md has the details):
     DIR/.work/                   plan, per-chunk completion markers, scratch (kept for reruns)
 
 Idempotence: the input is cut into deterministic chunks (consecutive documents, ~--chunk-mb of
-text each). A chunk is written into scratch, moved into place, then marked done by an atomic
-rename of its stats file. A rerun with the same settings skips chunks marked done, redoes any
+text each). A chunk is written into scratch, moved into place, published (uploaded, for a URL
+--out), then marked done by an atomic rename of its stats file. A rerun with the same settings skips chunks marked done, redoes any
 half-written one, then merges the indexes and writes the manifest.
 """
 from __future__ import annotations
@@ -17,17 +18,20 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from . import tokenizer as tokenizers
 from ..errors import UserError
+from .output import Output, tokenizer_files
 
 MANIFEST_VERSION = 1
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
@@ -202,8 +206,9 @@ def write_split(docs: list[np.ndarray], out: Path, seq_len: int, dtype: str, com
     return {"documents": len(docs), "tokens": n_tokens, "samples": samples, "dropped_tokens": dropped}
 
 
-def process_chunk(cid: int, texts: list[str], pool, args, dtype: str, out: Path) -> dict:
-    """Tokenize one chunk, split its documents into train/val, write both splits, mark it done."""
+def process_chunk(cid: int, texts: list[str], pool, args, dtype: str, out: Path,
+                  publish: Callable[[str], None]) -> dict:
+    """Tokenize one chunk, split its documents into train/val, write and publish both splits, mark it done."""
     batches = [texts[i:i + TOKENIZE_BATCH] for i in range(0, len(texts), TOKENIZE_BATCH)]
     docs = [d for b in (pool.imap(_encode, batches) if pool else map(_encode, batches)) for d in b]
     # Per-chunk seeded draw: deterministic for a given plan, independent of --num-proc.
@@ -218,6 +223,7 @@ def process_chunk(cid: int, texts: list[str], pool, args, dtype: str, out: Path)
         if stats[split]["samples"]:
             (out / split).mkdir(exist_ok=True)
             os.replace(scratch / split, out / split / name)
+    publish(name)
     marker = out / ".work" / "done" / f"{name}.json"
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "stats.json").write_text(json.dumps(stats))
@@ -233,17 +239,29 @@ def _file_entry(p: Path) -> dict:
     return {"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def make_plan(args, files: list[Path]) -> dict:
+def make_plan(args, files: list[Path], part: tuple[int, int] | None = None) -> dict:
     """Everything that decides the output: a rerun may resume only under an identical plan."""
     if args.tokenizer:
         tok_src = {"path": str(Path(args.tokenizer).resolve()),
                    "identity": tokenizers.load_tokenizer(args.tokenizer).identity()}
     else:
         tok_src = {"train_vocab": args.train_tokenizer, "type": args.tokenizer_type}
-    return {"version": MANIFEST_VERSION, "inputs": [_file_entry(p) for p in files], "tokenizer": tok_src,
+    plan = {"version": MANIFEST_VERSION, "inputs": [_file_entry(p) for p in files], "tokenizer": tok_src,
             "seq_len": args.seq_len, "text_field": args.text_field, "txt_split": args.txt_split,
             "val_fraction": args.val_fraction, "seed": args.seed, "chunk_mb": args.chunk_mb,
             "compression": args.compression, "on_bad_record": args.on_bad_record}
+    return {**plan, "part": list(part)} if part else plan
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """`--part I/N` -> (I, N): this process prepares the chunks c with c mod N = I."""
+    if text is None:
+        return None
+    found = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not found or not int(found[1]) < int(found[2]):
+        raise UserError(f"--part {text}: give I/N with 0 <= I < N, e.g. --part 0/8 "
+                        "(in a Slurm array: --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(found[1]), int(found[2])
 
 
 def check_plan(out: Path, plan: dict) -> bool:
@@ -309,7 +327,7 @@ def merge_split(out: Path, split: str, n_chunks: int) -> None:
         logging.disable(logging.NOTSET)
 
 
-def _sum_stats(done: list[dict]) -> dict:
+def sum_stats(done: list[dict]) -> dict:
     keys = ("documents", "tokens", "samples", "dropped_tokens")
     return {split: {k: sum(d[split][k] for d in done) for k in keys} for split in ("train", "val")}
 
@@ -330,8 +348,12 @@ def format_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, bad: BadRecords) -> list[dict]:
-    """Every chunk in order: skipped when marked done, else tokenized and written. Per-chunk stats."""
+def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, bad: BadRecords,
+                publish: Callable[[str], None], part: tuple[int, int] | None = None) -> tuple[dict[int, dict], int]:
+    """Every chunk in order: skipped when marked done, else tokenized, written and published
+    (uploaded, for a URL --out); with --part I/N only the chunks c with c mod N = I, the others
+    only read (the chunk boundaries depend on every document before them). Returns the stats of
+    this process's chunks by chunk number, and the number of chunks in the input."""
     # Default threads: all cores in one process, one per process when there are several.
     threads = args.tokenizer_threads or (-1 if args.num_proc == 1 else 1)
     pool = Pool(args.num_proc, _init_worker, (str(tok_path), threads)) if args.num_proc > 1 else None
@@ -339,46 +361,34 @@ def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, 
         _init_worker(str(tok_path), threads)
     from tqdm import tqdm
     bar = tqdm(desc="prepare", unit="chunk", disable=None, file=sys.stderr)
-    done = []
+    done, total = {}, 0
     try:
         chunks = iter_chunks(files, args.text_field, args.txt_split, int(args.chunk_mb * 1e6), bad)
         for cid, texts in enumerate(chunks):
+            total = cid + 1
+            if part and cid % part[1] != part[0]:
+                continue
             marker = out / ".work" / "done" / f"chunk-{cid:05d}.json"
             if marker.exists():
-                done.append(json.loads(marker.read_text()))
+                done[cid] = json.loads(marker.read_text())
             else:
-                done.append(process_chunk(cid, texts, pool, args, dtype, out))
+                done[cid] = process_chunk(cid, texts, pool, args, dtype, out, publish)
             bar.update(1)
-            bar.set_postfix(tokens=f"{sum(d['train']['tokens'] + d['val']['tokens'] for d in done):,}")
+            bar.set_postfix(tokens=f"{sum(d['train']['tokens'] + d['val']['tokens'] for d in done.values()):,}")
     finally:
         bar.close()
         if pool is not None:
             pool.close()
             pool.join()
-    return done
+    return done, total
 
 
-def run(args) -> dict:
-    """The whole preparation; returns the manifest (also written to DIR/manifest.json)."""
-    if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0:
-        raise UserError("--seq-len must be >= 1, --val-fraction in [0, 1), --chunk-mb > 0")
-    files = expand_inputs(args.input)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(args, files)
-    if check_plan(out, plan):
-        print(f"{out}: already prepared with these settings; nothing to do", file=sys.stderr)
-        return json.loads((out / "manifest.json").read_text())
-    t0 = time.time()
-    tok = get_tokenizer(args, files, out)
-    tok_file = tok.save_to(out)
-    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
-    bad = BadRecords(args.on_bad_record)
-    done = process_all(args, files, out, out / tok_file, dtype, bad)
+def check_totals(args, files: list[Path], done: list[dict], bad: BadRecords) -> dict:
+    """Summed chunk stats; a UserError when nothing trainable came out, a warning when no validation did."""
     if not done:
         raise UserError(f"{' '.join(args.input)}: no usable document (all {bad.as_dict()['total']} "
                         "records were bad); see the problems above and fix the input")
-    totals = _sum_stats(done)
+    totals = sum_stats(done)
     if not totals["train"]["samples"]:
         raise UserError(f"{' '.join(args.input)}: {totals['train']['tokens']} training tokens cannot fill one "
                         f"sample of {args.seq_len}+1 tokens; use a smaller --seq-len or more text")
@@ -388,20 +398,71 @@ def run(args) -> dict:
                if any(f.suffix == ".txt" for f in files) and args.txt_split == "document" else "give more documents")
         print(f"warning: --val-fraction {args.val_fraction} left no validation sample ({docs} document{'s' * (docs != 1)} "
               f"in all); training evaluates nothing - {fix}", file=sys.stderr)
+    return totals
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / "manifest.json")
+
+
+def _already_done(out: Output, plan: dict) -> dict | None:
+    """The manifest when `out` is complete under this plan (finishing an interrupted upload);
+    None when there is work to do. Refuses a URL that holds another prepared directory."""
+    published = out.published_manifest()
+    if not check_plan(out.folder, plan):
+        if published:
+            raise UserError(f"{out.url}: already holds a prepared directory (manifest.json) with other inputs or "
+                            f"settings, or not prepared from {out.folder}; choose another --out or delete it")
+        return None
+    manifest = json.loads((out.folder / "manifest.json").read_text())
+    if out.url and not published:
+        out.publish_directory(manifest)
+    print(f"{out.location}: already prepared with these settings; nothing to do", file=sys.stderr)
+    return manifest
+
+
+def run(args) -> dict:
+    """The whole preparation (or its part `--part I/N`); returns the manifest (also written to
+    DIR/manifest.json)."""
+    if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0:
+        raise UserError("--seq-len must be >= 1, --val-fraction in [0, 1), --chunk-mb > 0")
+    part = parse_part(args.part)
+    if part and not args.tokenizer:
+        raise UserError("--part needs --tokenizer: every part must use the same tokenizer file; train one first "
+                        "(a prepare without --part, or any sentencepiece model) and pass it to each part")
+    files = expand_inputs(args.input)
+    out = Output.open(args.out, args.work_dir)  # a URL's bucket and credentials are checked here
+    folder = out.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(args, files, part)
+    manifest = _already_done(out, plan)
+    if manifest:
+        return manifest
+    t0 = time.time()
+    tok = get_tokenizer(args, files, folder)
+    tok_file = tok.save_to(folder)
+    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    bad = BadRecords(args.on_bad_record)
+    done, total = process_all(args, files, folder, folder / tok_file, dtype, bad, out.publish_chunk, part)
+    # A part may hold little or nothing: `data merge` checks the whole.
+    totals = sum_stats(list(done.values())) if part else check_totals(args, files, list(done.values()), bad)
     for split in ("train", "val"):
-        merge_split(out, split, len(done))
+        merge_split(folder, split, total)
     manifest = {
-        "version": MANIFEST_VERSION, "out": str(out), "seq_len": args.seq_len, "dtype": dtype,
+        "version": MANIFEST_VERSION, "out": out.location, "seq_len": args.seq_len, "dtype": dtype,
         "columns": {"tokens": f"ndarray:{dtype}", "doc_starts": "ndarray:uint32"},
-        "tokenizer": {**tok.identity(), "file": tok_file}, "splits": totals,
-        "chunks": len(done), "inputs": plan["inputs"], "bad_records": bad.as_dict(),
+        "tokenizer": {**tok.identity(), "file": tok_file}, "tokenizer_files": tokenizer_files(folder, tok_file),
+        "splits": totals, "chunks": total, "inputs": plan["inputs"], "bad_records": bad.as_dict(),
         "settings": {k: plan[k] for k in ("text_field", "txt_split", "val_fraction", "seed",
                                            "chunk_mb", "compression", "on_bad_record")},
         "seconds": round(time.time() - t0, 2),
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    if part:
+        manifest["part"] = {"index": part[0], "count": part[1], "chunks": sorted(done)}
+    write_manifest(folder, manifest)
+    out.publish_directory(manifest)  # the manifest last: a remote directory is complete once it exists
     return manifest
 
 

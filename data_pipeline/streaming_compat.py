@@ -58,6 +58,8 @@ if _stubbed:
 import streaming  # noqa: E402
 from streaming.base.compression import decompress  # noqa: E402
 from streaming.base.format import reader_from_json  # noqa: E402
+from streaming.base.storage.download import DOWNLOADER_MAPPINGS, CloudDownloader  # noqa: E402
+from streaming.base.storage.upload import UPLOADERS, CloudUploader  # noqa: E402
 from streaming.base.util import merge_index  # noqa: E402
 
 if _stubbed:
@@ -70,4 +72,5 @@ if _stubbed:
     if hasattr(_probe, "cache_clear"):  # an lru_cache that may have seen the stand-in
         _probe.cache_clear()
 
-__all__ = ["streaming", "decompress", "merge_index", "reader_from_json"]
+__all__ = ["streaming", "decompress", "merge_index", "reader_from_json", "CloudDownloader", "CloudUploader",
+           "DOWNLOADER_MAPPINGS", "UPLOADERS"]

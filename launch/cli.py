@@ -11,7 +11,7 @@ from . import commands
 
 def _add(sub, name, func, help):
     p = sub.add_parser(name, help=help, description=help)
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, parser=p)
     return p
 
 
@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     p = _add(data, "prepare", commands.data_prepare, "Tokenize, pack and write MDS shards plus manifest.json.")
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (jsonl/json, parquet, txt)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory, or an object-store URL (s3://bucket/prefix) "
+                   "the directory is uploaded to as it is written")
+    p.add_argument("--work-dir", default=None, help="with an --out URL: the local folder the directory is built in "
+                   "(default: one per URL under ~/.cache/cptrain/prepare; a rerun finds its progress there)")
+    p.set_defaults(url_options=("out",))
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="a sentencepiece .model, or an HF model/tokenizer folder")
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a sentencepiece tokenizer of this vocabulary size")
@@ -45,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what one document is in .txt inputs (a whole file by default)")
     p.add_argument("--chunk-mb", type=float, default=64.0,
                    help="MB of text per chunk, the unit a rerun after an interruption skips when done")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="prepare only chunks c with c mod N = I (one of N processes or nodes; needs --tokenizer); "
+                        "join the N part directories with `cptrain data merge`")
+
+    p = _add(data, "merge", commands.data_merge,
+             "Join the directories of `data prepare --part I/N` (all N) into one prepared directory.")
+    p.add_argument("parts", nargs="+", help="the part directories, in any order")
+    p.add_argument("--out", required=True, help="output directory, or an object-store URL to upload it to")
+    p.add_argument("--work-dir", default=None, help="with an --out URL: the local folder the directory is built in")
+    p.set_defaults(url_options=("out",))
 
     p = _add(sub, "train", commands.train, "Train from a YAML config, in this process or under a launcher.")
     p.add_argument("config", help="YAML config")
@@ -86,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
              "Score a model (HF folder, run directory, checkpoint or weights folder): mean next-token loss on a prepared "
              "split (--data), and/or multiple-choice accuracy by log-likelihood (--task).")
     p.add_argument("model", help="an HF folder, a cptrain run directory, checkpoint or weights folder")
-    p.add_argument("--data", default=None, help="a directory written by `cptrain data prepare`")
+    p.add_argument("--data", default=None, help="a directory written by `cptrain data prepare`, or its URL (s3://...)")
+    p.set_defaults(url_options=("data",))
     p.add_argument("--task", nargs="+", default=[], help='JSON lines task files ({"context", "choices", "answer"} per line)')
     p.add_argument("--num-fewshot", type=int, default=0, help="tasks: examples from the same file before each item")
     p.add_argument("--max-items", type=int, default=0, help="tasks: score the first N items of each file (0: all)")
@@ -194,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_urls(args) -> None:
+    """A URL given where a local path is expected is an error, never a folder named `s3:`; the
+    options that take URLs are listed by their command (`url_options`)."""
+    from ..data_pipeline.remote import local_path
+    names = {a.dest: (a.option_strings or [a.dest])[-1] for a in args.parser._actions}
+    for dest, value in vars(args).items():
+        if dest in ("overrides", *getattr(args, "url_options", ())):
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                local_path(v, names.get(dest, dest))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -202,6 +230,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:
+        _refuse_urls(args)
         return args.func(args) or 0
     except UserError as e:
         # One line whatever the message quotes (a path or key may hold a newline or control character).

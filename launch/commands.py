@@ -23,6 +23,12 @@ def data_prepare(args) -> int:
     return main(args)
 
 
+def data_merge(args) -> int:
+    from ..data_pipeline.merge import main
+
+    return main(args)
+
+
 def launch(args) -> int:
     from .launchers import main
 
@@ -137,6 +143,7 @@ def evaluate(args) -> int:
     """`cptrain eval MODEL [--data DIR] [--task FILE...] [--lm-eval TASK...] [--json FILE]`."""
     import torch
 
+    from ..data_pipeline.remote import check_url, is_url
     from ..data_pipeline.tokenizer import load_tokenizer
     from ..trainer import tasks as T
     from ..trainer.engines.spec import autocast_for, uses_bf16
@@ -150,6 +157,8 @@ def evaluate(args) -> int:
     tokenizer = load_tokenizer(tokenizer_for(args.model, args.tokenizer)) if (args.task or args.lm_eval) else None
     specs = [T.TaskConfig(path=f, num_fewshot=args.num_fewshot, max_items=args.max_items) for f in args.task]
     items = {s.stem: T.load_items(s.path, s.max_items) for s in specs}  # bad task files fail before the model loads
+    if args.data and is_url(args.data):
+        check_url(args.data)  # so does a URL scheme we cannot read
     model = load_model(args.model, device)
     result = {}
     if args.data:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from ..data_pipeline.config import DataConfig
+from ..data_pipeline.remote import local_path
 from ..errors import UserError
 from ..model.config import ModelConfig
 from ..model.extend import ExtendConfig, extend_rope
@@ -313,6 +314,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
 
 
 def _check(cfg: TrainConfig, src: str) -> None:
+    paths = [("run_dir", cfg.run_dir), ("model.init_from", cfg.model.init_from), ("data.cache_dir", cfg.data.cache_dir)]
+    for key, value in paths + [(f"eval.tasks[{i}].path", t.path) for i, t in enumerate(cfg.eval.tasks)]:
+        local_path(value, f"{src}: {key}")  # only data domains may be URLs (validate_data checks their scheme)
     t = cfg.train
     seq = cfg.data.seq_len
     if t.micro_batch_size <= 0 or t.max_tokens <= 0 or t.global_batch_tokens <= 0:

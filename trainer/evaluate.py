@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..data_pipeline.cache import DEFAULT_DIR, NodeCache
+from ..data_pipeline.config import DomainConfig, prepared_tokenizer, read_manifest
 from ..data_pipeline.loader import split_batches
+from ..data_pipeline.remote import is_url, join
 from ..errors import UserError
 from ..model.decoder import Decoder
 from .checkpoint import load_full_weights, resolve_checkpoint
@@ -44,12 +47,18 @@ def tokenizer_for(model_path: str | Path, explicit: str | None = None) -> Path:
             pass
     for cfg_file in candidates:
         if cfg_file.is_file():
-            domains = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}).get("domains") or []
-            manifest = Path(domains[0]["path"]) / "manifest.json" if domains else None
-            if manifest and manifest.is_file():
-                return manifest.parent / json.loads(manifest.read_text())["tokenizer"]["file"]
+            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {})
+            path = (data.get("domains") or [{}])[0].get("path", "")
+            if is_url(path) or (path and Path(path, "manifest.json").is_file()):
+                return _data_tokenizer(path, data.get("cache_dir", DEFAULT_DIR))
     raise UserError(f"{model_path}: no tokenizer found (not an HF folder with tokenizer files, nor a run whose data "
                     "manifest names one); pass --tokenizer")
+
+
+def _data_tokenizer(path: str, cache_dir: str) -> Path:
+    """The tokenizer a prepared directory (or its URL: fetched into the node cache) was made with."""
+    cache = NodeCache.open(cache_dir, 0) if is_url(path) else None
+    return prepared_tokenizer(path, read_manifest(DomainConfig(name="", path=path), cache), cache)
 
 
 def check_vocab(model: Decoder, vocab_size: int, where: str) -> None:
@@ -63,8 +72,8 @@ def split_loss(model: Decoder, data: str | Path, split: str = "val", max_samples
                batch_size: int = 8, precision: str = "auto", chunk_tokens: int = 0) -> dict:
     """{"loss", "tokens", "samples", "perplexity"}: the mean loss over the split's target tokens."""
     device = next(model.parameters()).device
-    manifest, batches = split_batches(Path(data), split, batch_size, max_samples)
-    check_vocab(model, manifest["tokenizer"]["vocab_size"], str(Path(data) / "manifest.json"))
+    manifest, batches = split_batches(str(data), split, batch_size, max_samples)
+    check_vocab(model, manifest["tokenizer"]["vocab_size"], join(str(data), "manifest.json"))
     total, tokens, samples = 0.0, 0, 0
     with autocast_for(device, uses_bf16(precision, device.type)):
         for batch in batches:
@@ -74,7 +83,7 @@ def split_loss(model: Decoder, data: str | Path, split: str = "val", max_samples
             tokens += losses.numel()
             samples += losses.shape[0]
     if not tokens:
-        raise UserError(f"{Path(data) / split}: no samples to evaluate")
+        raise UserError(f"{join(str(data), split)}: no samples to evaluate")
     loss = total / tokens
     return {"loss": loss, "tokens": tokens, "samples": samples, "perplexity": math.exp(min(loss, 700))}
 

@@ -137,7 +137,7 @@ class Trainer:
         self.val_loaders = build_val_loaders(self.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.layout.dp_rank,
                                              world_size=self.layout.dp_size, max_samples=cfg.eval.max_samples)
         self.domains = [d.name for d in cfg.data.domains + cfg.data.replay]  # the loader's `domain` indices
-        tokenizer = Path(cfg.data.domains[0].path) / self.data.manifest["tokenizer"]["file"]  # the one the data was prepared with
+        tokenizer = self.data.tokenizer_path() if cfg.eval.tasks else None  # the one the data was prepared with
         self.addons = build_addons(cfg, self.engine, self.loader, self.val_loaders, tokenizer, self._say)
         self.faults = self.addons[0]  # the add-on whose verdicts decide each step
         if self.plan.masks:  # a cptrain checkpoint: what the add-ons kept in it (masks of a sparse one, ...)
