@@ -27,7 +27,7 @@ from ..model.extend import ExtendConfig, extend_rope
 from ..model.presets import preset
 from .continual import ContinualSection
 from .engines.deepspeed import DeepSpeedSection
-from .engines.layout import resolve_device
+from .engines.layout import ParallelSection, resolve_device
 from .engines.spec import grad_accumulation, uses_bf16
 from .faults import FaultsSection
 from .freezing import FreezeConfig
@@ -122,6 +122,7 @@ class TrainConfig:
     log: LogSection = field(default_factory=LogSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # with train.engine=deepspeed (trainer/engines/deepspeed.py)
     fsdp: FSDPSection = field(default_factory=FSDPSection)  # with train.engine=fsdp2 (trainer/engines/fsdp.py)
+    parallel: ParallelSection = field(default_factory=ParallelSection)  # context and expert parallelism (trainer/engines/layout.py)
     faults: FaultsSection = field(default_factory=FaultsSection)  # signals, NaNs, loss spikes (trainer/faults.py)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # pruning and sparse-then-dense (trainer/sparsity.py)
     reweighting: ReweightingConfig = field(default_factory=ReweightingConfig)  # loss-based sample and domain weights (trainer/reweighting.py)
@@ -326,6 +327,8 @@ def _check(cfg: TrainConfig, src: str) -> None:
         raise UserError(f"{src}: data.seq_len={seq} exceeds model.max_seq_len={cfg.model.arch.max_seq_len}; raise model.max_seq_len")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
+    if cfg.parallel.cp > 1 or cfg.parallel.ep > 1:
+        raise UserError(f"{src}: parallel.cp and parallel.ep above 1 are not available yet; set them to 1")
     if t.engine == "deepspeed":
         device_type = resolve_device(t.device).type
         cfg.deepspeed.check(t, uses_bf16(t.precision, device_type), device_type, src)

@@ -108,11 +108,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop: GracefulStop | None = None):
         self.cfg = cfg
         self.stop = stop or GracefulStop()  # installed by run(); a bare one is never signalled
-        self.layout = init_distributed(cfg.train.device)
+        self.layout = init_distributed(cfg.train.device, cfg.parallel)
         self.run_dir = Path(cfg.run_dir)
         arch = cfg.model.arch
         self.data = validate_data(cfg.data, arch.vocab_size)  # before any expensive work
         self.spec = engine_spec(cfg, self.layout)
+        self._say(self.layout.describe())
         self.plan = plan_start(cfg, resume, overwrite, say=self._say)
         for line in self.plan.skipped:
             self._say(line)
