@@ -150,6 +150,12 @@ def main(args) -> int:
     _check_multinode(args)
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process starts
     run_dir = Path(cfg.run_dir).resolve()
+    if not (args.hostfile and not args.nodes):  # the world size is known: its layout is checked and shown now
+        from ..trainer.engines.layout import Layout
+
+        p = cfg.parallel
+        print("process layout: " + Layout(world_size=_nodes(args) * gpus_per_node(args), cp=p.cp, cp_method=p.cp_method,
+                                          ep=p.ep).describe(), flush=True)
     if args.launcher == "slurm":
         out = Path(args.slurm_out or run_dir / "launch.sbatch")
         out.parent.mkdir(parents=True, exist_ok=True)

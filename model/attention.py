@@ -14,7 +14,7 @@ import inspect
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,9 @@ class AttentionContext:
     scale: float | None = None  # score scale; None: head_dim ** -0.5
     softcap: float | None = None  # scores soft-capped as c * tanh(s / c)
     window: int | None = None  # keys a query sees, itself included (sliding layers)
+    # Context parallelism: this rank holds part of each row, and attention over the whole row is this
+    # function of the rank's q, k, v (the trainer supplies it; the model never calls a collective).
+    distributed: Callable | None = None
 
 
 def doc_segments(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +231,8 @@ def build_context(backend: str, doc_ids: torch.Tensor | None, cos: torch.Tensor,
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """q [B, S, H, hd], k/v [B, S, KV, hd] -> [B, S, H, hd] with the context's backend and mask."""
+    if ctx.distributed is not None:
+        return ctx.distributed(q, k, v)
     if ctx.backend == "flash_attn":
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise UserError(f"attention 'flash_attn' needs bf16/fp16 activations, got {q.dtype}; "

@@ -169,12 +169,17 @@ class Decoder(nn.Module):
         if self.output is not None:
             nn.init.normal_(self.output.weight, 0.0, std)
 
-    def attention_context(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> dict[str, AttentionContext]:
-        """Per layer kind, RoPE cos/sin and the backend's mask for tokens [B, S] (doc_ids [B, S] or None)."""
+    def attention_context(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                          split=None) -> dict[str, AttentionContext]:
+        """Per layer kind, RoPE cos/sin and the backend's mask for tokens [B, S] (doc_ids [B, S] or None).
+        `split` (context parallelism): these are this rank's tokens of longer rows; it gives their
+        positions in the row and builds each kind's context, whose attention covers the whole row."""
         cfg, (b, s) = self.cfg, tokens.shape
         if not cfg.doc_masking:
             doc_ids = None
-        if doc_ids is None:
+        if split is not None:
+            positions = split.positions  # [B or 1, S]: where this rank's tokens sit in their documents
+        elif doc_ids is None:
             positions = torch.arange(s, device=tokens.device)[None]  # [1, S], shared by all rows
         else:
             positions = doc_positions(doc_ids)  # [B, S]
@@ -185,13 +190,16 @@ class Decoder(nn.Module):
             inv_freq, rope_scale = rope_init(theta, cfg.head_size, scaling, tokens.device)
             cos, sin = rope_cos_sin(inv_freq, rope_scale, positions)
             window = cfg.sliding_window if kind == "sliding" else None
-            contexts[kind] = build_context(cfg.attention, doc_ids, cos, sin, b, s, tokens.device, scale=scale,
-                                           softcap=cfg.attn_softcap, window=window)
+            if split is not None:
+                contexts[kind] = split.context(cfg.attention, cos, sin, scale=scale, softcap=cfg.attn_softcap, window=window)
+            else:
+                contexts[kind] = build_context(cfg.attention, doc_ids, cos, sin, b, s, tokens.device, scale=scale,
+                                               softcap=cfg.attn_softcap, window=window)
         return contexts
 
-    def hidden(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] -> final-norm hidden states [B, S, D]."""
-        contexts = self.attention_context(tokens, doc_ids)
+    def hidden(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, split=None) -> torch.Tensor:
+        """tokens [B, S] -> final-norm hidden states [B, S, D]; `split` as in attention_context."""
+        contexts = self.attention_context(tokens, doc_ids, split)
         h = self.tok_embeddings(tokens)  # [B, S, D]
         if self.cfg.embed_scale:  # sqrt(dim) in the weights' dtype, as Gemma computes it (55.5, not 55.43, in bf16)
             h = h * torch.tensor(self.cfg.dim**0.5, dtype=h.dtype)
@@ -206,6 +214,6 @@ class Decoder(nn.Module):
         """hidden [..., D] -> logits [..., V] (the output head, or the embedding when tied; soft-capped when configured)."""
         return softcap(F.linear(hidden, self.head_weight()), self.cfg.final_softcap)
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, split=None) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V]."""
-        return self.head(self.hidden(tokens, doc_ids))
+        return self.head(self.hidden(tokens, doc_ids, split))

@@ -27,6 +27,7 @@ from ..model.extend import ExtendConfig, extend_rope
 from ..model.presets import preset
 from .continual import ContinualSection
 from .engines.deepspeed import DeepSpeedSection
+from .engines.context import check as context_check
 from .engines.layout import ParallelSection, resolve_device
 from .engines.spec import grad_accumulation, uses_bf16
 from .faults import FaultsSection
@@ -327,8 +328,15 @@ def _check(cfg: TrainConfig, src: str) -> None:
         raise UserError(f"{src}: data.seq_len={seq} exceeds model.max_seq_len={cfg.model.arch.max_seq_len}; raise model.max_seq_len")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
-    if cfg.parallel.cp > 1 or cfg.parallel.ep > 1:
-        raise UserError(f"{src}: parallel.cp and parallel.ep above 1 are not available yet; set them to 1")
+    if cfg.parallel.ep > 1:
+        raise UserError(f"{src}: parallel.ep above 1 needs a mixture-of-experts model; set parallel.ep=1")
+    context_check(cfg.parallel.cp, cfg.parallel.cp_method, cfg.model.arch, seq, src)
+    if cfg.parallel.cp > 1 and cfg.reweighting.instance.strategy != "none":
+        raise UserError(f"{src}: reweighting.instance weighs whole samples by their loss, which context parallelism "
+                        "splits over ranks; set reweighting.instance.strategy=none or parallel.cp=1")
+    if cfg.parallel.cp > 1 and cfg.eval.tasks:
+        raise UserError(f"{src}: eval.tasks score requests of their own length, which context parallelism does not "
+                        "split; score them after the run with `cptrain eval RUN --task ...`, or set parallel.cp=1")
     if t.engine == "deepspeed":
         device_type = resolve_device(t.device).type
         cfg.deepspeed.check(t, uses_bf16(t.precision, device_type), device_type, src)

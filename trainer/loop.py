@@ -25,6 +25,7 @@ from .addons import AddOn, Step
 from .averaging import WeightEMA
 from .config import TrainConfig, save_config
 from .engines import build_engine
+from .engines.context import ContextParallel
 from .engines.layout import init_distributed
 from .engines.spec import autocast_for, engine_spec
 from .faults import FaultMonitor, GracefulStop
@@ -76,15 +77,17 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def evaluate(engine, val_loaders: dict, chunk_tokens: int, addons: list[AddOn] = ()) -> dict:
-    """Mean token loss per validation domain, and the add-ons' evaluations (tasks), over all ranks."""
+def evaluate(engine, val_loaders: dict, chunk_tokens: int, addons: list[AddOn] = (), shard=None) -> dict:
+    """Mean token loss per validation domain, and the add-ons' evaluations (tasks), over all ranks;
+    `shard`: a batch as this rank holds it (context parallelism)."""
     out, device = {}, engine.spec.layout.device
+    shard = shard or (lambda batch: batch)
     engine.model.eval()
     with torch.no_grad(), autocast_for(device, engine.spec.bf16):
         for name, batches in val_loaders.items():
             acc = torch.zeros(2, dtype=torch.float64, device=device)
             for batch in batches():
-                losses = token_losses(engine.model, _to_device(batch, device), chunk_tokens)
+                losses = token_losses(engine.model, shard(_to_device(batch, device)), chunk_tokens)
                 acc += torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64, device=device)])
             _all_reduce(acc)
             out[f"val/{name}"] = (acc[0] / acc[1].clamp(min=1)).item()
@@ -138,6 +141,7 @@ class Trainer:
         self.val_loaders = build_val_loaders(self.data, micro_batch_size=cfg.train.micro_batch_size, rank=self.layout.dp_rank,
                                              world_size=self.layout.dp_size, max_samples=cfg.eval.max_samples)
         self.domains = [d.name for d in cfg.data.domains + cfg.data.replay]  # the loader's `domain` indices
+        self.cp = ContextParallel(self.layout, arch.doc_masking) if self.layout.cp > 1 else None
         tokenizer = self.data.tokenizer_path() if cfg.eval.tasks else None  # the one the data was prepared with
         self.addons = build_addons(cfg, self.engine, self.loader, self.val_loaders, tokenizer, self._say)
         self.faults = self.addons[0]  # the add-on whose verdicts decide each step
@@ -203,7 +207,7 @@ class Trainer:
         loss_fn = self._loss_fn()
         for addon in self.addons:
             loss_fn = addon.wrap_loss(loss_fn, p.step + 1)
-        batches = [_to_device(next(data_iter), self.layout.device) for _ in range(accum)]
+        batches = [self._shard(_to_device(next(data_iter), self.layout.device)) for _ in range(accum)]
         row = {}
         for addon in self.addons:
             row.update(addon.before_step(batches, p.tokens))
@@ -212,7 +216,7 @@ class Trainer:
             acc[0] += stats["loss_sum"].double()
             dom = batch["domain"]
             acc[1:1 + n_dom] += torch.bincount(dom, weights=stats["sample_loss"].double(), minlength=n_dom)[:n_dom]
-            acc[1 + n_dom:] += torch.bincount(dom, minlength=n_dom)[:n_dom].double()
+            acc[1 + n_dom:] += torch.bincount(dom, minlength=n_dom)[:n_dom].double() / self.layout.cp  # a row, once
         # The LR of a step is the schedule's value at the tokens seen once the step is done: the first
         # step already learns, and the last one lands exactly on the schedule's final LR.
         lr = self.schedule.lr(p.tokens + self.cfg.train.global_batch_tokens)
@@ -308,8 +312,12 @@ class Trainer:
         speed.pause(time.perf_counter() - t0)
         return row
 
+    def _shard(self, batch: dict) -> dict:
+        """The batch as this rank holds it: whole rows, or its part of each under context parallelism."""
+        return self.cp.shard(batch) if self.cp is not None else batch
+
     def _evaluate(self) -> dict:
-        return evaluate(self.engine, self.val_loaders, self.cfg.train.loss_chunk_tokens, self.addons)
+        return evaluate(self.engine, self.val_loaders, self.cfg.train.loss_chunk_tokens, self.addons, self._shard)
 
     def train(self) -> list[dict]:
         cfg, p = self.cfg, self.progress

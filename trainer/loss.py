@@ -96,28 +96,34 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return (losses.sum() if row_weight is None else (losses * row_weight).sum()), losses
 
 
-def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, object]:
+    """(inputs [B, S], doc_ids [B, S] or None, targets [B, S], split): tokens[:, :-1] predict tokens[:, 1:].
+    A batch sharded for context parallelism (trainer/engines/context.py) holds this rank's inputs and
+    targets and the `split` that says where they sit in the rows."""
+    if "split" in batch:
+        return batch["inputs"], None, batch["targets"], batch["split"]
     tokens, doc_ids = batch["tokens"], batch.get("doc_ids")
-    return tokens[:, :-1], (doc_ids[:, :-1] if doc_ids is not None else None), tokens[:, 1:]
+    return tokens[:, :-1], (doc_ids[:, :-1] if doc_ids is not None else None), tokens[:, 1:], None
 
 
 def token_losses(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
     """Per-token cross-entropy [B, S] of predicting tokens[:, 1:] from tokens[:, :-1]; with
     chunk_tokens > 0 (no gradient through the result: for evaluation) the output head and the
     loss run over chunks of tokens, so the [B*S, vocab] logits never exist at once."""
-    inputs, doc_ids, targets = _inputs(batch)
+    inputs, doc_ids, targets, split = _inputs(batch)
     if chunk_tokens <= 0:
-        logits = model(inputs, doc_ids)  # [B, S, V]
+        logits = model(inputs, doc_ids, split=split)  # [B, S, V]
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
-    hidden = model.hidden(inputs, doc_ids).flatten(0, 1)  # [B*S, D]
+    hidden = model.hidden(inputs, doc_ids, split=split).flatten(0, 1)  # [B*S, D]
     _, losses = linear_cross_entropy(hidden, model.head_weight(), targets.flatten(), chunk_tokens, cap=model.cfg.final_softcap)
     return losses.view_as(targets)
 
 
 def lm_loss(model, batch: dict, scale: float, chunk_tokens: int = 0) -> tuple[torch.Tensor, dict]:
     """Returns (the scalar to backpropagate, detached stats): stats['loss_sum'] is the plain sum of
-    token losses, stats['sample_loss'] the mean loss of each sample (for per-domain logging).
-    With chunk_tokens > 0 the head and the loss are fused (see _LinearCrossEntropy).
+    token losses, stats['sample_loss'] each sample's summed loss over its whole row's target count
+    (its mean loss; under context parallelism, this rank's part of it: the parts add up). With
+    chunk_tokens > 0 the head and the loss are fused (see _LinearCrossEntropy).
     batch['sample_weight'] [B] (optional, trainer/reweighting.py) scales each sample's losses in
     what is backpropagated; the stats stay plain."""
     weight = batch.get("sample_weight")
@@ -126,11 +132,13 @@ def lm_loss(model, batch: dict, scale: float, chunk_tokens: int = 0) -> tuple[to
         total = losses.sum()
         backprop = total if weight is None else (losses.sum(dim=1) * weight).sum()
     else:
-        inputs, doc_ids, targets = _inputs(batch)
-        hidden = model.hidden(inputs, doc_ids).flatten(0, 1)  # [B*S, D]
+        inputs, doc_ids, targets, split = _inputs(batch)
+        hidden = model.hidden(inputs, doc_ids, split=split).flatten(0, 1)  # [B*S, D]
         row_weight = None if weight is None else weight.repeat_interleave(targets.shape[1])
         backprop, flat = linear_cross_entropy(hidden, model.head_weight(), targets.flatten(), chunk_tokens, row_weight,
                                               model.cfg.final_softcap)
         losses = flat.view_as(targets)
         total = backprop if weight is None else flat.sum()
-    return backprop * scale, {"loss_sum": total.detach(), "sample_loss": losses.detach().mean(dim=1)}
+    losses = losses.detach()
+    sample = losses.sum(dim=1) / batch["split"].row_len if "split" in batch else losses.mean(dim=1)
+    return backprop * scale, {"loss_sum": total.detach(), "sample_loss": sample}
