@@ -19,7 +19,9 @@ A run is `impl:key=value,...`; keys (ours unless noted): mb (micro-batch, both),
 both), attn (sdpa|flex), doc (document masking 0/1), sdpa (auto|cudnn|flash|efficient, both),
 ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (pure bf16 params 0/1),
 fa4 (1: FlashAttention-4 behind attn=flash_attn when flash-attn-4 is installed; 0: torch's FA2),
-fp8 (off|tensorwise|rowwise: train.fp8, torchao float8 in the block linears).
+fp8 (off|tensorwise|rowwise: train.fp8, torchao float8 in the block linears), offload (1: the
+checkpointed block inputs in pinned host memory, train.offload_activations), tile (train.mlp_tile_tokens).
+--seq sets the sequence length (recorded in every row as seq_len).
 Results are appended to --out as JSON lines; a table is printed last.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ from cptrain.model.hf_config import to_hf_config
 from cptrain.model.presets import preset
 
 DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1,
-            "fp8": "off"}
+            "fp8": "off", "offload": 0, "tile": 0}
 SEQ = 2048
 
 
@@ -88,7 +90,9 @@ def build_ours(model_name: str, run: dict, device):
                  f"--model.doc_masking={bool(run['doc'])}", f"--data.seq_len={SEQ}",
                  f"--train.micro_batch_size={run['mb']}", f"--train.global_batch_tokens={run['mb'] * SEQ}",
                  f"--train.compile={bool(run['compile'])}", f"--train.activation_checkpointing={bool(run['ac'])}",
-                 f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}", f"--train.fp8={run['fp8']}"]
+                 f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}", f"--train.fp8={run['fp8']}",
+                 f"--train.offload_activations={bool(run['offload'])}", f"--train.mlp_tile_tokens={run['tile']}",
+                 f"--model.max_seq_len={max(SEQ, preset(model_name).max_seq_len)}"]
     cfg = load_config(None, overrides)
     set_fa4(bool(run["fa4"]), device)
     engine = build_engine(engine_spec(cfg, Layout(device=device)), cfg.model.arch)
@@ -141,7 +145,7 @@ def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tf
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = {"model": model_name, **run, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+    result = {"model": model_name, **run, "seq_len": SEQ, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     try:
         with sdpa_context(run["sdpa"]):

@@ -61,6 +61,8 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    offload_activations: bool = False  # with activation_checkpointing: each block's saved input waits in pinned host memory (one process)
+    mlp_tile_tokens: int = 0  # >0: the MLP runs over tiles of this many positions, each checkpointed (long sequences)
     loss_chunk_tokens: int = 0  # >0: cross-entropy in chunks of this many tokens (full logits never materialized)
     fp8: Literal["off", "tensorwise", "rowwise"] = "off"  # FP8 matmuls in the block linears (torchao; trainer/engines/fp8.py)
     fp8_min_features: int = 1024  # with fp8: linears narrower than this stay in bf16
@@ -326,6 +328,11 @@ def _check(cfg: TrainConfig, src: str) -> None:
     grad_accumulation(t.global_batch_tokens, seq, t.micro_batch_size, 1, src)  # one process; the run checks its own
     if seq > cfg.model.arch.max_seq_len:
         raise UserError(f"{src}: data.seq_len={seq} exceeds model.max_seq_len={cfg.model.arch.max_seq_len}; raise model.max_seq_len")
+    if t.offload_activations and not t.activation_checkpointing:
+        raise UserError(f"{src}: train.offload_activations parks the inputs activation checkpointing keeps; "
+                        "set train.activation_checkpointing=true")
+    if t.mlp_tile_tokens < 0:
+        raise UserError(f"{src}: train.mlp_tile_tokens={t.mlp_tile_tokens} must be >= 0 (0: no tiling)")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
     if cfg.parallel.ep > 1:

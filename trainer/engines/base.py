@@ -153,7 +153,8 @@ def build_optimizer(groups: list[dict], optim, device: torch.device) -> torch.op
 
 
 def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = None, regions: bool = False) -> None:
-    """Per-block activation checkpointing and torch.compile, applied in place before sharding.
+    """Per-block activation checkpointing (its input offloaded to the host, the MLP tiled along the
+    sequence: trainer/engines/memory.py) and torch.compile, applied in place before sharding.
     Both are hook-based, so parameter names (and checkpoints) stay those of the plain model.
     regions: compile each block's parameter-free regions (norm, RoPE + attention, the MLP gate)
     instead of the block, for an engine whose hooks on every module (ZeRO-3's gathers) a compiled
@@ -163,7 +164,15 @@ def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = 
 
     from ...model.decoder import RMSNorm, gated, rms_norm, rope_attend
 
+    from .memory import offload_checkpoints, tile_mlp
+
     compile_blocks = spec.compile if compile_blocks is None else compile_blocks
+    for block in model.layers:
+        if spec.mlp_tile_tokens:
+            tile_mlp(block, spec.mlp_tile_tokens)
+    if spec.offload_activations:  # checkpoints and compile of its own (one process: trainer/engines/spec.py)
+        offload_checkpoints(model, spec.layout.device, compile_blocks)
+        return
     kernels = {}
     for block in model.layers:
         if spec.activation_checkpointing:

@@ -35,6 +35,8 @@ class EngineSpec:
     grad_clip: float  # max global gradient norm (0: no clipping)
     compile: bool  # torch.compile per block (per region under ZeRO-3)
     activation_checkpointing: bool  # recompute each block's activations in backward
+    offload_activations: bool  # the checkpointed block inputs wait in pinned host memory (trainer/engines/memory.py)
+    mlp_tile_tokens: int  # >0: the MLP over tiles of this many positions, each checkpointed
     fused_loss: bool  # the loss reads the head weight outside the model's forward (train.loss_chunk_tokens > 0)
     fp8: FP8Spec
     optim: object  # trainer.config.OptimSection: the optimizer's name and hyperparameters
@@ -64,12 +66,17 @@ def grad_accumulation(global_batch_tokens: int, seq_len: int, micro_batch_size: 
 def engine_spec(cfg, layout: Layout) -> EngineSpec:
     """The spec of `cfg` (a TrainConfig) on this process layout."""
     t = cfg.train
+    if t.offload_activations and (layout.world_size > 1 or t.engine == "deepspeed"):
+        raise UserError(f"train.offload_activations recomputes blocks inside their own backward, which runs in one "
+                        f"process of engine local or fsdp2 (this run: {layout.world_size} processes, engine {t.engine}); "
+                        "across GPUs split the sequence with parallel.cp instead")
     return EngineSpec(
         engine=t.engine, layout=layout, bf16=uses_bf16(t.precision, layout.device.type),
         accumulation=grad_accumulation(t.global_batch_tokens, cfg.data.seq_len, t.micro_batch_size, layout.dp_size,
                                        "config"),
         micro_batch_size=t.micro_batch_size, grad_clip=cfg.optim.grad_clip, compile=t.compile,
-        activation_checkpointing=t.activation_checkpointing, fused_loss=t.loss_chunk_tokens > 0,
+        activation_checkpointing=t.activation_checkpointing, offload_activations=t.offload_activations,
+        mlp_tile_tokens=t.mlp_tile_tokens, fused_loss=t.loss_chunk_tokens > 0,
         fp8=FP8Spec(t.fp8, t.fp8_min_features, t.fp8_keep_ends, t.fp8_emulate), optim=cfg.optim,
         groups_by_role=bool(cfg.freeze.phases) or cfg.optim.name == "muon", async_checkpoint=cfg.checkpoint.async_,
         scratch_dir=Path(cfg.run_dir), deepspeed=cfg.deepspeed if t.engine == "deepspeed" else None,
