@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks run on the device machine (one call per stage); results land in $OUT (or ./gpu_out).
 #   bash bench/gpu_check.sh STAGE      STAGE: perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
-#                                      engines3 | offload8b | ckpt1b |
+#                                      engines3 | offload8b | ckpt1b | longctx | cp1 |
 #                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4*
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
@@ -190,5 +190,31 @@ fa4parity)  # loss curves: plain, plain-2, fast on FA4, fast on FA2 (needs .carr
   cp /tmp/parity/parity.json "$OUT/" 2>/dev/null ;;
 fa4loop)  # the shipped configs through `cptrain train` with FA4 (needs .carry/data)
   loop_configs gpu_1.3b:12 gpu_350m:32 ;;
+longctx)  # long sequences on one GPU (docs/long_context.md): the 1B preset at 32K with and without activation
+  # checkpointing (MFU), the 8B preset at 128K with offloaded checkpoints and a tiled MLP, the 1B preset at 256K;
+  # plain causal rows (one document each), the fused loss; each row records its seq_len
+  L="mb=1,ce=8192,attn=flash_attn,doc=0"  # and --mem-cap-gib 78: what fits one 80 GB H100, also on an H200
+  B="$B --mem-cap-gib 78"
+  timeout 170 $B --seq 32768 --model 1B --steps 3 --warmup 2 --out "$OUT/long.jsonl" --run ours:$L,ac=0 --run ours:$L,ac=1 \
+    2>&1 | grep -v -i "warn\|exe_args" | tail -3
+  timeout 230 $B --seq 131072 --model 8B --steps 1 --warmup 1 --out "$OUT/long.jsonl" \
+    --run ours:$L,ac=1,bf16=1,offload=1,tile=8192 2>&1 | grep -v -i "warn\|exe_args" | tail -2
+  timeout 150 $B --seq 262144 --model 1B --steps 1 --warmup 1 --out "$OUT/long.jsonl" \
+    --run ours:$L,ac=1,offload=1,tile=8192 2>&1 | grep -v -i "warn\|exe_args" | tail -2 ;;
+cp1)  # the process layout, add-ons and context-parallel plumbing at cp=1: the loop's tokens/s now against
+  # commit 6faec7c (before them; carried in .carry/old), same data, configs and call, old and new alternated
+  mkdir -p /tmp/oldsite && ln -sfn "$PWD/.carry/old" /tmp/oldsite/cptrain
+  for spec in gpu_350m:32:smollm2-135m gpu_1.3b:16:1.3B; do
+    IFS=: read -r config mb model <<< "$spec"
+    for code in old new new old; do
+      site=/tmp/site; [ $code = old ] && site=/tmp/oldsite:/tmp/site
+      dir=$PWD; [ $code = old ] && dir=$PWD/.carry/old
+      PYTHONPATH=$site timeout 110 python3 -m cptrain.launch.cli train $dir/trainer/configs/$config.yaml --run_dir=/tmp/cp1_$code \
+        --overwrite --model.preset=$model "--data.domains=[{name: english, path: $PWD/.carry/data/english2048}]" \
+        --train.micro_batch_size=$mb --train.global_batch_tokens=$((mb * 2048)) --train.max_tokens=$((mb * 2048 * 20)) \
+        --eval.at_start=false --eval.max_samples=8 --checkpoint.at_end=false --log.progress=false >/dev/null 2>&1
+      python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/cp1_$code/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print(json.dumps({'stage': 'cp1', 'code': '$code', 'config': '$config', 'model': '$model', 'mb': $mb, 'seq_len': 2048, 'tokens_per_s': round(st.median(x['tokens_per_s'] for x in r)), 'mfu': round(st.median(x['mfu'] for x in r), 4)}))" | tee -a "$OUT/cp1.jsonl"
+    done
+  done ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac
