@@ -29,6 +29,12 @@ class PhaseConfig:
 
 
 @dataclass
+class SeqLenPhase:
+    until_tokens: int = 0   # this length for the steps that start before this many tokens (data_pipeline/seqlen.py)
+    seq_len: int = 0        # tokens per row in those steps: each prepared row cut into seq_len / this pieces
+
+
+@dataclass
 class DataConfig:
     domains: list[DomainConfig] = field(default_factory=list)      # the training mixture
     val_domains: list[DomainConfig] = field(default_factory=list)  # extra validation-only domains
@@ -36,6 +42,7 @@ class DataConfig:
     replay_fraction: float = 0.0   # share of training samples drawn from `replay` (split by weight)
     phases: list[PhaseConfig] = field(default_factory=list)  # weight changes at token boundaries, in order
     seq_len: int = 2048            # tokens per sample (each MDS sample holds seq_len + 1)
+    seq_len_schedule: list[SeqLenPhase] = field(default_factory=list)  # shorter rows first, in order; then seq_len
     shuffle: bool = True           # shuffle each domain per epoch (False: read in prepared order)
     num_workers: int = 0           # DataLoader worker processes per rank
     verify_shards: bool = True     # check each shard's xxh64 against index.json on first use

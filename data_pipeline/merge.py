@@ -37,6 +37,9 @@ def read_parts(parts: list[str]) -> list[tuple[Path, dict]]:
         m = json.loads(manifest.read_text())
         if "part" not in m:
             raise UserError(f"{p}: prepared without --part; merge joins the directories of `data prepare --part I/N`")
+        if "doc_lengths" not in m["splits"]["train"]:
+            raise UserError(f"{p}: prepared by an older cptrain (no length histograms in its manifest); prepare the "
+                            "parts again with this one")
         found.append((Path(p), m))
     found.sort(key=lambda fm: fm[1]["part"]["index"])
     (first_dir, first), n = found[0], found[0][1]["part"]["count"]

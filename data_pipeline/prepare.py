@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import lengths
 from . import tokenizer as tokenizers
 from ..errors import UserError
 from .output import Output, tokenizer_files
@@ -194,32 +195,41 @@ def packed_sizes(n_tokens: int, seq_len: int) -> tuple[int, int]:
 
 
 def write_split(docs: list[np.ndarray], out: Path, seq_len: int, dtype: str, compression: str | None) -> dict:
+    """Pack and write one split of a chunk; its counts and length histograms (lengths.py)."""
     from .streaming_compat import streaming
     n_tokens = int(sum(len(d) for d in docs))
     samples, dropped = packed_sizes(n_tokens, seq_len)
+    longest = []
     if samples:
         columns = {"tokens": f"ndarray:{dtype}", "doc_starts": "ndarray:uint32"}
         with streaming.MDSWriter(out=str(out), columns=columns, compression=compression,
                                  hashes=["xxh64"], size_limit=1 << 26, progress_bar=False) as w:
             for tokens, starts in pack(docs, seq_len):
                 w.write({"tokens": tokens.astype(dtype), "doc_starts": starts})
-    return {"documents": len(docs), "tokens": n_tokens, "samples": samples, "dropped_tokens": dropped}
+                longest.append(lengths.longest_piece(starts, seq_len))
+    return {"documents": len(docs), "tokens": n_tokens, "samples": samples, "dropped_tokens": dropped,
+            "doc_lengths": lengths.histogram(len(d) for d in docs), "row_longest_doc": lengths.histogram(longest)}
 
 
 def process_chunk(cid: int, texts: list[str], pool, args, dtype: str, out: Path,
                   publish: Callable[[str], None]) -> dict:
-    """Tokenize one chunk, split its documents into train/val, write and publish both splits, mark it done."""
+    """Tokenize one chunk, split its documents into train/val, drop those below --min-doc-tokens, write
+    and publish both splits, mark it done."""
     batches = [texts[i:i + TOKENIZE_BATCH] for i in range(0, len(texts), TOKENIZE_BATCH)]
     docs = [d for b in (pool.imap(_encode, batches) if pool else map(_encode, batches)) for d in b]
-    # Per-chunk seeded draw: deterministic for a given plan, independent of --num-proc.
+    # Per-chunk seeded draw: deterministic for a given plan, independent of --num-proc; drawn before
+    # the length filter, so a document lands in the same split whatever --min-doc-tokens.
     is_val = np.random.default_rng([args.seed, cid]).random(len(docs)) < args.val_fraction
+    long = np.array([len(d) >= args.min_doc_tokens for d in docs], dtype=bool)
     name, scratch = f"chunk-{cid:05d}", out / ".work" / f"tmp-chunk-{cid:05d}"
     shutil.rmtree(scratch, ignore_errors=True)
     stats = {}
     for split, mask in (("train", ~is_val), ("val", is_val)):
         shutil.rmtree(out / split / name, ignore_errors=True)
-        stats[split] = write_split([d for d, m in zip(docs, mask) if m], scratch / split,
+        stats[split] = write_split([d for d, m in zip(docs, mask & long) if m], scratch / split,
                                    args.seq_len, dtype, args.compression)
+        short = [len(d) for d, m in zip(docs, mask & ~long) if m]
+        stats[split].update(short_documents=len(short), short_tokens=sum(short))
         if stats[split]["samples"]:
             (out / split).mkdir(exist_ok=True)
             os.replace(scratch / split, out / split / name)
@@ -250,6 +260,8 @@ def make_plan(args, files: list[Path], part: tuple[int, int] | None = None) -> d
             "seq_len": args.seq_len, "text_field": args.text_field, "txt_split": args.txt_split,
             "val_fraction": args.val_fraction, "seed": args.seed, "chunk_mb": args.chunk_mb,
             "compression": args.compression, "on_bad_record": args.on_bad_record}
+    if args.min_doc_tokens:  # only when set: the plans of directories prepared before the option still match
+        plan["min_doc_tokens"] = args.min_doc_tokens
     return {**plan, "part": list(part)} if part else plan
 
 
@@ -327,17 +339,27 @@ def merge_split(out: Path, split: str, n_chunks: int) -> None:
         logging.disable(logging.NOTSET)
 
 
+COUNTS = ("documents", "tokens", "samples", "dropped_tokens", "short_documents", "short_tokens")
+HISTOGRAMS = ("doc_lengths", "row_longest_doc")
+
+
 def sum_stats(done: list[dict]) -> dict:
-    keys = ("documents", "tokens", "samples", "dropped_tokens")
-    return {split: {k: sum(d[split][k] for d in done) for k in keys} for split in ("train", "val")}
+    """The splits' counts summed and their length histograms added (over chunks, or over parts)."""
+    return {split: {**{k: sum(d[split][k] for d in done) for k in COUNTS},
+                    **{k: lengths.add(d[split][k] for d in done) for k in HISTOGRAMS}} for split in ("train", "val")}
 
 
 def format_report(manifest: dict) -> str:
     lines = [f"prepared {manifest['out']}"]
+    min_doc = manifest["settings"].get("min_doc_tokens", 0)
     for split, s in manifest["splits"].items():
+        short = f"; {s['short_documents']:,} documents under {min_doc:,} tokens dropped" if min_doc else ""
         lines.append(f"  {split}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
                      f"{s['samples']:,} samples of {manifest['seq_len']}+1 "
-                     f"({s['dropped_tokens']:,} tail tokens dropped)")
+                     f"({s['dropped_tokens']:,} tail tokens dropped{short})")
+        if s["documents"]:
+            lines.append(f"    documents by tokens: {lengths.describe(s['doc_lengths'])}")
+            lines.append(f"    rows by longest document: {lengths.describe(s['row_longest_doc'])}")
     bad = manifest["bad_records"]
     lines.append(f"  bad records skipped: {bad['total']:,}")
     for problem, n in sorted(bad["by_problem"].items(), key=lambda kv: -kv[1]):
@@ -369,8 +391,9 @@ def process_all(args, files: list[Path], out: Path, tok_path: Path, dtype: str, 
             if part and cid % part[1] != part[0]:
                 continue
             marker = out / ".work" / "done" / f"chunk-{cid:05d}.json"
-            if marker.exists():
-                done[cid] = json.loads(marker.read_text())
+            stats = json.loads(marker.read_text()) if marker.exists() else {}
+            if "doc_lengths" in stats.get("train", {}):  # a marker without histograms: done before they existed
+                done[cid] = stats
             else:
                 done[cid] = process_chunk(cid, texts, pool, args, dtype, out, publish)
             bar.update(1)
@@ -390,8 +413,10 @@ def check_totals(args, files: list[Path], done: list[dict], bad: BadRecords) -> 
                         "records were bad); see the problems above and fix the input")
     totals = sum_stats(done)
     if not totals["train"]["samples"]:
+        fix = (f"a lower --min-doc-tokens (it dropped {totals['train']['short_documents']} documents), "
+               if args.min_doc_tokens else "")
         raise UserError(f"{' '.join(args.input)}: {totals['train']['tokens']} training tokens cannot fill one "
-                        f"sample of {args.seq_len}+1 tokens; use a smaller --seq-len or more text")
+                        f"sample of {args.seq_len}+1 tokens; use a smaller --seq-len, {fix}or more text")
     if args.val_fraction > 0 and not totals["val"]["samples"]:
         docs = totals["train"]["documents"] + totals["val"]["documents"]
         fix = ("read .txt inputs as paragraphs or lines with --txt-split paragraph|line"
@@ -426,8 +451,8 @@ def _already_done(out: Output, plan: dict) -> dict | None:
 def run(args) -> dict:
     """The whole preparation (or its part `--part I/N`); returns the manifest (also written to
     DIR/manifest.json)."""
-    if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0:
-        raise UserError("--seq-len must be >= 1, --val-fraction in [0, 1), --chunk-mb > 0")
+    if args.seq_len < 1 or not 0 <= args.val_fraction < 1 or args.chunk_mb <= 0 or args.min_doc_tokens < 0:
+        raise UserError("--seq-len must be >= 1, --val-fraction in [0, 1), --chunk-mb > 0, --min-doc-tokens >= 0")
     part = parse_part(args.part)
     if part and not args.tokenizer:
         raise UserError("--part needs --tokenizer: every part must use the same tokenizer file; train one first "
@@ -455,8 +480,9 @@ def run(args) -> dict:
         "columns": {"tokens": f"ndarray:{dtype}", "doc_starts": "ndarray:uint32"},
         "tokenizer": {**tok.identity(), "file": tok_file}, "tokenizer_files": tokenizer_files(folder, tok_file),
         "splits": totals, "chunks": total, "inputs": plan["inputs"], "bad_records": bad.as_dict(),
-        "settings": {k: plan[k] for k in ("text_field", "txt_split", "val_fraction", "seed",
-                                           "chunk_mb", "compression", "on_bad_record")},
+        "settings": {**{k: plan[k] for k in ("text_field", "txt_split", "val_fraction", "seed",
+                                             "chunk_mb", "compression", "on_bad_record")},
+                     "min_doc_tokens": args.min_doc_tokens},
         "seconds": round(time.time() - t0, 2),
     }
     if part:

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what one document is in .txt inputs (a whole file by default)")
     p.add_argument("--chunk-mb", type=float, default=64.0,
                    help="MB of text per chunk, the unit a rerun after an interruption skips when done")
+    p.add_argument("--min-doc-tokens", type=int, default=0, metavar="N",
+                   help="keep only documents of at least N tokens (EOS included): a long-document domain; "
+                        "the documents dropped are counted in the report and manifest")
     p.add_argument("--part", default=None, metavar="I/N",
                    help="prepare only chunks c with c mod N = I (one of N processes or nodes; needs --tokenizer); "
                         "join the N part directories with `cptrain data merge`")

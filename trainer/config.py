@@ -21,6 +21,7 @@ import yaml
 
 from ..data_pipeline.config import DataConfig
 from ..data_pipeline.remote import local_path
+from ..data_pipeline.seqlen import check_schedule, schedule_lengths
 from ..errors import UserError
 from ..model.config import ModelConfig
 from ..model.extend import ExtendConfig, extend_rope
@@ -337,7 +338,9 @@ def _check(cfg: TrainConfig, src: str) -> None:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
     if cfg.parallel.ep > 1:
         raise UserError(f"{src}: parallel.ep above 1 needs a mixture-of-experts model; set parallel.ep=1")
-    context_check(cfg.parallel.cp, cfg.parallel.cp_method, cfg.model.arch, seq, src)
+    check_schedule(cfg.data, src)
+    for key, length in schedule_lengths(cfg.data):  # the cut comes before the context-parallel split
+        context_check(cfg.parallel.cp, cfg.parallel.cp_method, cfg.model.arch, length, src, key)
     if cfg.parallel.cp > 1 and cfg.reweighting.instance.strategy != "none":
         raise UserError(f"{src}: reweighting.instance weighs whole samples by their loss, which context parallelism "
                         "splits over ranks; set reweighting.instance.strategy=none or parallel.cp=1")

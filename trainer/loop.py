@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..data_pipeline.config import validate_data
 from ..data_pipeline.loader import build_train_loader, build_val_loaders
+from ..data_pipeline.seqlen import cut_rows, seq_len_at
 from ..model.config import flops_per_token, hardware_flops_per_token, param_counts
 from . import checkpoint as ckpt
 from . import continual
@@ -182,17 +183,20 @@ class Trainer:
 
     def _write_run_info(self) -> None:
         total, non_emb = param_counts(self.cfg.model.arch)
-        self.flops_per_token = flops_per_token(self.cfg.model.arch, self.cfg.data.seq_len)
-        self.hardware_flops = hardware_flops_per_token(self.cfg.model.arch, self.cfg.data.seq_len,
-                                                       self.cfg.train.activation_checkpointing)
+        flops, hardware_flops = self._flops(self.cfg.data.seq_len)
         self.peak = device_peak_tflops(self.layout.device, self.cfg.train.peak_tflops) * 1e12
         if self.layout.is_main:
-            info = {"params": total, "params_non_embedding": non_emb, "flops_per_token": self.flops_per_token,
-                    "hardware_flops_per_token": self.hardware_flops,
+            info = {"params": total, "params_non_embedding": non_emb, "flops_per_token": flops,
+                    "hardware_flops_per_token": hardware_flops,
                     "world_size": self.layout.world_size, "grad_accumulation": self.spec.accumulation,
                     "engine": self.cfg.train.engine, "device": str(self.layout.device),
                     "data_manifest": self.data.manifest.get("tokenizer")}
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+
+    def _flops(self, seq_len: int) -> tuple[float, float]:
+        """Model and hardware FLOPs per token on rows of seq_len tokens (attention grows with it)."""
+        arch, recompute = self.cfg.model.arch, self.cfg.train.activation_checkpointing
+        return flops_per_token(arch, seq_len), hardware_flops_per_token(arch, seq_len, recompute)
 
     def _loss_fn(self):
         scale = self.layout.world_size / self.cfg.train.global_batch_tokens  # gradients are averaged over every rank
@@ -207,7 +211,8 @@ class Trainer:
         loss_fn = self._loss_fn()
         for addon in self.addons:
             loss_fn = addon.wrap_loss(loss_fn, p.step + 1)
-        batches = [self._shard(_to_device(next(data_iter), self.layout.device)) for _ in range(accum)]
+        seq_len = seq_len_at(self.cfg.data, p.tokens)  # rows cut to this length before the context split
+        batches = [self._shard(cut_rows(_to_device(next(data_iter), self.layout.device), seq_len)) for _ in range(accum)]
         row = {}
         for addon in self.addons:
             row.update(addon.before_step(batches, p.tokens))
@@ -230,7 +235,7 @@ class Trainer:
             verdict, note = ("skip", skipped) if skipped else (verdict, note)
         else:
             self.engine.zero_grad()
-        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **row, **self.faults.row()}
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "seq_len": seq_len, **row, **self.faults.row()}
         if note:
             row.update(fault=note, fault_action=verdict)
         for d, name in enumerate(self.domains):
@@ -293,9 +298,10 @@ class Trainer:
         row = {"step": p.step, "tokens": p.tokens, **row}
         if p.step % cfg.log.interval_steps == 0 or last:
             row["tokens_per_s"] = speed.read()
-            if self.peak:  # model FLOPs utilization, and the hardware's (recomputation counted)
-                row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.layout.world_size)
-                row["hfu"] = self.hardware_flops * row["tokens_per_s"] / (self.peak * self.layout.world_size)
+            if self.peak:  # model FLOPs utilization, and the hardware's (recomputation counted), at the step's length
+                flops, hardware_flops = self._flops(row["seq_len"])
+                row["mfu"] = flops * row["tokens_per_s"] / (self.peak * self.layout.world_size)
+                row["hfu"] = hardware_flops * row["tokens_per_s"] / (self.peak * self.layout.world_size)
             log.progress(p.step, row["loss"], row["tokens_per_s"])
         t0 = time.perf_counter()
         if _crossed(step.before, p.tokens, cfg.eval.interval_tokens) or (last and (self.val_loaders or cfg.eval.tasks)):

@@ -33,13 +33,13 @@ from ...model.attention import AttentionContext, attend, build_context, doc_posi
 from .layout import Layout
 
 
-def check(layout_cp: int, method: str, arch, seq_len: int, src: str) -> None:
-    """What context parallelism needs of the model and the data (at config load, one line each)."""
+def check(layout_cp: int, method: str, arch, seq_len: int, src: str, key: str = "data.seq_len") -> None:
+    """What context parallelism needs of the model and of the row length `key` (at config load, one line each)."""
     if layout_cp == 1:
         return
     pieces = layout_cp if method == "ulysses" else 2 * layout_cp
     if seq_len % pieces:
-        raise UserError(f"{src}: data.seq_len={seq_len} does not split into {pieces} equal pieces "
+        raise UserError(f"{src}: {key}={seq_len} does not split into {pieces} equal pieces "
                         f"(parallel.cp={layout_cp}, cp_method={method}); pick a seq_len divisible by {pieces}")
     if method == "ulysses" and (arch.n_kv_heads % layout_cp or arch.n_heads % layout_cp):
         raise UserError(f"{src}: parallel.cp_method=ulysses splits the attention heads over the {layout_cp} ranks, and "
