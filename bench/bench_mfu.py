@@ -284,7 +284,7 @@ def main() -> int:
     device = torch.device(args.device)
     if args.mem_cap_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2**30 / total), torch.cuda.current_device())
         DEFAULTS["mem_cap_gib"] = args.mem_cap_gib
     if args.attention:
         attention_bench(device, args.out)
