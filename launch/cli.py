@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--old", default=None, help="comma-separated old domains (default: continual.old_domains or replay)")
     p.add_argument("--new", default=None, help="comma-separated new domains (default: continual.new_domains or data.domains)")
+    p.add_argument("--fit", default=None, help="fit.json of `cptrain scaling fit --law cpt`: draw its prediction of this run beside the measured curves")
 
     sched = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
     p = _add(sched, "plot", commands.schedule_plot, "Draw a config's LR schedule before running it.")
@@ -205,12 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute", type=float, nargs="+", default=None, help="(N, D) laws: compute budgets C = 6ND for the compute-optimal allocation")
     p.add_argument("--replay", type=float, default=None, help="cpt, dcpt: the replay fraction (old data in the mixture) to predict at")
     p = _add(scaling, "suggest", commands.scaling_suggest,
-             "Peak LR and batch size from Step Law (Li et al. 2025); with --fit, the compute-optimal N, D of a fitted law.")
-    p.add_argument("--params", type=float, required=True, help="N: non-embedding parameters (Step Law's N)")
+             "Peak LR and batch size from Step Law (Li et al. 2025); with --fit, the compute-optimal N, D of a fitted law; "
+             "with --cpt/--dcpt and --max-forgetting, the replay fraction (and schedule) of a continual pretraining.")
+    p.add_argument("--params", type=float, default=None, help="N: non-embedding parameters (Step Law's N; with --dcpt, the N to predict at)")
     p.add_argument("--tokens", type=float, required=True, help="D: training tokens")
     p.add_argument("--fit", default=None, help="DIR/fit.json of an (N, D) law from `cptrain scaling fit`: adds N_opt, D_opt at C")
     p.add_argument("--compute", type=float, default=None, help="with --fit: the compute budget C in FLOPs (default 6 N D)")
     p.add_argument("--seq-len", type=int, default=None, help="also give the batch size in sequences of this many tokens")
+    p.add_argument("--cpt", default=None, metavar="FIT", help="fit.json of --law cpt: choose replay fraction and schedule")
+    p.add_argument("--dcpt", default=None, metavar="FIT", help="fit.json of --law dcpt: choose the replay fraction")
+    p.add_argument("--max-forgetting", type=float, default=None, metavar="X",
+                   help="with --cpt/--dcpt: the old domains' loss may end at most X above its start (a fraction: 0.03 = 3%%)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="with --cpt: tokens per step (default: the fitted runs')")
+    p.add_argument("--out", default=None, help="with --cpt: the plot of the predicted curves (default: suggest.png beside FIT)")
     return parser
 
 

@@ -1,5 +1,5 @@
 """Continual-pretraining laws: the CPT law (Wang et al. 2025) and the D-CPT law (Que et al. 2024)
-recover the parameters that generated noisy curves and points, and fit and predict on real
+recover the parameters that generated noisy curves and points, and fit, predict and suggest on real
 continual runs (tiny models continued on Spanish at three replay fractions)."""
 import csv
 import json
@@ -12,7 +12,7 @@ import torch
 from cptrain.errors import UserError
 from cptrain.launch.cli import main
 from cptrain.trainer.analysis.scaling import cpt as K
-from cptrain.trainer.analysis.scaling import cpt_runs, dcpt
+from cptrain.trainer.analysis.scaling import cpt_runs, cpt_suggest, dcpt
 from cptrain.trainer.config import load_config
 from cptrain.trainer.loop import run
 from tests.conftest import tiny_overrides
@@ -133,7 +133,7 @@ def _runs(root):
     return [str(root / f"cpt{r}") for r in REPLAYS]
 
 
-def test_cpt_fit_and_predict_on_runs(cpt_runs_dir, tmp_path, capsys):
+def test_cpt_fit_predict_and_forgetting_on_runs(cpt_runs_dir, tmp_path, capsys):
     out = tmp_path / "fit"
     assert main(["scaling", "fit", *_runs(cpt_runs_dir), "--law", "cpt", "--out", str(out)]) == 0
     res = json.loads((out / "fit.json").read_text())
@@ -164,9 +164,35 @@ def test_cpt_fit_and_predict_on_runs(cpt_runs_dir, tmp_path, capsys):
     mae = np.mean([abs(float(pred[s]["loss_pred/spanish"]) - v) for s, v in zip(steps, losses)])
     assert mae == pytest.approx(doms["spanish"]["fit_metrics"]["cpt0.25"]["mae"], rel=1e-9)
 
+    capsys.readouterr()
+    assert main(["forgetting", str(cpt_runs_dir / "cpt0.25"), "--fit", str(out / "fit.json")]) == 0
+    rep = json.loads((cpt_runs_dir / "cpt0.25" / "forgetting.json").read_text())
+    assert rep["predicted_end"]["spanish"] == pytest.approx(float(pred[-1]["loss_pred/spanish"]), rel=1e-9)
+    assert "the fitted law" in capsys.readouterr().out
 
 
-def test_dcpt_fit_and_predict_on_runs(cpt_runs_dir, tmp_path, capsys):
+def test_cpt_suggest_meets_the_forgetting_budget(cpt_runs_dir, tmp_path, capsys):
+    out = tmp_path / "fit"
+    assert main(["scaling", "fit", *_runs(cpt_runs_dir), "--law", "cpt", "--out", str(out), "--bootstrap", "3"]) == 0
+    res = json.loads((out / "fit.json").read_text())
+    assert len(res["domains"]["spanish"]["bootstrap"]) == 3 and "ci" in res["domains"]["austen"]
+    capsys.readouterr()
+    budget = 0.02
+    assert main(["scaling", "suggest", "--cpt", str(out / "fit.json"), "--max-forgetting", str(budget),
+                 "--tokens", "20480", "--out", str(tmp_path / "s.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    replay = float(lines[0].split(":")[1].split()[0])
+    assert "schedule.kind=rewarm" in lines[1] and "train.max_tokens=20480" in lines[1]
+    assert (tmp_path / "s.png").stat().st_size > 0
+    # brute force over the same candidates: the printed choice is the best one that meets the budget
+    cands = cpt_suggest.cpt_candidates(res, 20, 1024, cpt_suggest.REPLAYS)
+    starts = {d: e["start_loss"] for d, e in res["domains"].items()}
+    ok = [c for c in cands if c.end["austen"] <= (1 + budget) * starts["austen"]]
+    best = max(ok, key=lambda c: starts["spanish"] - c.end["spanish"])
+    assert replay == best.replay and f"{best.end['spanish']:.4f} at the end" in lines[3]
+
+
+def test_dcpt_fit_and_suggest_on_runs(cpt_runs_dir, tmp_path, capsys):
     out = tmp_path / "dcpt"
     assert main(["scaling", "fit", *_runs(cpt_runs_dir), "--law", "dcpt", "--out", str(out)]) == 0
     res = json.loads((out / "fit.json").read_text())
@@ -179,11 +205,13 @@ def test_dcpt_fit_and_predict_on_runs(cpt_runs_dir, tmp_path, capsys):
     assert main(["scaling", "predict", "--fit", str(out / "fit.json"), "--n", str(old["n_range"][0]), "--d", "10240",
                  "--replay", "0.25"]) == 0
     assert "austen" in capsys.readouterr().out
+    assert main(["scaling", "suggest", "--dcpt", str(out / "fit.json"), "--max-forgetting", "0.05", "--tokens", "10240"]) == 0
+    assert capsys.readouterr().out.startswith("replay fraction: ")
 
 
 @pytest.mark.parametrize("case, needle", [
     ("one_replay", "the fit saw one replay fraction"), ("dcpt_one_r", "the same mixture ratio"),
-("not_runs", "pass continual run directories")])
+    ("budget", "--max-forgetting"), ("not_runs", "pass continual run directories")])
 def test_cpt_bad_input_is_one_line_user_error(cpt_runs_dir, tmp_path, capsys, case, needle):
     if case == "one_replay":
         assert main(["scaling", "fit", str(cpt_runs_dir / "cpt0.25"), "--law", "cpt", "--out", str(tmp_path / "f")]) == 0
@@ -192,6 +220,8 @@ def test_cpt_bad_input_is_one_line_user_error(cpt_runs_dir, tmp_path, capsys, ca
                 "--replay", "0.5", "--out", str(tmp_path / "p.csv")]
     elif case == "dcpt_one_r":
         argv = ["scaling", "fit", str(cpt_runs_dir / "cpt0.25"), "--law", "dcpt", "--out", str(tmp_path / "f")]
+    elif case == "budget":
+        argv = ["scaling", "suggest", "--cpt", "x.json", "--tokens", "1e6"]
     else:
         (tmp_path / "x.csv").write_text("step,lr,loss\n0,0,\n")
         argv = ["scaling", "fit", str(tmp_path / "x.csv"), "--law", "cpt", "--out", str(tmp_path / "f")]
