@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--old", default=None, help="comma-separated old domains (default: continual.old_domains or replay)")
     p.add_argument("--new", default=None, help="comma-separated new domains (default: continual.new_domains or data.domains)")
+    p.add_argument("--fit", default=None, help="fit.json of `cptrain scaling fit --law cpt`: draw its prediction of this run beside the measured curves")
 
     sched = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="schedule_command", required=True)
     p = _add(sched, "plot", commands.schedule_plot, "Draw a config's LR schedule before running it.")
@@ -184,12 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     scaling = sub.add_parser("scaling", help="scaling-law fitting").add_subparsers(dest="scaling_command", required=True)
     p = _add(scaling, "fit", commands.scaling_fit, "Fit a scaling law; writes DIR/fit.json and plots.")
     p.add_argument("inputs", nargs="+", help="run directories or CSV files (loss-curve laws: step,lr,loss CSVs or run directories)")
-    p.add_argument("--law", required=True, help="chinchilla, chinchilla_sparse, kaplan, gadre (over N, D); multipower, tissue (loss curves)")
+    p.add_argument("--law", required=True, help="chinchilla, chinchilla_sparse, kaplan, gadre (over N, D); multipower, tissue (loss curves); "
+                   "cpt (continual runs' curves per domain, Wang et al. 2025), dcpt (N, D, mixture ratio, Que et al. 2024)")
     p.add_argument("--out", required=True, help="output directory for fit.json and plots")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="K", help="(N, D) laws: K bootstrap refits for 95%% intervals")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="K", help="(N, D), cpt and dcpt laws: K bootstrap refits for 95%% intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap resampling seed")
     p.add_argument("--n-col", default="params", help="CSV column (or run_info.json key) of parameter counts")
     p.add_argument("--d-col", default="tokens", help="CSV column of token counts")
+    p.add_argument("--r-col", default="r", help="dcpt CSV: column of the mixture ratio of the loss's domain")
+    p.add_argument("--pretrain", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="cpt: the pretraining run (or its checkpoint) the runs continue (default: their model.init_from)")
     p.add_argument("--loss-col", default="loss", help="CSV column (or metrics.jsonl key) of the final loss")
     p.add_argument("--where", action="append", metavar="COL=VALUE", help="CSV inputs: keep only rows with this value (repeatable)")
     p.add_argument("--starts", type=int, default=0, help="(N, D) laws: L-BFGS from the K best grid starts only (0 = the whole published grid)")
@@ -202,13 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=float, nargs="+", default=None, help="(N, D) laws: parameter counts")
     p.add_argument("--d", type=float, nargs="+", default=None, help="(N, D) laws: token counts")
     p.add_argument("--compute", type=float, nargs="+", default=None, help="(N, D) laws: compute budgets C = 6ND for the compute-optimal allocation")
+    p.add_argument("--replay", type=float, default=None, help="cpt, dcpt: the replay fraction (old data in the mixture) to predict at")
     p = _add(scaling, "suggest", commands.scaling_suggest,
-             "Peak LR and batch size from Step Law (Li et al. 2025); with --fit, the compute-optimal N, D of a fitted law.")
-    p.add_argument("--params", type=float, required=True, help="N: non-embedding parameters (Step Law's N)")
+             "Peak LR and batch size from Step Law (Li et al. 2025); with --fit, the compute-optimal N, D of a fitted law; "
+             "with --cpt/--dcpt and --max-forgetting, the replay fraction (and schedule) of a continual pretraining.")
+    p.add_argument("--params", type=float, default=None, help="N: non-embedding parameters (Step Law's N; with --dcpt, the N to predict at)")
     p.add_argument("--tokens", type=float, required=True, help="D: training tokens")
     p.add_argument("--fit", default=None, help="DIR/fit.json of an (N, D) law from `cptrain scaling fit`: adds N_opt, D_opt at C")
     p.add_argument("--compute", type=float, default=None, help="with --fit: the compute budget C in FLOPs (default 6 N D)")
     p.add_argument("--seq-len", type=int, default=None, help="also give the batch size in sequences of this many tokens")
+    p.add_argument("--cpt", default=None, metavar="FIT", help="fit.json of --law cpt: choose replay fraction and schedule")
+    p.add_argument("--dcpt", default=None, metavar="FIT", help="fit.json of --law dcpt: choose the replay fraction")
+    p.add_argument("--max-forgetting", type=float, default=None, metavar="X",
+                   help="with --cpt/--dcpt: the old domains' loss may end at most X above its start (a fraction: 0.03 = 3%%)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="with --cpt: tokens per step (default: the fitted runs')")
+    p.add_argument("--out", default=None, help="with --cpt: the plot of the predicted curves (default: suggest.png beside FIT)")
     return parser
 
 

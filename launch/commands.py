@@ -133,8 +133,21 @@ def forgetting(args) -> int:
     old, new = split_domains(cfg)
     old = args.old.split(",") if args.old else old
     new = args.new.split(",") if args.new else new
-    rep = write_forgetting(run_dir, old, new, {t.stem: t.role for t in cfg.eval.tasks})
+    predicted = None
+    if args.fit:  # a fitted CPT law's prediction of this run, from its own LR and replay fraction
+        import numpy as np
+
+        from ..trainer.analysis.scaling import cpt_runs
+
+        res = cpt_runs.load(args.fit)
+        run = cpt_runs.read_run(run_dir, pretrain="")
+        tokens = np.arange(len(run.lr)) * run.batch_tokens
+        predicted = {d: (tokens, v) for d, v in cpt_runs.predict_schedule(res, run.lr, cpt_runs.check_replay(
+            res, run.replay, f"{run_dir}: data.replay_fraction")).items()}
+    rep = write_forgetting(run_dir, old, new, {t.stem: t.role for t in cfg.eval.tasks}, predicted)
     print(format_forgetting(rep, str(run_dir)), end="")
+    for d, v in rep.get("predicted_end", {}).items():
+        print(f"- {d}: the fitted law ({args.fit}) predicts {v:.4f} at the end")
     print(f"wrote {run_dir / 'forgetting.md'}, .json and .png")
     return 0
 

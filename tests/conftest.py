@@ -28,6 +28,19 @@ def austen_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def spanish_data(austen_data, tmp_path_factory) -> Path:
+    """The shifted domain: Reina-Valera verses prepared with the English (austen) tokenizer."""
+    from cptrain.launch.cli import main
+
+    out = tmp_path_factory.mktemp("data") / "spanish"
+    rc = main(["data", "prepare", "--input", *[str(p) for p in sorted((FIXTURES / "text").glob("rv1909_*.txt"))],
+               "--out", str(out), "--tokenizer", str(austen_data / "tokenizer.model"), "--seq-len", "64",
+               "--val-fraction", "0.2", "--txt-split", "line"])
+    assert rc == 0
+    return out
+
+
 def tiny_overrides(run_dir: Path, data: Path, **extra) -> list[str]:
     """Overrides for a seconds-long CPU run of the tiny model on `data` (seq_len 64, 1024 tokens a step)."""
     base = {

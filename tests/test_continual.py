@@ -7,24 +7,13 @@ import pytest
 
 from cptrain.launch.cli import main as cli
 from cptrain.errors import UserError
-from tests.conftest import FIXTURES, tiny_overrides
+from tests.conftest import tiny_overrides
 from cptrain.trainer.checkpoint import verify
 from cptrain.trainer.config import load_config
 from cptrain.trainer.branch import prepare_branch
 from cptrain.trainer.loop import run
 
 STEP = 1024  # tokens per step of tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def spanish_data(austen_data, tmp_path_factory) -> Path:
-    """The shifted domain: Reina-Valera verses prepared with the English (austen) tokenizer."""
-    out = tmp_path_factory.mktemp("data") / "spanish"
-    rc = cli(["data", "prepare", "--input", *[str(p) for p in sorted((FIXTURES / "text").glob("rv1909_*.txt"))],
-              "--out", str(out), "--tokenizer", str(austen_data / "tokenizer.model"), "--seq-len", "64",
-              "--val-fraction", "0.2", "--txt-split", "line"])
-    assert rc == 0
-    return out
 
 
 def _cfg(run_dir, data, **extra):

@@ -101,25 +101,33 @@ def format_forgetting(rep: dict, run_dir: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_forgetting(metrics: list, rep: dict, path: Path) -> Path:
-    """Each domain's validation loss against tokens: old domains solid, new ones dashed."""
+def plot_forgetting(metrics: list, rep: dict, path: Path, predicted: dict | None = None) -> Path:
+    """Each domain's validation loss against tokens: old domains solid, new ones dashed; a fitted law's
+    prediction (`predicted`: domain -> (tokens, losses)) dotted in the same colour."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, d in rep["domains"].items():
         xs, ys = zip(*_curve(metrics, f"val/{name}"))
-        ax.plot(xs, ys, marker="o", ms=3, ls="-" if d["role"] == "old" else "--", label=f"{name} ({d['role']})")
+        line, = ax.plot(xs, ys, marker="o", ms=3, ls="-" if d["role"] == "old" else "--", label=f"{name} ({d['role']})")
+        if predicted and name in predicted:
+            ax.plot(*predicted[name], ls=":", lw=1.5, color=line.get_color(), label=f"{name}: fitted law")
     ax.legend()
     return _save(fig, ax, path, "validation loss", "per-domain validation loss (old: solid, new: dashed)")
 
 
-def write_forgetting(run_dir, old: list[str], new: list[str], tasks: dict[str, str] | None = None) -> dict:
-    """RUN/forgetting.json, forgetting.md and forgetting.png from RUN/metrics.jsonl."""
+def write_forgetting(run_dir, old: list[str], new: list[str], tasks: dict[str, str] | None = None,
+                     predicted: dict | None = None) -> dict:
+    """RUN/forgetting.json, forgetting.md and forgetting.png from RUN/metrics.jsonl; `predicted`
+    (domain -> (tokens, losses) of a fitted law) is drawn beside the measured curves and its end
+    values kept in the JSON."""
     run_dir = Path(run_dir)
     if not old and not new:
         raise UserError(f"{run_dir}: no old or new domains to report on; set continual.old_domains / new_domains "
                         "(or --old/--new), or add data.replay / data.val_domains")
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rep = forgetting(metrics, old, new, tasks)
+    if predicted:
+        rep["predicted_end"] = {d: float(v[1][-1]) for d, v in predicted.items()}
     (run_dir / "forgetting.json").write_text(json.dumps(rep, indent=1))
     (run_dir / "forgetting.md").write_text(format_forgetting(rep, str(run_dir)))
-    plot_forgetting(metrics, rep, run_dir / "forgetting.png")
+    plot_forgetting(metrics, rep, run_dir / "forgetting.png", predicted)
     return rep

@@ -16,6 +16,7 @@ from ....errors import UserError
 from . import curves as C
 from . import inputs as I
 from . import laws as L
+from .inputs import load_fit
 
 COMPUTE_TABLE = [1e18, 1e19, 1e20, 1e21, 1e22, 1e23, 1e24]
 
@@ -128,25 +129,47 @@ def _one_thread():
         torch.set_num_threads(prev)
 
 
+def _fit_cpt(args, out: Path) -> dict:
+    """The continual-pretraining laws: one fit per validation domain (trainer/analysis/scaling/cpt.py, dcpt.py)."""
+    from . import cpt_runs, dcpt, plots
+
+    if args.law == "dcpt":
+        res = dcpt.fit_inputs(args.inputs, args)
+        plots.plot_dcpt(res, out / "fit.png")
+        return res
+    if not all(Path(p).is_dir() for p in args.inputs):
+        raise UserError(f"--law cpt: pass continual run directories (got {', '.join(args.inputs)})")
+    res = cpt_runs.fit_runs(args.inputs, args.pretrain, args.bootstrap, args.seed)
+    plots.plot_cpt_fit(res, args.inputs, out / "curves.png")
+    return res
+
+
+def _print_domains(res: dict) -> None:
+    print(f"law {res['law']}: {res['n_points']} points, objective {res['objective']:.6g} "
+          f"({res['objective_kind']}), {res['fit_seconds']} s")
+    for dom, e in res["domains"].items():
+        print(f"  {dom} ({e.get('role') or 'no role'}): {e['n_points']} points, objective {e['objective']:.4g}"
+              + (f", held: {', '.join(map(str, e['fixed']))}" if e["fixed"] else ""))
+        ci = e.get("ci", {})
+        for k, v in e["params"].items():
+            lo_hi = f"  [{ci[k][0]:.5g}, {ci[k][1]:.5g}]" if k in ci else ""
+            print(f"    {k:>6} = {v:<12.6g}{lo_hi}")
+        for run, m in e.get("fit_metrics", {}).items():
+            print(f"    {run}: MAE {m['mae']:.5f}")
+
+
 def fit(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with _one_thread():
-        res = _fit_curves(args, out) if args.law in C.CURVE_LAWS else _fit_points(args, out)
+        if args.law in ("cpt", "dcpt"):
+            res = _fit_cpt(args, out)
+        else:
+            res = _fit_curves(args, out) if args.law in C.CURVE_LAWS else _fit_points(args, out)
     (out / "fit.json").write_text(json.dumps(res, indent=1))
-    _print_fit(res)
+    (_print_domains if res["law"] in ("cpt", "dcpt") else _print_fit)(res)
     print(f"wrote {out / 'fit.json'} and plots in {out}")
     return 0
-
-
-def load_fit(path: str) -> dict:
-    try:
-        res = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"--fit {path}: not a readable fit.json; pass DIR/fit.json from `cptrain scaling fit`") from None
-    if "law" not in res or "params" not in res:
-        raise UserError(f"--fit {path}: no 'law'/'params'; pass DIR/fit.json from `cptrain scaling fit`")
-    return res
 
 
 def _predict_curve(res: dict, args) -> int:
@@ -202,7 +225,58 @@ def _predict_points(res: dict, args) -> int:
     return 0
 
 
+def _predict_cpt(res: dict, args) -> int:
+    """`--law cpt`: each domain's loss at every row of a CPT schedule at a replay fraction."""
+    from . import cpt_runs, plots
+
+    if not args.curve or not args.out:
+        raise UserError(f"--fit {args.fit} holds the CPT law: pass --curve SCHEDULE.csv (the CPT's step,lr from step 0) "
+                        f"--out PRED.csv [--replay R]")
+    replay = cpt_runs.check_replay(res, args.replay)
+    sched = I.curve_from_csv(Path(args.curve))
+    pred = cpt_runs.predict_schedule(res, sched.lr, replay, sched.row_steps)
+    with open(args.out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "lr", *(f"loss_pred/{d}" for d in pred)])
+        for i, s in enumerate(sched.row_steps):
+            w.writerow([int(s), repr(float(sched.lr[s])), *(repr(float(v[i])) for v in pred.values())])
+    print(f"wrote {len(sched.row_steps)} rows to {args.out} (replay {replay})")
+    for d, v in pred.items():
+        print(f"  {d} ({res['domains'][d]['role']}): {v[0]:.4f} at step {int(sched.row_steps[0])} -> {v[-1]:.4f} "
+              f"at step {int(sched.row_steps[-1])}")
+    steps = np.arange(len(sched.lr))
+    plots.plot_domain_curves({d: [(f"replay {replay}", steps, v, None, None)] for d, v in
+                              cpt_runs.predict_schedule(res, sched.lr, replay).items()},
+                             Path(args.out).with_suffix(".png"), "CPT law prediction", "CPT step")
+    return 0
+
+
+def _predict_dcpt(res: dict, args) -> int:
+    from . import dcpt
+
+    if not (args.n and args.d) or args.replay is None:
+        raise UserError(f"--fit {args.fit} holds the D-CPT law: pass --n N --d D --replay R")
+    if not 0 <= args.replay <= 1:
+        raise UserError(f"--replay {args.replay}: the replay fraction must be in [0, 1]")
+    n, d = np.broadcast_arrays(np.array(args.n, dtype=float), np.array(args.d, dtype=float))
+    print(f"{'domain':>12} {'r':>6} {'N':>10} {'D':>10} {'loss':>8} {'95% interval':>20}")
+    for dom, e in res["domains"].items():
+        r = np.full(len(n), dcpt.domain_r(e, args.replay))
+        pred = dcpt.predict(np.array(e["theta"]), n, d, r)[0]
+        boot = e.get("bootstrap")
+        lo, hi = ((np.percentile(dcpt.predict(np.array(boot), n, d, r), q, axis=0) for q in (2.5, 97.5))
+                  if boot else (pred * np.nan, pred * np.nan))
+        for row in zip(n, d, pred, lo, hi):
+            ci = f"[{row[3]:.4f}, {row[4]:.4f}]" if boot else "(no bootstrap)"
+            print(f"{dom:>12} {r[0]:>6.3f} {row[0]:>10.4g} {row[1]:>10.4g} {row[2]:>8.4f} {ci:>20}")
+    return 0
+
+
 def predict(args) -> int:
     res = load_fit(args.fit)
     with _one_thread():
+        if res["law"] == "cpt":
+            return _predict_cpt(res, args)
+        if res["law"] == "dcpt":
+            return _predict_dcpt(res, args)
         return _predict_curve(res, args) if res["law"] in C.CURVE_LAWS else _predict_points(res, args)

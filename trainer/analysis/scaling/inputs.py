@@ -81,6 +81,16 @@ def points_from_csv(path: Path, n_col: str, d_col: str, loss_col: str, where=())
     return Points(*(np.array(v) for v in zip(*vals)), names=names)
 
 
+def load_fit(path: str) -> dict:
+    try:
+        res = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"--fit {path}: not a readable fit.json; pass DIR/fit.json from `cptrain scaling fit`") from None
+    if "law" not in res or "params" not in res:
+        raise UserError(f"--fit {path}: no 'law'/'params'; pass DIR/fit.json from `cptrain scaling fit`")
+    return res
+
+
 def read_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():

@@ -72,3 +72,47 @@ def plot_curves(law: str, params: dict, curves: list, path: Path) -> None:
     ax.legend(fontsize=7)
     ax_lr.set(xlabel="step", ylabel="lr")
     fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_domain_curves(panels: dict, path: Path, title: str, xlabel: str = "step") -> None:
+    """One panel per domain: (label, x, predicted, x_measured, measured) lines, measured as dots."""
+    fig = Figure(figsize=(6 * len(panels), 4.5))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (dom, curves) in zip(axes, panels.items()):
+        for label, x, y, xm, ym in curves:
+            line, = ax.plot(x, y, lw=1, label=label)
+            if xm is not None:
+                ax.scatter(xm, ym, s=8, color=line.get_color())
+        ax.set(xlabel=xlabel, ylabel=f"val/{dom}", title=dom)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_cpt_fit(res: dict, inputs, path: Path) -> None:
+    """Each run's measured validation losses (dots) and the fitted CPT law at every step (lines)."""
+    from . import cpt_runs
+
+    panels = {d: [] for d in res["domains"]}
+    for src in inputs:
+        run = cpt_runs.read_run(Path(src), pretrain="")  # the fit holds the pretraining's areas
+        pred = cpt_runs.predict_schedule(res, run.lr, run.replay)
+        for d, (steps, losses) in run.evals.items():
+            panels[d].append((f"{run.name} (replay {run.replay:g})", np.arange(len(run.lr)), pred[d], steps, losses))
+    plot_domain_curves(panels, path, "CPT law (Wang et al. 2025): fitted lines, measured dots", "CPT step")
+
+
+def plot_dcpt(res: dict, path: Path) -> None:
+    """Per domain: the loss against its mixture ratio r at each (N, D) measured (dots), with the law (lines)."""
+    from . import dcpt
+
+    panels = {}
+    for dom, e in res["domains"].items():
+        pts = e["points"]
+        curves, r = [], np.linspace(0, 1, 101)
+        for n, d in sorted({(a, b) for a, b in zip(pts["n"], pts["d"])})[-4:]:
+            sel = [i for i, (a, b) in enumerate(zip(pts["n"], pts["d"])) if (a, b) == (n, d)]
+            y = dcpt.predict(np.array(e["theta"]), np.full(len(r), n), np.full(len(r), d), r)[0]
+            curves.append((f"N={n:.3g} D={d:.3g}", r, y, [pts["r"][i] for i in sel], [pts["loss"][i] for i in sel]))
+        panels[dom] = curves
+    plot_domain_curves(panels, path, "D-CPT law (Que et al. 2024)", "mixture ratio r of the domain")

@@ -17,7 +17,7 @@ import numpy as np
 from ....errors import UserError
 from . import curves as C
 from . import laws as L
-from .cli import load_fit
+from .inputs import load_fit
 
 STEP_LAW = "Step Law, Li et al. 2025, arXiv:2503.04715"
 LR_COEF, LR_EXP_N, LR_EXP_D = 1.79, -0.713, 0.307
@@ -68,6 +68,16 @@ def _step_lines(n: float, d: float, seq_len: int | None, where: str) -> list[str
 
 
 def suggest(args) -> int:
+    if args.cpt or args.dcpt:
+        from . import cpt_suggest
+
+        if args.max_forgetting is None or args.max_forgetting < 0:
+            raise UserError("--max-forgetting X: give the old domains' allowed rise (0.03 = 3% of their loss at the start)")
+        if args.tokens <= 0:
+            raise UserError("--tokens: the continual-pretraining budget must be > 0 tokens")
+        return cpt_suggest.suggest_cpt(args) if args.cpt else cpt_suggest.suggest_dcpt(args)
+    if args.params is None:
+        raise UserError("--params N: give the model's non-embedding parameters (or --cpt/--dcpt FIT for a replay ratio)")
     if args.params <= 0 or args.tokens <= 0:
         raise UserError("--params/--tokens: parameter and token counts must be > 0")
     if args.compute is not None and args.compute <= 0:
