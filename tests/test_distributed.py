@@ -12,8 +12,9 @@ One run of each engine is compared with one LocalEngine reference run (8 steps, 
   2. deepspeed --no_ssh as two nodes (two `cptrain launch --node-rank` calls): FSDP2 (checkpoints)
   3. one process: resume ZeRO-1, -2, -3, FSDP2 and FSDP2 with Muon from step 4 (2 -> 1 ranks), checkpointing step 6
   4. torchrun, 2 ranks: resume them from step 6 (1 -> 2 ranks); the shipped GPU configs on a tiny shape
-Every run keeps an EMA of the weights (train.ema_decay), so each engine's EMA, resumed across world
-sizes, is compared with the one-process run's too.
+Every run keeps an EMA of the weights (train.ema_decay) and interpolates its weights every 3 steps
+(meta-experience replay, continual.mer), so each engine's EMA and MER, resumed across world sizes,
+are compared with the one-process run's too.
 Measured in fp32: every engine, and every resumed run, matches the reference losses to ~2e-8
 relative (float rounding of reductions in another order); the tests allow 1e-6.
 """
@@ -57,7 +58,8 @@ GPU_CONFIGS = ("gpu_350m", "gpu_1.3b", "gpu_1b")
 def _overrides(run_dir: Path, data: Path, **extra) -> list[str]:
     base = {"train.max_tokens": STEPS * TOKENS_PER_STEP, "train.global_batch_tokens": TOKENS_PER_STEP,
             "train.precision": "fp32", "train.device": "cpu", "eval.at_start": False,
-            "checkpoint.interval_tokens": 4 * TOKENS_PER_STEP, "train.ema_decay": 0.9}
+            "checkpoint.interval_tokens": 4 * TOKENS_PER_STEP, "train.ema_decay": 0.9,
+            "continual.mer.interval": 3, "continual.mer.strength": 0.5}
     return tiny_overrides(run_dir, data, **{**base, **extra})
 
 

@@ -32,6 +32,7 @@ from .engines.spec import autocast_for, engine_spec
 from .faults import FaultMonitor, GracefulStop
 from .freezing import Freezer
 from .loss import lm_loss, token_losses
+from .mer import MetaReplayAddOn
 from .metrics import DROPPED, MetricsLogger, Throughput, device_peak_tflops, set_aside
 from .reweighting import Reweighter
 from .schedule import build_schedule
@@ -58,13 +59,16 @@ class Progress:
         return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
-def build_addons(cfg: TrainConfig, engine, loader, val_loaders: dict, tokenizer_file: Path, say) -> list[AddOn]:
+def build_addons(cfg: TrainConfig, engine, loader, val_loaders: dict, tokenizer_file: Path, step: int, say) -> list[AddOn]:
     """The run's add-ons, in the order their hooks run: faults inject and judge, reweighting weighs the
-    batch, freezing holds rows, sparsity masks, the EMA averages what those left, tasks score."""
+    batch, freezing holds rows, sparsity masks, meta-experience replay interpolates, the EMA averages
+    what those left, tasks score. `step`: the step the run starts from."""
     addons: list[AddOn] = [FaultMonitor(cfg.faults, engine.spec.layout.rank), Reweighter(cfg, engine, loader, val_loaders)]
     if cfg.freeze.phases:
         addons.append(Freezer(cfg.freeze, cfg.model.init_from, engine, say))
     addons.append(Pruner(cfg.sparsity, cfg.train.max_tokens, param_counts(cfg.model.arch)[0], engine, say))
+    if cfg.continual.mer.interval:
+        addons.append(MetaReplayAddOn(cfg.continual.mer, engine, step))
     if cfg.train.ema_decay:
         addons.append(WeightEMA(cfg.train.ema_decay, engine, say))
     if cfg.eval.tasks:
@@ -144,7 +148,7 @@ class Trainer:
         self.domains = [d.name for d in cfg.data.domains + cfg.data.replay]  # the loader's `domain` indices
         self.cp = ContextParallel(self.layout, arch.doc_masking) if self.layout.cp > 1 else None
         tokenizer = self.data.tokenizer_path() if cfg.eval.tasks else None  # the one the data was prepared with
-        self.addons = build_addons(cfg, self.engine, self.loader, self.val_loaders, tokenizer, self._say)
+        self.addons = build_addons(cfg, self.engine, self.loader, self.val_loaders, tokenizer, self.progress.step, self._say)
         self.faults = self.addons[0]  # the add-on whose verdicts decide each step
         if self.plan.masks:  # a cptrain checkpoint: what the add-ons kept in it (masks of a sparse one, ...)
             for addon in self.addons:

@@ -24,11 +24,10 @@ ZeRO-3: its shard). Under ZeRO-1/2 a rank moves the bf16 replica of ranges whose
 holds from its own (bf16) values: until the next step's all-gather rewrites the replicas from the
 masters they may differ from them by a bf16 rounding.
 
-Wiring (the loop's add-on does it): `MetaReplay(cfg.continual.mer, lambda: engine.targets(".*"),
-engine.sharded, step)`; `after_update(step.number)` after each optimizer step, after anything else
-that writes the weights (as the weight EMA does), then `engine.sync_written(targets)` when it
-returned True (ZeRO-3 regathers its persistent parameters); `save(folder, rank)` with a checkpoint
-and `load(folder)` on resume (a new run from a checkpoint starts its own anchor).
+In a run it is the add-on `MetaReplayAddOn` (trainer/addons.py): after each step, after freezing and
+sparsity have written the weights and before the weight EMA reads them; ZeRO-3 regathers its
+persistent parameters after a move (`engine.sync_written`); the anchor rides with checkpoints and is
+read back on resume and rollback (a new run from a checkpoint starts its own).
 """
 from __future__ import annotations
 
@@ -40,6 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .addons import AddOn, Step
 from .continual import MERSection
 from .params import Target, read_pieces
 
@@ -118,3 +118,24 @@ class MetaReplay:
         with safe_open(str(files[0]), framework="pt") as f:
             self.anchor_step = json.loads(f.metadata()["mer"])["anchor_step"]
         return True
+
+
+class MetaReplayAddOn(AddOn):
+    """MetaReplay over every parameter of the engine, as the loop's add-on."""
+
+    def __init__(self, cfg: MERSection, engine, step: int):
+        self.engine = engine
+        self.mer = MetaReplay(cfg, lambda: engine.targets(".*"), engine.sharded, step)
+
+    def after_update(self, step: Step) -> dict:
+        if not self.mer.after_update(step.number):
+            return {}
+        self.engine.sync_written(self.mer.targets())
+        return {"mer/interpolated": 1}
+
+    def save(self, folder: Path, rank: int) -> list[Path]:
+        return self.mer.save(folder, rank)
+
+    def load(self, folder: Path, how: str) -> None:
+        if how != "init":
+            self.mer.load(folder)
