@@ -458,6 +458,7 @@ def run(args) -> dict:
         raise UserError("--part needs --tokenizer: every part must use the same tokenizer file; train one first "
                         "(a prepare without --part, or any sentencepiece model) and pass it to each part")
     files = expand_inputs(args.input)
+    from .streaming_compat import streaming  # noqa: F401  (it writes the shards: if missing, say so before any work)
     out = Output.open(args.out, args.work_dir)  # a URL's bucket and credentials are checked here
     folder = out.folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ import importlib.util
 import sys
 import types
 
+from ..errors import UserError
+
 
 def _install_torchvision_stub() -> None:
     names = {
@@ -51,26 +53,35 @@ def _torchvision_importable() -> bool:
         return False
 
 
+def _drop_stub() -> None:
+    """streaming.vision holds what it needs; drop the stand-in so that later availability checks
+    (transformers probes for torchvision) see the truth, not a module with no code behind it."""
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    utils = sys.modules.get("transformers.utils.import_utils")
+    probe = getattr(utils, "is_torchvision_available", None)
+    if hasattr(probe, "cache_clear"):  # an lru_cache that may have seen the stand-in
+        probe.cache_clear()
+
+
 _stubbed = not _torchvision_importable()
 if _stubbed:
     _install_torchvision_stub()
-
-import streaming  # noqa: E402
-from streaming.base.compression import decompress  # noqa: E402
-from streaming.base.format import reader_from_json  # noqa: E402
-from streaming.base.storage.download import DOWNLOADER_MAPPINGS, CloudDownloader  # noqa: E402
-from streaming.base.storage.upload import UPLOADERS, CloudUploader  # noqa: E402
-from streaming.base.util import merge_index  # noqa: E402
-
-if _stubbed:
-    # streaming.vision holds what it needs; drop the stand-in so that later availability checks
-    # (transformers probes for torchvision) see the truth, not a module with no code behind it.
-    for _name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[_name]
-    _utils = sys.modules.get("transformers.utils.import_utils")
-    _probe = getattr(_utils, "is_torchvision_available", None)
-    if hasattr(_probe, "cache_clear"):  # an lru_cache that may have seen the stand-in
-        _probe.cache_clear()
+try:
+    import streaming  # noqa: E402
+    from streaming.base.compression import decompress  # noqa: E402
+    from streaming.base.format import reader_from_json  # noqa: E402
+    from streaming.base.storage.download import DOWNLOADER_MAPPINGS, CloudDownloader  # noqa: E402
+    from streaming.base.storage.upload import UPLOADERS, CloudUploader  # noqa: E402
+    from streaming.base.util import merge_index  # noqa: E402
+except ModuleNotFoundError as e:
+    if e.name != "streaming":
+        raise
+    raise UserError("mosaicml-streaming is not installed (it reads and writes the MDS shards); pip install --no-deps "
+                    "mosaicml-streaming==0.13.0 (--no-deps: its own pins, transformers<5 and numpy<2.2, conflict with ours)") from None
+finally:
+    if _stubbed:
+        _drop_stub()
 
 __all__ = ["streaming", "decompress", "merge_index", "reader_from_json", "CloudDownloader", "CloudUploader",
            "DOWNLOADER_MAPPINGS", "UPLOADERS"]

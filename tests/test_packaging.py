@@ -1,12 +1,17 @@
 """The distribution is one import package, `cptrain`, whose modules import each other bottom-up only:
 no circles, model and data know nothing of training, the loop nothing of the commands, analysis
 nothing of the engines. The import graph is read from the source (every import, also the ones inside
-functions), so a lazy import cannot hide a circle."""
+functions), so a lazy import cannot hide a circle. The wheel holds that package and its data only, and
+installed from it (not editable) the `cptrain` command runs the demo."""
 import argparse
 import ast
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -136,3 +141,57 @@ def test_the_cli_reaches_its_commands_by_reference_and_builds_without_torch():
     code = "import sys, cptrain.launch.cli as c; c.build_parser(); print(sorted({'torch', 'numpy'} & set(sys.modules)))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# ---- the distribution as a user gets it: a wheel built from the sources, installed (not editable) in a
+# fresh venv, whose `cptrain` command runs the demo from a directory outside the checkout.
+SKIP_IN_COPY = {"build", "dist", "__pycache__", "runs", "demo_out", "bench_out"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel pip builds from a copy of the checkout (a build writes build/ and egg-info beside the
+    sources, and a stale build/ could hide a missing file)."""
+    src, out = tmp_path_factory.mktemp("src") / "cptrain", tmp_path_factory.mktemp("wheel")
+    shutil.copytree(REPO, src, ignore=lambda _, names: [n for n in names if n.startswith(".") or n in SKIP_IN_COPY
+                                                        or n.endswith(".egg-info")])
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(out), str(src)], check=True, capture_output=True)
+    (built,) = out.glob("cptrain-*.whl")
+    return built
+
+
+@pytest.mark.packaging
+def test_wheel_holds_the_package_and_its_data_only(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    dist_info = wheel.name.split("-py3")[0] + ".dist-info/"
+    assert all(n.startswith(("cptrain/", dist_info)) for n in names), [n for n in names if not n.startswith("cptrain/")]
+    assert {n for n in names if n.endswith(".py")} == {f"cptrain/{f.relative_to(REPO)}" for f in _modules().values()}
+    data = [REPO / "data_pipeline" / "demo", REPO / "trainer" / "configs"]  # the demo's texts and the shipped configs
+    assert {f"cptrain/{f.relative_to(REPO)}" for folder in data for f in folder.iterdir()} <= set(names)
+    assert not [n for n in names if n.split("/")[1] in ("tests", "bench", "docs")]
+    assert f"{dist_info}entry_points.txt" in names
+
+
+@pytest.mark.packaging
+def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
+    """The wheel installed with --no-deps into a fresh venv that sees this environment's packages
+    through a .pth line (not as a site dir, so the editable install's finder stays out)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-c", "import cptrain; print(cptrain.__file__)"], cwd=tmp_path, env=env,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    assert Path(where).is_relative_to(purelib), where
+    out = tmp_path / "demo"
+    r = subprocess.run([str(venv / "bin" / "cptrain"), "demo", "--out", str(out), "--steps", "4", "--continual-steps", "2"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "first loss" in r.stdout and "Forgetting report" in r.stdout
+    assert (out / "loss.png").stat().st_size > 0 and (out / "runs" / "continual" / "forgetting.md").is_file()

@@ -34,6 +34,8 @@ from .engines.spec import grad_accumulation, uses_bf16
 from .faults import FaultsSection
 from .freezing import FreezeConfig
 from .tasks import TaskConfig
+from . import trackers
+from .trackers import MlflowSection, WandbSection
 from .engines.fsdp import FSDPSection
 from .schedule import ScheduleConfig
 from .reweighting import ReweightingConfig
@@ -110,6 +112,8 @@ class LogSection:
     interval_steps: int = 1  # write metrics.jsonl every this many steps
     tensorboard: bool = False  # also write tensorboard event files under RUN_DIR/tb
     progress: bool = True  # progress bar with loss, tokens/s and ETA
+    wandb: WandbSection = field(default_factory=WandbSection)  # Weights & Biases, on rank 0 (trainer/trackers.py)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)  # MLflow, on rank 0 (trainer/trackers.py)
 
 
 @dataclass
@@ -368,6 +372,7 @@ def _check(cfg: TrainConfig, src: str) -> None:
     cfg.sparsity.check(t.max_tokens, cfg.model.arch, src)
     cfg.reweighting.check(cfg, src)
     cfg.continual.check(cfg.data, src)
+    trackers.check(cfg.log.wandb, cfg.log.mlflow, src)
     if cfg.freeze.phases:
         cfg.freeze.check(cfg.model.init_from, cfg.model.arch.vocab_size, src)
     for i, task in enumerate(cfg.eval.tasks):

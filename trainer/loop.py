@@ -39,6 +39,7 @@ from .schedule import build_schedule
 from .sparsity import Pruner
 from .start import StartPlan, plan_start
 from .tasks import TaskEval
+from .trackers import open_trackers
 
 
 @dataclass
@@ -334,7 +335,8 @@ class Trainer:
         if self.layout.is_main and (moved := set_aside(self.run_dir / "metrics.jsonl", p.step)):
             self._say(f"moved {moved} metrics rows logged after step {p.step} to {self.run_dir / DROPPED}")
         steps = p.step + (self.end_tokens - p.tokens) // cfg.train.global_batch_tokens
-        log = MetricsLogger(self.run_dir, self.layout.is_main, cfg.log.tensorboard, cfg.log.progress, steps, p.step)
+        log = MetricsLogger(self.run_dir, self.layout.is_main, cfg.log.tensorboard, cfg.log.progress, steps, p.step,
+                            open_trackers(cfg.log, self.run_dir) if self.layout.is_main else ())
         rows = []
         if p.step == 0 and cfg.eval.at_start and (self.val_loaders or cfg.eval.tasks):
             row = {"step": 0, "tokens": 0, **self._evaluate()}
@@ -360,9 +362,9 @@ class Trainer:
         self._published(self.saver.wait(), log)
         for addon in self.addons:
             addon.at_end(self.run_dir)
-        log.close()
         if self.layout.is_main and p.tokens >= self.end_tokens:
-            continual.at_end_of_run(cfg, self.run_dir, self._say)  # the forgetting report
+            continual.at_end_of_run(cfg, self.run_dir, log.message)  # the forgetting report
+        log.close()  # after the report: the trackers take the run's reports and plots as artifacts
         return rows
 
 

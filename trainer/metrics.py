@@ -1,8 +1,10 @@
-"""Where numbers go: metrics.jsonl (the run's record), tensorboard, the progress bar; throughput and MFU."""
+"""Where numbers go: metrics.jsonl (the run's record), tensorboard, experiment trackers (trainer/trackers.py),
+the progress bar; throughput and MFU."""
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,8 +66,10 @@ class Throughput:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool, progress: bool, total_steps: int, start_step: int):
+    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool, progress: bool, total_steps: int, start_step: int,
+                 trackers: Sequence = ()):
         self.is_main = is_main
+        self.trackers = trackers  # open, on rank 0 (trackers.open_trackers); closed with this logger
         self.path = run_dir / "metrics.jsonl"
         self.file = open(self.path, "a") if is_main else None
         self.tb = None
@@ -97,6 +101,8 @@ class MetricsLogger:
             for k, v in row.items():
                 if k not in ("step", "tokens") and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, row["step"])
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
@@ -118,3 +124,5 @@ class MetricsLogger:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:  # after the run's last files are written: they go as artifacts
+            tracker.close()
