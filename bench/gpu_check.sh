@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks run on the device machine (one call per stage); results land in $OUT (or ./gpu_out).
-#   bash bench/gpu_check.sh STAGE      STAGE: perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
+#   bash bench/gpu_check.sh STAGE      STAGE: peers | peers2 | perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
 #                                      engines3 | offload8b | ckpt1b | longctx | cp1 |
 #                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4*
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
@@ -28,6 +28,16 @@ fi
 if ls .carry/fa4b/mosaicml_streaming*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/streaming ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/fa4b/{mosaicml,zstd,python_snappy,cramjam,brotli,catalogue}*.whl
 fi
+# The peer trainers (`peers*` stages, carrying .carry/peers): their wheels into /tmp/site, each torchtitan
+# release into its own folder (bench/bench_peers.py tries them in order: 0.3 needs torch 2.13).
+if ls .carry/peers/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/olmo_core ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/peers/*.whl
+  for w in .carry/peers/torchtitan/torchtitan-*.whl; do
+    v=$(basename "$w" | cut -d- -f2)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "/tmp/site-torchtitan-$v" "$w"
+  done
+fi
+TT_SITES="--torchtitan-site 0.3.0=/tmp/site-torchtitan-0.3.0 --torchtitan-site 0.2.2=/tmp/site-torchtitan-0.2.2 --torchtitan-site 0.2.1=/tmp/site-torchtitan-0.2.1"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 B="python3 bench/bench_mfu.py --steps 12 --warmup 4"
@@ -44,6 +54,25 @@ loop_configs() {  # CONFIG:MICRO_BATCH[:PRESET] ...: 30 steps of each shipped co
   done
 }
 case "$1" in
+peers)  # cptrain vs OLMo-core vs torchtitan at one shape set, one process per row, by priority (~520 s):
+  # 1B (Llama-3.2-1B) seq 2048 bf16 at micro-batch 8 and 16, FP8 at 16, then the 1.35B shape; later rows are
+  # skipped when the budget is spent (bench_peers.py writes them as skipped)
+  P="python3 bench/bench_peers.py --steps 10 --warmup 3 --budget-s 500 --out $OUT/peers.jsonl $TT_SITES"
+  $P --run ours:model=1B,mb=8,limit=80 --run olmo-core:model=1B,mb=8,limit=110 --run torchtitan:model=1B,mb=8,limit=150 \
+    --run ours:model=1B,mb=16,limit=80 --run olmo-core:model=1B,mb=16,limit=100 --run torchtitan:model=1B,mb=16,limit=100 \
+    --run ours:model=1B,mb=16,fp8=tensorwise,limit=80 --run olmo-core:model=1B,mb=16,fp8=tensorwise,limit=100 \
+    --run torchtitan:model=1B,mb=16,fp8=tensorwise,limit=100 \
+    --run ours:model=1.3B,mb=12,limit=80 --run olmo-core:model=1.3B,mb=12,limit=100 --run torchtitan:model=1.3B,mb=12,limit=100 \
+    2>&1 | grep -v -i "warn" | tail -20 ;;
+peers2)  # what `peers` has no time for: 8B (bf16 parameters, full AC), 1B at seq 8192 and 32K, OLMo-core's fused loss
+  P="python3 bench/bench_peers.py --steps 6 --warmup 2 --budget-s 520 --out $OUT/peers.jsonl $TT_SITES"
+  $P --run ours:model=8B,mb=2,ac=1,bf16=1,limit=110 --run olmo-core:model=8B,mb=2,ac=1,bf16=1,limit=150 \
+    --run torchtitan:model=8B,mb=2,ac=1,bf16=1,limit=150 \
+    --run ours:model=1B,seq=8192,mb=2,limit=70 --run olmo-core:model=1B,seq=8192,mb=2,limit=90 \
+    --run torchtitan:model=1B,seq=8192,mb=2,limit=90 \
+    --run ours:model=1B,seq=32768,mb=1,ac=1,limit=80 --run olmo-core:model=1B,seq=32768,mb=1,ac=1,limit=90 \
+    --run torchtitan:model=1B,seq=32768,mb=1,ac=1,limit=90 --run olmo-core:model=1B,mb=16,loss=fused_linear,limit=100 \
+    2>&1 | grep -v -i "warn" | tail -14 ;;
 perf)  # throughput in one call against the compiled peer's best: 1.35B bf16 and FP8, 374M, the SmolLM2-135M shape
   $B --model 1.3B --budget-s 330 --out "$OUT/mfu.jsonl" --run peer:mb=12 --run ours:mb=12,$F --run ours:mb=16,$F \
     --run ours:mb=16,$F,fp8=tensorwise --run ours:mb=24,$F,fp8=tensorwise --run ours:mb=16,$F,fp8=rowwise 2>&1 \
