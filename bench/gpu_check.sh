@@ -57,7 +57,7 @@ case "$1" in
 peers)  # cptrain vs OLMo-core vs torchtitan at one shape set, one process per row, by priority (~520 s):
   # 1B (Llama-3.2-1B) seq 2048 bf16 at micro-batch 8 and 16, FP8 at 16, then the 1.35B shape; later rows are
   # skipped when the budget is spent (bench_peers.py writes them as skipped)
-  P="python3 bench/bench_peers.py --steps 10 --warmup 3 --budget-s 500 --out $OUT/peers.jsonl $TT_SITES"
+  P="python3 bench/bench_peers.py --steps 10 --warmup 3 --budget-s ${PEERS_BUDGET:-500} --out $OUT/peers.jsonl $TT_SITES"
   $P --run ours:model=1B,mb=8,limit=80 --run olmo-core:model=1B,mb=8,limit=110 --run torchtitan:model=1B,mb=8,limit=150 \
     --run ours:model=1B,mb=16,limit=80 --run olmo-core:model=1B,mb=16,limit=100 --run torchtitan:model=1B,mb=16,limit=100 \
     --run ours:model=1B,mb=16,fp8=tensorwise,limit=80 --run olmo-core:model=1B,mb=16,fp8=tensorwise,limit=100 \
