@@ -41,6 +41,17 @@ def spanish_data(austen_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread: the fits' many small tensor ops run faster so than split over threads."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def tiny_overrides(run_dir: Path, data: Path, **extra) -> list[str]:
     """Overrides for a seconds-long CPU run of the tiny model on `data` (seq_len 64, 1024 tokens a step)."""
     base = {

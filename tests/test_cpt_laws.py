@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from cptrain.errors import UserError
 from cptrain.launch.cli import main
@@ -17,20 +16,12 @@ from cptrain.trainer.config import load_config
 from cptrain.trainer.loop import run
 from tests.conftest import tiny_overrides
 
-pytestmark = pytest.mark.scaling
+pytestmark = [pytest.mark.scaling, pytest.mark.usefixtures("one_thread")]
 REPLAYS = (0.0, 0.25, 0.5)
 # Parameters of the paper's size (their Fig. 3 fits of FineWeb -> Knowledge-Pile: L0 ~3.0, A ~0.4-0.5,
 # alpha 0.5-0.7, C ~0.3), with E and beta set so that the shift term bends within the curves.
 TRUE = {"old": dict(L0=3.05, A=0.49, alpha=0.5, C1=0.3, C2=0.3, B=0.37, E=300.0, beta=0.4, a1=0.5, a2=2.0, S1pt=0.0),
         "new": dict(L0=3.02, A=0.41, alpha=0.68, C1=0.28, C2=0.32, B=-0.67, E=3000.0, beta=0.3, a1=0.3, a2=1.0, S1pt=0.0)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _cosine(n: int, peak: float, warm: int, floor: float) -> np.ndarray:

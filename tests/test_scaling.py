@@ -20,7 +20,7 @@ from cptrain.trainer.analysis.scaling import inputs as I
 from cptrain.trainer.analysis.scaling import laws as L
 from cptrain.trainer.analysis.scaling import suggest as S
 
-pytestmark = pytest.mark.scaling
+pytestmark = [pytest.mark.scaling, pytest.mark.usefixtures("one_thread")]
 FIX = Path(__file__).parent / "fixtures" / "scaling"
 CURVES = FIX / "curves_25M"
 TRAIN = ["cosine_24000", "constant_24000", "wsdcon_9"]  # Luo et al. 2025: fit on these three,
@@ -33,14 +33,6 @@ MPL_25M_METRICS = {"r2": 0.9988, "mae": 0.00376, "rmse": 0.00465, "pred_e": 0.00
 MPL_25M_FULL = (3.04045406, 0.52468604, 0.50786857, 363.78751622, 2.06560812, 0.58279013, 0.64142257)
 MPL_25M_START = (3.14776257, 0.52561293, 0.49872305, 378.18319837)
 CHIN_TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _avg_metrics(params, law="multipower"):
