@@ -158,8 +158,10 @@ def test_mpl_predicts_200000_steps_per_step_in_bounded_memory(tmp_path):
     """The whole command (reading 200,000 rows, predicting, writing, plotting) in a fresh process,
     its peak resident memory read back from the process itself."""
     _cosine_per_step(tmp_path / "cosine_200000.csv", 200000)
-    code = ("import resource, sys; from cptrain.launch.cli import main; assert main(sys.argv[1:]) == 0; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")  # KiB on Linux
+    # VmHWM is the peak of this process's own address space; getrusage's ru_maxrss would not do: Linux
+    # carries it over exec from the forked parent, so a child of a large pytest process reports its size.
+    code = ("import re, sys; from cptrain.launch.cli import main; assert main(sys.argv[1:]) == 0; "
+            "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1])")
     run = subprocess.run([sys.executable, "-c", code, *_predict_argv(tmp_path, tmp_path / "cosine_200000.csv")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
