@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "eval", commands.evaluate,
              "Score a model (HF folder, run directory, checkpoint or weights folder): mean next-token loss on a prepared "
-             "split (--data), and/or multiple-choice accuracy by log-likelihood (--task).")
+             "split (--data), multiple-choice accuracy by log-likelihood (--task), passkey retrieval (--passkey).")
     p.add_argument("model", help="an HF folder, a cptrain run directory, checkpoint or weights folder")
     p.add_argument("--data", default=None, help="a directory written by `cptrain data prepare`, or its URL (s3://...)")
     p.set_defaults(url_options=("data",))
@@ -118,7 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--json", default=None, help='write {"loss", "tokens", ...} and/or {"tasks": {...}} to this file')
+    p.add_argument("--position-buckets", default=None, metavar="P0,P1,...",
+                   help="with --data: also the loss by token position; 0,1024,4096 gives [0, 1024), [1024, 4096) and "
+                        "[4096, row end) (JSON: \"positions\")")
+    p.add_argument("--passkey", default=None, metavar="L1,L2,...",
+                   help="passkey retrieval accuracy at these prompt lengths in tokens, each at most the model's max_seq_len "
+                        "(greedy exact match of the key; docs/long_context.md)")
+    p.add_argument("--passkey-depths", default=None, metavar="D1,D2,...",
+                   help="passkey: where the key sits in the filler, 0 first to 1 last (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--passkey-trials", type=int, default=None, help="passkey: prompts per length and depth (default 4)")
+    p.add_argument("--passkey-kind", choices=["single", "multikey"], default=None,
+                   help="passkey: one pass key (default), or several named numbers of which one is asked for (RULER)")
+    p.add_argument("--passkey-keys", type=int, default=None, help="passkey multikey: needles per prompt (default 4)")
+    p.add_argument("--passkey-seed", type=int, default=None, help="passkey: seed of keys, names and places (default 0)")
+    p.add_argument("--json", default=None,
+                   help='write {"loss", "tokens", ...}, {"tasks": {...}} and/or {"passkey": {LENGTH: {"acc", "depths"}}} to this file')
 
     vocab = sub.add_parser("vocab", help="vocabulary extension").add_subparsers(dest="vocab_command", required=True)
     p = _add(vocab, "extend", commands.vocab_extend,

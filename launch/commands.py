@@ -153,7 +153,7 @@ def forgetting(args) -> int:
 
 
 def evaluate(args) -> int:
-    """`cptrain eval MODEL [--data DIR] [--task FILE...] [--lm-eval TASK...] [--json FILE]`."""
+    """`cptrain eval MODEL [--data DIR] [--task FILE...] [--lm-eval TASK...] [--passkey L,...] [--json FILE]`."""
     import torch
 
     from ..data_pipeline.remote import check_url, is_url
@@ -161,23 +161,33 @@ def evaluate(args) -> int:
     from ..trainer import tasks as T
     from ..trainer.engines.spec import autocast_for, uses_bf16
     from ..trainer.evaluate import check_vocab, load_model, lm_eval_tasks, split_loss, tokenizer_for, write_json
+    from ..trainer.positions import check_bounds
 
-    if not (args.data or args.task or args.lm_eval):
-        raise UserError("cptrain eval needs --data DIR (a loss), --task FILE... or --lm-eval TASK... (accuracy)")
+    if args.position_buckets and not args.data:
+        raise UserError("--position-buckets splits the loss of --data DIR by token position; give --data too")
+    if not (args.data or args.task or args.lm_eval or args.passkey):
+        raise UserError("cptrain eval needs --data DIR (a loss), --task FILE... or --lm-eval TASK... (accuracy) "
+                        "or --passkey LENGTHS (retrieval)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but this machine has no usable CUDA device; use --device auto or cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    tokenizer = load_tokenizer(tokenizer_for(args.model, args.tokenizer)) if (args.task or args.lm_eval) else None
+    buckets = check_bounds(args.position_buckets, "--position-buckets") if args.position_buckets else ()
+    needs_tokenizer = args.task or args.lm_eval or args.passkey
+    tokenizer = load_tokenizer(tokenizer_for(args.model, args.tokenizer)) if needs_tokenizer else None
     specs = [T.TaskConfig(path=f, num_fewshot=args.num_fewshot, max_items=args.max_items) for f in args.task]
     items = {s.stem: T.load_items(s.path, s.max_items) for s in specs}  # bad task files fail before the model loads
+    suite = _passkey_suite(args, tokenizer) if args.passkey else None  # so do passkey lengths the model cannot read
     if args.data and is_url(args.data):
         check_url(args.data)  # so does a URL scheme we cannot read
     model = load_model(args.model, device)
     result = {}
     if args.data:
-        result = split_loss(model, args.data, args.split, args.max_samples, args.batch_size, args.precision)
+        result = split_loss(model, args.data, args.split, args.max_samples, args.batch_size, args.precision,
+                            position_buckets=buckets)
         print(f"{args.model} on {args.data} ({args.split}, {result['samples']:,} samples, {result['tokens']:,} target "
               f"tokens): loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+        if buckets:
+            print("loss by position: " + ", ".join(f"{k} {v:.4f}" for k, v in result["positions"].items()))
     if tokenizer is not None:
         check_vocab(model, tokenizer.vocab_size, str(tokenizer.path))
     for spec in specs:
@@ -194,9 +204,51 @@ def evaluate(args) -> int:
             result.setdefault("tasks", {})[name] = metrics
             print(f"{name} (lm-evaluation-harness): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                                    if isinstance(v, float)))
+    if suite is not None:
+        result.update(_passkey_scores(suite, model, device, args.precision))
     if args.json:
         write_json(args.json, result)
     return 0
+
+
+def _passkey_suite(args, tokenizer):
+    """The prompts of --passkey and its options, checked against the model's window before it loads."""
+    from ..trainer.checkpoint import model_config_of
+    from ..trainer.config import parse_int
+    from ..trainer.passkey import PasskeyConfig, build_suite
+
+    given = {"lengths": [parse_int(n, "--passkey", "cptrain eval") for n in args.passkey.split(",")],
+             "depths": _fractions(args.passkey_depths, "--passkey-depths") if args.passkey_depths else None,
+             "trials": args.passkey_trials, "kind": args.passkey_kind, "keys": args.passkey_keys,
+             "seed": args.passkey_seed, "batch_size": args.batch_size}
+    cfg = PasskeyConfig(**{k: v for k, v in given.items() if v is not None})  # the rest: eval.passkey's defaults
+    cfg.check(model_config_of(args.model).max_seq_len, "--passkey")
+    return build_suite(cfg, tokenizer)
+
+
+def _fractions(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} must be comma-separated fractions, e.g. 0,0.5,1") from None
+
+
+def _passkey_scores(suite, model, device, precision: str) -> dict:
+    """{"passkey": {length: {"acc", "n", "depths"}}, "passkey_config": ...}, printed one line per length."""
+    import dataclasses
+
+    from ..trainer import tasks as T
+    from ..trainer.engines.spec import autocast_for, uses_bf16
+    from ..trainer.passkey import summarize
+
+    with autocast_for(device, uses_bf16(precision, device.type)):
+        scores = T.loglikelihoods(model, suite.requests, suite.cfg.batch_size, device, progress=True)
+    result = summarize(suite, scores)
+    for length, r in result.items():
+        print(f"passkey ({suite.cfg.kind}) at {int(length):,} tokens: acc {r['acc']:.4f} over {r['n']} prompts; "
+              "by depth " + ", ".join(f"{d} {acc:.2f}" for d, acc in r["depths"].items()))
+    config = {k: v for k, v in dataclasses.asdict(suite.cfg).items() if k not in ("lengths", "batch_size")}
+    return {"passkey": result, "passkey_config": config}
 
 
 def vocab_extend(args) -> int:

@@ -214,6 +214,10 @@ class Decoder(nn.Module):
         """hidden [..., D] -> logits [..., V] (the output head, or the embedding when tied; soft-capped when configured)."""
         return softcap(F.linear(hidden, self.head_weight()), self.cfg.final_softcap)
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, split=None) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, V]."""
-        return self.head(self.hidden(tokens, doc_ids, split))
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, split=None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V]; with logits_to_keep = k > 0, those of the last k positions
+        only [B, k, V] (as transformers' argument of that name: scoring a short answer after a long
+        prompt never holds the prompt's [B, S, V] logits)."""
+        h = self.hidden(tokens, doc_ids, split)
+        return self.head(h[:, -logits_to_keep:] if logits_to_keep else h)

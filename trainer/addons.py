@@ -1,6 +1,6 @@
 """Add-ons: what the loop calls around a step besides the engine (fault monitoring, reweighting,
-freezing, sparsity, the weight EMA, task evaluation), through one interface and held in one ordered
-list that the loop walks (trainer/loop.py `build_addons` makes it).
+freezing, sparsity, the weight EMA, task and passkey evaluation), through one interface and held in
+one ordered list that the loop walks (trainer/loop.py `build_addons` makes it).
 
 Hooks, in the order the loop calls them (every add-on in list order at each point):
   wrap_loss(loss_fn, step) -> loss_fn   the loss of the step about to run (fault injection)

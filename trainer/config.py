@@ -33,6 +33,8 @@ from .engines.layout import ParallelSection, resolve_device
 from .engines.spec import grad_accumulation, uses_bf16
 from .faults import FaultsSection
 from .freezing import FreezeConfig
+from .passkey import PasskeyConfig
+from .positions import Buckets
 from .tasks import TaskConfig
 from . import trackers
 from .trackers import MlflowSection, WandbSection
@@ -95,6 +97,10 @@ class EvalSection:
     at_start: bool = True  # evaluate before the first step (the baseline for forgetting)
     tasks: list[TaskConfig] = field(default_factory=list)  # multiple-choice tasks scored with the validation sets (trainer/tasks.py)
     task_batch_size: int = 16  # requests (choices) per forward when scoring tasks
+    # Validation loss by token position (trainer/positions.py): [0, 1024, 4096] also logs val/<domain>/pos0-1024,
+    # pos1024-4096 and pos4096-<data.seq_len>, the mean loss of the targets at those positions of the rows.
+    position_buckets: list[int] = field(default_factory=list)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # passkey retrieval at given lengths, logged as eval/passkey/<length> (trainer/passkey.py)
 
 
 @dataclass
@@ -348,6 +354,11 @@ def _check(cfg: TrainConfig, src: str) -> None:
     if cfg.parallel.cp > 1 and cfg.reweighting.instance.strategy != "none":
         raise UserError(f"{src}: reweighting.instance weighs whole samples by their loss, which context parallelism "
                         "splits over ranks; set reweighting.instance.strategy=none or parallel.cp=1")
+    Buckets.of(cfg.eval.position_buckets, seq, f"{src}: eval.position_buckets")
+    cfg.eval.passkey.check(cfg.model.arch.max_seq_len, f"{src}: eval.passkey")
+    if cfg.parallel.cp > 1 and cfg.eval.passkey.lengths:
+        raise UserError(f"{src}: eval.passkey scores prompts of their own length, which context parallelism does not "
+                        "split; score them after the run with `cptrain eval RUN --passkey ...`, or set parallel.cp=1")
     if cfg.parallel.cp > 1 and cfg.eval.tasks:
         raise UserError(f"{src}: eval.tasks score requests of their own length, which context parallelism does not "
                         "split; score them after the run with `cptrain eval RUN --task ...`, or set parallel.cp=1")

@@ -20,6 +20,7 @@ from ..model.decoder import Decoder
 from .checkpoint import load_full_weights, resolve_checkpoint
 from .engines.spec import autocast_for, uses_bf16
 from .loss import token_losses
+from .positions import Buckets, row_positions
 
 
 def load_model(path: str | Path, device: torch.device) -> Decoder:
@@ -69,11 +70,14 @@ def check_vocab(model: Decoder, vocab_size: int, where: str) -> None:
 
 @torch.no_grad()
 def split_loss(model: Decoder, data: str | Path, split: str = "val", max_samples: int | None = None,
-               batch_size: int = 8, precision: str = "auto", chunk_tokens: int = 0) -> dict:
-    """{"loss", "tokens", "samples", "perplexity"}: the mean loss over the split's target tokens."""
+               batch_size: int = 8, precision: str = "auto", chunk_tokens: int = 0, position_buckets=()) -> dict:
+    """{"loss", "tokens", "samples", "perplexity"}: the mean loss over the split's target tokens; with
+    position_buckets (trainer/positions.py) also "positions": {"pos<lo>-<hi>": mean loss}."""
     device = next(model.parameters()).device
     manifest, batches = split_batches(str(data), split, batch_size, max_samples)
     check_vocab(model, manifest["tokenizer"]["vocab_size"], join(str(data), "manifest.json"))
+    buckets = Buckets.of(position_buckets, manifest["seq_len"], "--position-buckets")
+    acc = torch.zeros(2 * len(buckets.bounds) if buckets else 0, dtype=torch.float64, device=device)
     total, tokens, samples = 0.0, 0, 0
     with autocast_for(device, uses_bf16(precision, device.type)):
         for batch in batches:
@@ -82,10 +86,15 @@ def split_loss(model: Decoder, data: str | Path, split: str = "val", max_samples
             total += losses.double().sum().item()
             tokens += losses.numel()
             samples += losses.shape[0]
+            if buckets:
+                acc += buckets.sums(losses, row_positions(batch, losses))
     if not tokens:
         raise UserError(f"{join(str(data), split)}: no samples to evaluate")
     loss = total / tokens
-    return {"loss": loss, "tokens": tokens, "samples": samples, "perplexity": math.exp(min(loss, 700))}
+    out = {"loss": loss, "tokens": tokens, "samples": samples, "perplexity": math.exp(min(loss, 700))}
+    if buckets:
+        out["positions"] = buckets.means(acc)
+    return out
 
 
 def write_json(path: str | Path, result: dict) -> None:

@@ -34,6 +34,8 @@ from .freezing import Freezer
 from .loss import lm_loss, token_losses
 from .mer import MetaReplayAddOn
 from .metrics import DROPPED, MetricsLogger, Throughput, device_peak_tflops, set_aside
+from .passkey import PasskeyEval
+from .positions import Buckets, row_positions
 from .reweighting import Reweighter
 from .schedule import build_schedule
 from .sparsity import Pruner
@@ -63,7 +65,7 @@ class Progress:
 def build_addons(cfg: TrainConfig, engine, loader, val_loaders: dict, tokenizer_file: Path, step: int, say) -> list[AddOn]:
     """The run's add-ons, in the order their hooks run: faults inject and judge, reweighting weighs the
     batch, freezing holds rows, sparsity masks, meta-experience replay interpolates, the EMA averages
-    what those left, tasks score. `step`: the step the run starts from."""
+    what those left, tasks and passkey prompts score. `step`: the step the run starts from."""
     addons: list[AddOn] = [FaultMonitor(cfg.faults, engine.spec.layout.rank), Reweighter(cfg, engine, loader, val_loaders)]
     if cfg.freeze.phases:
         addons.append(Freezer(cfg.freeze, cfg.model.init_from, engine, say))
@@ -74,6 +76,8 @@ def build_addons(cfg: TrainConfig, engine, loader, val_loaders: dict, tokenizer_
         addons.append(WeightEMA(cfg.train.ema_decay, engine, say))
     if cfg.eval.tasks:
         addons.append(TaskEval(cfg.eval, tokenizer_file, cfg.model.arch.max_seq_len, engine))
+    if cfg.eval.passkey.lengths:
+        addons.append(PasskeyEval(cfg.eval.passkey, tokenizer_file, engine))
     return addons
 
 
@@ -83,20 +87,26 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def evaluate(engine, val_loaders: dict, chunk_tokens: int, addons: list[AddOn] = (), shard=None) -> dict:
-    """Mean token loss per validation domain, and the add-ons' evaluations (tasks), over all ranks;
-    `shard`: a batch as this rank holds it (context parallelism)."""
+def evaluate(engine, val_loaders: dict, chunk_tokens: int, addons: list[AddOn] = (), shard=None,
+             buckets: Buckets | None = None) -> dict:
+    """Mean token loss per validation domain (and per position bucket), and the add-ons' evaluations
+    (tasks, passkey), over all ranks; `shard`: a batch as this rank holds it (context parallelism)."""
     out, device = {}, engine.spec.layout.device
     shard = shard or (lambda batch: batch)
     engine.model.eval()
     with torch.no_grad(), autocast_for(device, engine.spec.bf16):
         for name, batches in val_loaders.items():
-            acc = torch.zeros(2, dtype=torch.float64, device=device)
+            acc = torch.zeros(2 + (2 * len(buckets.bounds) if buckets else 0), dtype=torch.float64, device=device)
             for batch in batches():
-                losses = token_losses(engine.model, shard(_to_device(batch, device)), chunk_tokens)
-                acc += torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64, device=device)])
+                held = shard(_to_device(batch, device))
+                losses = token_losses(engine.model, held, chunk_tokens)  # [B, S] (S: this rank's positions)
+                acc[:2] += torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64, device=device)])
+                if buckets:
+                    acc[2:] += buckets.sums(losses, row_positions(held, losses))
             _all_reduce(acc)
             out[f"val/{name}"] = (acc[0] / acc[1].clamp(min=1)).item()
+            if buckets:
+                out.update({f"val/{name}/{k}": v for k, v in buckets.means(acc[2:]).items()})
         for addon in addons:
             out.update(addon.evaluate())
     engine.model.train()
@@ -148,7 +158,9 @@ class Trainer:
                                              world_size=self.layout.dp_size, max_samples=cfg.eval.max_samples)
         self.domains = [d.name for d in cfg.data.domains + cfg.data.replay]  # the loader's `domain` indices
         self.cp = ContextParallel(self.layout, arch.doc_masking) if self.layout.cp > 1 else None
-        tokenizer = self.data.tokenizer_path() if cfg.eval.tasks else None  # the one the data was prepared with
+        self.buckets = Buckets.of(cfg.eval.position_buckets, cfg.data.seq_len, "eval.position_buckets")
+        self.scores = bool(cfg.eval.tasks or cfg.eval.passkey.lengths)  # add-ons that evaluate without validation data
+        tokenizer = self.data.tokenizer_path() if self.scores else None  # the one the data was prepared with
         self.addons = build_addons(cfg, self.engine, self.loader, self.val_loaders, tokenizer, self.progress.step, self._say)
         self.faults = self.addons[0]  # the add-on whose verdicts decide each step
         if self.plan.masks:  # a cptrain checkpoint: what the add-ons kept in it (masks of a sparse one, ...)
@@ -309,7 +321,7 @@ class Trainer:
                 row["hfu"] = hardware_flops * row["tokens_per_s"] / (self.peak * self.layout.world_size)
             log.progress(p.step, row["loss"], row["tokens_per_s"])
         t0 = time.perf_counter()
-        if _crossed(step.before, p.tokens, cfg.eval.interval_tokens) or (last and (self.val_loaders or cfg.eval.tasks)):
+        if _crossed(step.before, p.tokens, cfg.eval.interval_tokens) or (last and (self.val_loaders or self.scores)):
             row.update(self._evaluate())
         for addon in self.addons:
             row.update(addon.after_step(step, row))  # e.g. mixture weights from the next step on
@@ -328,7 +340,8 @@ class Trainer:
         return self.cp.shard(batch) if self.cp is not None else batch
 
     def _evaluate(self) -> dict:
-        return evaluate(self.engine, self.val_loaders, self.cfg.train.loss_chunk_tokens, self.addons, self._shard)
+        return evaluate(self.engine, self.val_loaders, self.cfg.train.loss_chunk_tokens, self.addons, self._shard,
+                        self.buckets)
 
     def train(self) -> list[dict]:
         cfg, p = self.cfg, self.progress
@@ -338,7 +351,7 @@ class Trainer:
         log = MetricsLogger(self.run_dir, self.layout.is_main, cfg.log.tensorboard, cfg.log.progress, steps, p.step,
                             open_trackers(cfg.log, self.run_dir) if self.layout.is_main else ())
         rows = []
-        if p.step == 0 and cfg.eval.at_start and (self.val_loaders or cfg.eval.tasks):
+        if p.step == 0 and cfg.eval.at_start and (self.val_loaders or self.scores):
             row = {"step": 0, "tokens": 0, **self._evaluate()}
             start = Step(0, 0, 0, False, torch.zeros(0), torch.zeros(0))
             for addon in self.addons:

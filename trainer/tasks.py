@@ -120,7 +120,8 @@ def build_requests(items: list[Item], tokenizer, num_fewshot: int = 0, seed: int
 def loglikelihoods(model, requests: list[Request], batch_size: int, device: torch.device,
                    progress: bool = False) -> list[tuple[float, bool]]:
     """(summed log-probability of the choice tokens, whether each is the argmax) of every request;
-    batches padded on the right (causal attention never sees the padding)."""
+    batches padded on the right (causal attention never sees the padding). The head runs only over
+    the positions from the earliest scored one on (passkey prompts: the answer's few tokens)."""
     from tqdm import tqdm
 
     order = sorted(range(len(requests)), key=lambda k: -len(requests[k].ids))
@@ -132,11 +133,15 @@ def loglikelihoods(model, requests: list[Request], batch_size: int, device: torc
         for row, r in enumerate(chunk):
             tokens[row, :len(r.ids)] = torch.tensor(r.ids)
         tokens = tokens.to(device)
-        logprobs = F.log_softmax(model(tokens[:, :-1]).float(), dim=-1)  # [B, width, V]
-        picked = logprobs.gather(2, tokens[:, 1:, None]).squeeze(2)  # [B, width]
-        greedy = logprobs.argmax(-1) == tokens[:, 1:]
+        # the earliest scored position (0 at least: a choice with no context before it has no
+        # prediction for its first token)
+        first = max(0, min(len(r.ids) - 1 - r.n_choice for r in chunk))
+        logprobs = F.log_softmax(model(tokens[:, :-1], logits_to_keep=width - first).float(), dim=-1)  # [B, width - first, V]
+        targets = tokens[:, first + 1:]
+        picked = logprobs.gather(2, targets[..., None]).squeeze(2)  # [B, width - first]
+        greedy = logprobs.argmax(-1) == targets
         for row, r in enumerate(chunk):
-            end = len(r.ids) - 1
+            end = len(r.ids) - 1 - first
             span = slice(end - r.n_choice, end)
             out[order[start + row]] = (picked[row, span].sum().item(), bool(greedy[row, span].all()))
     return out

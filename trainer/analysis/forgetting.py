@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from ...errors import UserError
-from .report import _save, plt, read_metrics
+from .report import PASSKEY_PREFIX, _save, passkey_grid, passkey_rows, plot_passkey, plt, read_metrics
 
 
 def _curve(metrics: list, key: str) -> list[tuple[int, float]]:
@@ -31,11 +31,26 @@ def task_rows(metrics: list, tasks: dict[str, str]) -> dict:
     return out
 
 
+def passkey_change(metrics: list) -> dict:
+    """Per passkey length: accuracy at the start (None without a step-0 evaluation) and the end, and the change."""
+    rows = passkey_rows(metrics)
+    if not rows:
+        return {}
+    first, last = rows[0], rows[-1]
+    out = {}
+    for n in passkey_grid(last)[0]:
+        key = f"{PASSKEY_PREFIX}{n}"
+        start = first.get(key) if first.get("tokens") == 0 else None
+        out[str(n)] = {"start": start, "end": last.get(key), "change": None if start is None else last[key] - start}
+    return out
+
+
 def forgetting(metrics: list, old: list[str], new: list[str], tasks: dict[str, str] | None = None) -> dict:
     """Per-domain start/worst/best/end validation loss and the old-domain change and new-domain gain.
     The baseline is the evaluation before the first step (tokens 0, `eval.at_start`); without one
     there is nothing to measure a change against, and `baseline` is false with every change None."""
-    out = {"baseline": True, "domains": {}, "old": {}, "new": {}, "tasks": task_rows(metrics, tasks or {})}
+    out = {"baseline": True, "domains": {}, "old": {}, "new": {}, "tasks": task_rows(metrics, tasks or {}),
+           "passkey": passkey_change(metrics)}
     for role, names in (("old", old), ("new", new)):
         for name in names:
             pts = _curve(metrics, f"val/{name}")
@@ -86,6 +101,10 @@ def format_forgetting(rep: dict, run_dir: str = "") -> str:
         for name, t in rep["tasks"].items():
             lines.append(f"| {name} | {t['role'] or '-'} | {_f(t['start'])} | {t['end']:.4f} | {_f(t['change'], '+.4f')} | "
                          f"{_f(t['end_acc_norm'])} |")
+    if rep.get("passkey"):
+        lines += ["", "Passkey retrieval accuracy by prompt length (heatmap over depths: forgetting_passkey.png).", "",
+                  "| length | start | end | change |", "|---|---|---|---|"]
+        lines += [f"| {n} | {_f(p['start'])} | {_f(p['end'])} | {_f(p['change'], '+.4f')} |" for n, p in rep["passkey"].items()]
     lines.append("")
     if not rep["baseline"]:
         lines.append("- no baseline: the run has no evaluation before its first step (eval.at_start was false), so no "
@@ -130,4 +149,6 @@ def write_forgetting(run_dir, old: list[str], new: list[str], tasks: dict[str, s
     (run_dir / "forgetting.json").write_text(json.dumps(rep, indent=1))
     (run_dir / "forgetting.md").write_text(format_forgetting(rep, str(run_dir)))
     plot_forgetting(metrics, rep, run_dir / "forgetting.png", predicted)
+    if rep["passkey"]:
+        plot_passkey(metrics, run_dir / "forgetting_passkey.png")
     return rep

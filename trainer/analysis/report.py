@@ -47,15 +47,20 @@ def series(metrics: list, key: str, x: str = "tokens") -> tuple:
 
 
 def domains(metrics: list, prefix: str = VAL_PREFIX) -> list:
-    """Domain names of the `<prefix><domain>` keys logged anywhere in the run."""
-    return sorted({k[len(prefix):] for r in metrics for k in r if k.startswith(prefix)})
+    """Domain names of the `<prefix><domain>` keys logged anywhere in the run (not the position
+    buckets, `<prefix><domain>/pos<lo>-<hi>`)."""
+    return sorted({k[len(prefix):] for r in metrics for k in r if k.startswith(prefix) and "/" not in k[len(prefix):]})
 
 
-def _save(fig, ax, path, ylabel: str, title: str) -> Path:
-    ax.set_xlabel("tokens")
+def _save(fig, ax, path, ylabel: str, title: str, xlabel: str = "tokens") -> Path:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return _write(fig, path)
+
+
+def _write(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -105,6 +110,69 @@ def plot_tasks(metrics: list, path) -> Path:
     return _save(fig, ax, path, "accuracy", "downstream task accuracy")
 
 
+def position_losses(row: dict) -> dict:
+    """{domain: {"pos<lo>-<hi>": loss}} of one metrics row's `val/<domain>/pos<lo>-<hi>` keys, buckets in order."""
+    out: dict = {}
+    for k, v in row.items():
+        domain, _, bucket = k[len(VAL_PREFIX):].partition("/")
+        if k.startswith(VAL_PREFIX) and bucket.startswith("pos") and _number(v):
+            out.setdefault(domain, {})[bucket] = v
+    return {d: dict(sorted(b.items(), key=lambda kv: int(kv[0][3:].split("-")[0]))) for d, b in sorted(out.items())}
+
+
+def plot_positions(metrics: list, path) -> Path:
+    """Validation loss per position bucket, at the first (dashed) and last (solid) evaluation of each domain."""
+    rows = [r for r in metrics if position_losses(r)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for d, last in position_losses(rows[-1]).items():
+        line, = ax.plot(list(last), list(last.values()), marker="o", label=f"{d} at {rows[-1].get('tokens', 0):,} tokens")
+        first = position_losses(rows[0]).get(d)
+        if len(rows) > 1 and first:
+            ax.plot(list(first), list(first.values()), marker="o", ls="--", color=line.get_color(),
+                    label=f"{d} at {rows[0].get('tokens', 0):,} tokens")
+    ax.legend()
+    return _save(fig, ax, path, "validation loss", "validation loss by token position", xlabel="positions in the row")
+
+
+PASSKEY_PREFIX = "eval/passkey/"
+
+
+def passkey_grid(row: dict) -> tuple[list[int], list[str], list[list[float]]]:
+    """(lengths, depths, accuracy[length][depth]) of one metrics row's `eval/passkey/<length>/<depth>` keys."""
+    cells = {}
+    for k, v in row.items():
+        parts = k[len(PASSKEY_PREFIX):].split("/")
+        if k.startswith(PASSKEY_PREFIX) and len(parts) == 2 and _number(v):
+            cells[int(parts[0]), parts[1]] = v
+    lengths, depths = sorted({n for n, _ in cells}), sorted({d for _, d in cells}, key=float)
+    return lengths, depths, [[cells.get((n, d), math.nan) for d in depths] for n in lengths]
+
+
+def passkey_rows(metrics: list) -> list:
+    """The evaluations that scored passkey prompts."""
+    return [r for r in metrics if passkey_grid(r)[0]]
+
+
+def plot_passkey(metrics: list, path) -> Path:
+    """Passkey accuracy as a length x depth heatmap: the first and the last evaluation side by side."""
+    rows = passkey_rows(metrics)
+    panels = [rows[0], rows[-1]] if len(rows) > 1 else rows[-1:]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4.5 * len(panels), 3.8), squeeze=False)
+    for ax, row in zip(axes[0], panels):
+        lengths, depths, grid = passkey_grid(row)
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", origin="lower", aspect="auto")
+        ax.set_xticks(range(len(depths)), depths)
+        ax.set_yticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+        for i, values in enumerate(grid):
+            for j, v in enumerate(values):
+                ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("depth of the key (0: first, 1: last)")
+        ax.set_ylabel("prompt length (tokens)")
+        ax.set_title(f"passkey accuracy at {row.get('tokens', 0):,} tokens trained")
+    fig.colorbar(image, ax=axes[0][-1], label="accuracy")
+    return _write(fig, path)
+
+
 def plot_schedule(schedule, path, points: int = 1000) -> Path:
     """LR against tokens for a trainer.schedule.Schedule, with each phase boundary marked."""
     segments = schedule.describe()
@@ -144,6 +212,11 @@ def summarize(metrics: list) -> dict:
         "mean_tokens_per_s": sum(tps) / len(tps) if tps else None,
         "last_tasks": {t: series(metrics, f"eval/{t}/acc")[1][-1] for t in task_names(metrics)},
     }
+    if positions := [r for r in metrics if position_losses(r)]:
+        out["last_val_positions"] = position_losses(positions[-1])
+    if passkey := passkey_rows(metrics):
+        lengths = passkey_grid(passkey[-1])[0]
+        out["last_passkey"] = {str(n): passkey[-1][f"{PASSKEY_PREFIX}{n}"] for n in lengths if f"{PASSKEY_PREFIX}{n}" in passkey[-1]}
     mfu = series(metrics, "mfu", x="step")[1]
     if mfu:
         out["mean_mfu"] = sum(mfu) / len(mfu)
@@ -170,6 +243,12 @@ def format_summary(s: dict, run_dir="") -> str:
     if s.get("last_tasks"):
         lines += ["", "| task | last accuracy |", "|---|---|"]
         lines += [f"| {t} | {_fmt(v)} |" for t, v in s["last_tasks"].items()]
+    if s.get("last_val_positions"):
+        lines += ["", "| domain | position | last val loss |", "|---|---|---|"]
+        lines += [f"| {d} | {b} | {_fmt(v)} |" for d, buckets in s["last_val_positions"].items() for b, v in buckets.items()]
+    if s.get("last_passkey"):
+        lines += ["", "| passkey length | last accuracy |", "|---|---|"]
+        lines += [f"| {n} | {_fmt(v)} |" for n, v in s["last_passkey"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +264,10 @@ def write_report(run_dir, out=None) -> dict:
     plot_series(metrics, "tokens_per_s", out / "throughput.png", "tokens/s")
     if task_names(metrics):
         plot_tasks(metrics, out / "tasks.png")
+    if any(position_losses(r) for r in metrics):
+        plot_positions(metrics, out / "positions.png")
+    if passkey_rows(metrics):
+        plot_passkey(metrics, out / "passkey.png")
     summary = summarize(metrics)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(format_summary(summary, str(run_dir)))

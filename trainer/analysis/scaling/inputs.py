@@ -109,9 +109,9 @@ def final_loss(rows: list[dict], run: Path, loss_key: str = "loss") -> float:
     """See the module docstring for the choice."""
     if loss_key == "loss":
         evals = [r for r in rows if any(k.startswith("val/") for k in r)]
-        if evals:
+        if evals:  # the domains' means, not their position buckets (val/<domain>/pos<lo>-<hi>)
             last = evals[-1]
-            return float(np.mean([_float(v, f"{run} {k}") for k, v in last.items() if k.startswith("val/")]))
+            return float(np.mean([_float(v, f"{run} {k}") for k, v in last.items() if k.startswith("val/") and k.count("/") == 1]))
     losses = [_float(r[loss_key], f"{run} {loss_key}") for r in rows if r.get(loss_key) is not None]
     if not losses:
         raise UserError(f"{run}: metrics.jsonl logs no '{loss_key}'; train longer than one logging "
