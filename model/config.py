@@ -49,10 +49,24 @@ class ModelConfig:
     # was pretrained ("an attention mask that prevents self-attention between different documents").
     doc_masking: bool = True
     init_std: float = 0.02  # std of the normal init of linears and embeddings (GPT-2/GPT-3/HF Llama value)
+    # Mixture of experts (model/moe.py), in the families whose record has `moe` (model/families.py):
+    n_experts: int = 0  # routed experts of each MoE layer; 0: every layer has the dense MLP
+    moe_top_k: int = 0  # experts each token is sent to (HF num_experts_per_tok)
+    moe_ffn_dim: int = 0  # hidden width of each expert's gated MLP (HF moe_intermediate_size, or intermediate_size)
+    moe_norm_topk: bool = False  # the top-k routing weights renormalized to sum to 1 (HF norm_topk_prob; Mixtral always)
+    moe_dense_layers: list[int] = field(default_factory=list)  # layers that keep the dense MLP of width ffn_dim (Qwen MoE mlp_only_layers)
+    moe_shared_ffn_dim: int = 0  # width of a shared expert every token passes through, gated by a sigmoid (Qwen2-MoE); 0: none
+    moe_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (HF router_aux_loss_coef)
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def moe_layers(self) -> list[bool]:
+        """Whether each layer's feed-forward is a mixture of experts (else the dense gated MLP)."""
+        dense = set(self.moe_dense_layers)
+        return [self.n_experts > 0 and i not in dense for i in range(self.n_layers)]
 
     @property
     def kinds(self) -> list[str]:
@@ -99,6 +113,7 @@ class ModelConfig:
             raise UserError(f"{source}: layer_types must list {self.n_layers} entries, each one of {', '.join(LAYER_TYPES)}")
         if "sliding" in self.kinds and not self.sliding_window:
             raise UserError(f"{source}: layer_types has sliding layers but sliding_window is not set")
+        _validate_moe(self, family, source)
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, source)
             if "rope_local_theta" in family.options and self.rope_scaling.get("truncate", True) is not True:
@@ -120,19 +135,60 @@ class ModelConfig:
         return cls(**d).validate(source)
 
 
+_MOE_FIELDS = ("n_experts", "moe_top_k", "moe_ffn_dim", "moe_norm_topk", "moe_dense_layers", "moe_shared_ffn_dim",
+               "moe_aux_loss_coef")
+
+
+def _validate_moe(cfg: ModelConfig, family, source: str) -> None:
+    defaults, keys = ModelConfig(), family.moe
+    if keys is None:
+        if any(getattr(cfg, n) != getattr(defaults, n) for n in _MOE_FIELDS):
+            able = [f.name for f in FAMILIES.values() if f.moe is not None]
+            raise UserError(f"{source}: a {cfg.family} model has no mixture of experts; families with one: {', '.join(able)}")
+        return
+    if cfg.n_experts < 0 or (cfg.n_experts and not 0 < cfg.moe_top_k <= cfg.n_experts):
+        raise UserError(f"{source}: moe_top_k={cfg.moe_top_k} must be between 1 and n_experts={cfg.n_experts}")
+    if cfg.n_experts and cfg.moe_ffn_dim <= 0:
+        raise UserError(f"{source}: moe_ffn_dim must be a positive integer with n_experts={cfg.n_experts}")
+    if isinstance(keys.norm_topk, bool) and cfg.moe_norm_topk != keys.norm_topk:
+        raise UserError(f"{source}: moe_norm_topk={cfg.moe_norm_topk} is not a {cfg.family} model's ({keys.norm_topk}); the family fixes it")
+    if keys.width == "intermediate_size" and cfg.moe_ffn_dim != cfg.ffn_dim:
+        raise UserError(f"{source}: a {cfg.family} model's experts have the dense width: set moe_ffn_dim = ffn_dim = {cfg.moe_ffn_dim}")
+    if cfg.moe_dense_layers and (not keys.dense_layers or not set(cfg.moe_dense_layers) <= set(range(cfg.n_layers))):
+        raise UserError(f"{source}: moe_dense_layers {cfg.moe_dense_layers} must be layer indices below n_layers={cfg.n_layers}"
+                        + ("" if keys.dense_layers else f" (a {cfg.family} model has none)"))
+    if cfg.moe_shared_ffn_dim < 0 or bool(cfg.moe_shared_ffn_dim) != (keys.shared and cfg.n_experts > 0):
+        what = "has a shared expert: set it positive" if keys.shared else "has no shared expert"
+        raise UserError(f"{source}: moe_shared_ffn_dim={cfg.moe_shared_ffn_dim}: an MoE {cfg.family} model {what}")
+    if cfg.moe_aux_loss_coef < 0:
+        raise UserError(f"{source}: moe_aux_loss_coef={cfg.moe_aux_loss_coef} must be at least 0")
+
+
 def swiglu_width(dim: int, multiple_of: int = 128) -> int:
     # 2/3 of a 4*dim MLP gives SwiGLU's three matrices the parameters of two (Shazeer 2020, "GLU
     # Variants Improve Transformer"), rounded up to a multiple as Llama's `multiple_of` does.
     return multiple_of * math.ceil(8 * dim / 3 / multiple_of)
 
 
-def param_counts(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, non_embedding); non-embedding leaves out the input embedding and an untied output head."""
+def _ffn_params(cfg: ModelConfig, moe: bool, active: bool) -> int:
+    """Parameters of one layer's feed-forward; of an MoE layer, those one token uses when `active` (the
+    router, its top-k experts and the shared expert), else all of them."""
+    d = cfg.dim
+    if not moe:
+        return 3 * d * cfg.ffn_dim
+    shared = 3 * d * cfg.moe_shared_ffn_dim + d if cfg.moe_shared_ffn_dim else 0  # + the shared expert's gate
+    return d * cfg.n_experts + (cfg.moe_top_k if active else cfg.n_experts) * 3 * d * cfg.moe_ffn_dim + shared
+
+
+def param_counts(cfg: ModelConfig, active: bool = False) -> tuple[int, int]:
+    """(total, non_embedding); non-embedding leaves out the input embedding and an untied output head.
+    active: the parameters one token passes through (an MoE layer's router and top-k experts, not all)."""
     d, hd, q, kv = cfg.dim, cfg.head_size, cfg.n_heads * cfg.head_size, cfg.n_kv_heads * cfg.head_size
     attention = 2 * d * q + 2 * d * kv + (q + 2 * kv) * cfg.qkv_bias  # wq, wo, wk, wv (+ q/k/v biases)
     attention += {"none": 0, "head": 2 * hd, "full": q + kv}[cfg.qk_norm]
     norms = (4 if cfg.norm_placement == "sandwich" else 2) * d
-    non_embedding = cfg.n_layers * (attention + 3 * d * cfg.ffn_dim + norms) + d  # + gated MLP, block norms; final norm
+    ffn = sum(_ffn_params(cfg, moe, active) for moe in cfg.moe_layers)
+    non_embedding = cfg.n_layers * (attention + norms) + ffn + d  # + gated MLPs or experts; final norm
     embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     return non_embedding + embeddings, non_embedding
 
@@ -153,14 +209,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one trained token, the count MFU is taken from (as torchtitan and OLMo-core count
     them): 6 per weight of every matmul, forward and backward (the blocks' and the output head's;
     an embedding lookup is no matmul), plus the attention scores and values, 12 * heads * head_dim
-    per attended key, with causal attention attending half the keys of full attention."""
-    _, non_embedding = param_counts(cfg)
+    per attended key, with causal attention attending half the keys of full attention. Of a mixture
+    of experts only the active parameters count (the router, the top-k experts, a shared one)."""
+    _, non_embedding = param_counts(cfg, active=True)
     return 6 * (non_embedding + cfg.vocab_size * cfg.dim) + 12 * cfg.n_heads * cfg.head_size * _attended(cfg, seq_len)
 
 
 def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, activation_checkpointing: bool = False) -> float:
     """FLOPs the device does per token: the model's, plus the blocks' forward again when activation
     checkpointing recomputes it in backward (a third of their training FLOPs)."""
-    _, non_embedding = param_counts(cfg)
+    _, non_embedding = param_counts(cfg, active=True)
     blocks = 6 * non_embedding + 12 * cfg.n_heads * cfg.head_size * _attended(cfg, seq_len)
     return flops_per_token(cfg, seq_len) + (blocks / 3 if activation_checkpointing else 0.0)

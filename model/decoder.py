@@ -1,7 +1,8 @@
 """The decoder: one block with a few switches (model/config.py) covers Llama, Mistral, Qwen2/2.5,
-Qwen3, Gemma 2/3 and OLMo 2. RMSNorm, RoPE (every kind of model/rope.py; a base of its own for
-sliding-window layers), grouped-query attention with optional q/k biases and q/k norms, a gated
-MLP (SwiGLU or tanh-GELU GeGLU), norms before and/or after attention and MLP, soft-capped logits.
+Qwen3, Gemma 2/3, OLMo 2 and the mixtures of experts Qwen2/3-MoE, OLMoE and Mixtral. RMSNorm, RoPE
+(every kind of model/rope.py; a base of its own for sliding-window layers), grouped-query attention
+with optional q/k biases and q/k norms, a gated MLP (SwiGLU or tanh-GELU GeGLU) or a mixture of
+such experts (model/moe.py), norms before and/or after attention and MLP, soft-capped logits.
 Knows nothing of distribution, data or training.
 
 RoPE uses the rotate-half convention of HF transformers, so HF q/k weights load without the
@@ -17,6 +18,8 @@ from torch import nn
 
 from .attention import AttentionContext, attend, build_context, doc_positions
 from .config import ModelConfig
+from .mlp import FeedForward, gated  # noqa: F401 (gated: engines compile it as a region of the block)
+from .moe import MoE
 from .rope import apply_rope, rope_cos_sin, rope_init
 
 
@@ -41,10 +44,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
 def rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """RoPE on q [B, S, H, hd] and k [B, S, KV, hd], then attention -> [B, S, H, hd]."""
     return attend(apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin), v, ctx)
-
-
-def gated(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
-    return (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
 
 
 class RMSNorm(nn.Module):
@@ -95,37 +94,29 @@ class Attention(nn.Module):
         return self.wo(out.reshape(b, s, -1))  # [B, S, D]
 
 
-class FeedForward(nn.Module):
-    """Gated MLP: w2(act(w1 x) * w3 x) with SiLU (SwiGLU, Shazeer 2020) or tanh GELU (GeGLU, Gemma)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
-        self.gelu, self.gate = cfg.activation == "gelu_tanh", gated
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.gate(self.w1(x), self.w3(x), self.gelu))
-
-
 class Block(nn.Module):
     """One decoder block; takes hidden states [B, S, D] and the AttentionContext of its kind. Norms sit
     before attention and MLP ("pre", Llama), after them ("post", OLMo 2) or both ("sandwich", Gemma);
-    an absent one is an Identity, so the state dict holds exactly the norms a family has."""
+    an absent one is an Identity, so the state dict holds exactly the norms a family has. The
+    feed-forward is the dense gated MLP or, with `moe`, a mixture of experts (model/moe.py)."""
 
-    def __init__(self, cfg: ModelConfig, kind: str):
+    def __init__(self, cfg: ModelConfig, kind: str, moe: bool = False):
         super().__init__()
         self.kind = kind  # "full" or "sliding": which context of the forward it reads
         before, after = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("post", "sandwich")
         self.attention_norm, self.attention_out_norm = _norm(cfg, cfg.dim, before), _norm(cfg, cfg.dim, after)
         self.attention = Attention(cfg)
         self.ffn_norm, self.ffn_out_norm = _norm(cfg, cfg.dim, before), _norm(cfg, cfg.dim, after)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if moe else FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, contexts: dict[str, AttentionContext]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, contexts: dict[str, AttentionContext]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states [B, S, D], the MoE layer's router statistics (model/moe.py pack_stats) or None).
+        The statistics are an output, not state: recomputed with the block under activation checkpointing."""
         h = x + self.attention_out_norm(self.attention(self.attention_norm(x), contexts[self.kind]))
-        return h + self.ffn_out_norm(self.feed_forward(self.ffn_norm(h)))
+        out, stats = self.feed_forward(self.ffn_norm(h)), None
+        if isinstance(self.feed_forward, MoE):
+            out, stats = out
+        return h + self.ffn_out_norm(out), stats
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -142,7 +133,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.kinds)
+        self.layers = nn.ModuleList(Block(cfg, kind, moe) for kind, moe in zip(cfg.kinds, cfg.moe_layers))
         self.norm = _norm(cfg, cfg.dim)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -156,13 +147,21 @@ class Decoder(nn.Module):
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, 0.0, std)
         for layer in self.layers:
-            a, f = layer.attention, layer.feed_forward
-            for lin in (a.wq, a.wk, a.wv, f.w1, f.w3):
+            a = layer.attention
+            # (w1, w3, w2) of the dense MLP, or of the experts and a shared expert; drawn in the dense
+            # model's order (wq, wk, wv, w1, w3, wo, w2), so a dense model's initial weights are unchanged
+            mlps = layer.feed_forward.mlps() if isinstance(layer.feed_forward, MoE) else [layer.feed_forward]
+            for lin in (a.wq, a.wk, a.wv):
                 nn.init.normal_(lin.weight, 0.0, std)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
+            for w in (w for mlp in mlps for w in (mlp.w1, mlp.w3)):
+                nn.init.normal_(getattr(w, "weight", w), 0.0, std)
             nn.init.normal_(a.wo.weight, 0.0, residual_std)
-            nn.init.normal_(f.w2.weight, 0.0, residual_std)
+            for mlp in mlps:
+                nn.init.normal_(getattr(mlp.w2, "weight", mlp.w2), 0.0, residual_std)
+            if isinstance(layer.feed_forward, MoE):
+                layer.feed_forward.init_router(std)
         for module in self.modules():  # every norm starts as the identity: weight 1, or 0 under (1 + w)
             if isinstance(module, RMSNorm):
                 (nn.init.zeros_ if module.unit_offset else nn.init.ones_)(module.weight)
@@ -197,14 +196,22 @@ class Decoder(nn.Module):
                                                softcap=cfg.attn_softcap, window=window)
         return contexts
 
-    def hidden(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, split=None) -> torch.Tensor:
-        """tokens [B, S] -> final-norm hidden states [B, S, D]; `split` as in attention_context."""
+    def hidden(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, split=None,
+               aux: dict | None = None) -> torch.Tensor:
+        """tokens [B, S] -> final-norm hidden states [B, S, D]; `split` as in attention_context. With a
+        dict `aux`, a mixture of experts puts its router statistics there: aux["router"] [MoE layers,
+        2E + 4] (model/moe.py router_losses reads them), with their gradient."""
         contexts = self.attention_context(tokens, doc_ids, split)
         h = self.tok_embeddings(tokens)  # [B, S, D]
         if self.cfg.embed_scale:  # sqrt(dim) in the weights' dtype, as Gemma computes it (55.5, not 55.43, in bf16)
             h = h * torch.tensor(self.cfg.dim**0.5, dtype=h.dtype)
+        routers = []
         for layer in self.layers:
-            h = layer(h, contexts)
+            h, stats = layer(h, contexts)
+            if stats is not None:
+                routers.append(stats)
+        if aux is not None and routers:
+            aux["router"] = torch.stack(routers)
         return self.norm(h)
 
     def head_weight(self) -> torch.Tensor:
@@ -215,9 +222,9 @@ class Decoder(nn.Module):
         return softcap(F.linear(hidden, self.head_weight()), self.cfg.final_softcap)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, split=None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, aux: dict | None = None) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V]; with logits_to_keep = k > 0, those of the last k positions
         only [B, k, V] (as transformers' argument of that name: scoring a short answer after a long
-        prompt never holds the prompt's [B, S, V] logits)."""
-        h = self.hidden(tokens, doc_ids, split)
+        prompt never holds the prompt's [B, S, V] logits). `split` and `aux` as in hidden()."""
+        h = self.hidden(tokens, doc_ids, split, aux)
         return self.head(h[:, -logits_to_keep:] if logits_to_keep else h)

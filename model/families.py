@@ -35,9 +35,31 @@ _SANDWICH_NORMS = {"attention_norm": "input_layernorm", "attention_out_norm": "p
 _POST_NORMS = {"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
 
 
+# Mixture-of-experts layers: the router, the experts (our [E, out, in] tensors; checkpoints hold one
+# tensor per expert, whose index is the HF name's `*` left over, stacked on load and split on save) and
+# Qwen2-MoE's gated shared expert. The dense MLP of a layer kept dense keeps _BLOCK's names.
+_QWEN_MOE = {"feed_forward.router": "mlp.gate", "feed_forward.experts.w1": "mlp.experts.*.gate_proj.weight",
+             "feed_forward.experts.w3": "mlp.experts.*.up_proj.weight",
+             "feed_forward.experts.w2": "mlp.experts.*.down_proj.weight",
+             "feed_forward.shared.w1": "mlp.shared_expert.gate_proj", "feed_forward.shared.w3": "mlp.shared_expert.up_proj",
+             "feed_forward.shared.w2": "mlp.shared_expert.down_proj", "feed_forward.shared_gate": "mlp.shared_expert_gate"}
+_MIXTRAL_MOE = {"feed_forward.router": "block_sparse_moe.gate",
+                **{f"feed_forward.experts.w{i}": f"block_sparse_moe.experts.*.w{i}.weight" for i in (1, 2, 3)}}
+
+
 def tensor_names(block: dict[str, str]) -> dict[str, str]:
     """The whole-model table from a block's table (our path inside a block -> HF's inside `model.layers.{i}`)."""
     return {**_TOP, **{f"layers.*.{ours}": f"model.layers.*.{hf}" for ours, hf in block.items()}}
+
+
+@dataclass(frozen=True)
+class MoEKeys:
+    """How a mixture-of-experts family's config.json holds ModelConfig's moe_* settings."""
+    experts: tuple[str, ...]  # keys of the number of routed experts, any read, the first written (Qwen3-MoE saves either)
+    width: str  # key of an expert's width: moe_intermediate_size, or intermediate_size where experts take the dense width
+    norm_topk: str | bool  # key of norm_topk_prob, or the value the family fixes (Mixtral always renormalizes)
+    dense_layers: bool = False  # mlp_only_layers and decoder_sparse_step keep some layers dense (Qwen MoE)
+    shared: bool = False  # a sigmoid-gated shared expert of width shared_expert_intermediate_size (Qwen2-MoE)
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,7 @@ class Family:
     # pattern (Gemma 3: all but every sliding_window_pattern-th). An explicit `layer_types` list wins.
     sliding: Literal["none", "all", "window_layers", "alternating", "pattern"] = "none"
     tensors: dict = field(default_factory=lambda: tensor_names({**_BLOCK, **_PRE_NORMS}))  # our name -> HF's (see tensor_names)
+    moe: MoEKeys | None = None  # a mixture-of-experts family: its config.json keys (model/moe.py)
 
 
 _SILU = {"hidden_act": "silu"}
@@ -81,4 +104,24 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            sliding="pattern", tensors=tensor_names({**_BLOCK, **_SANDWICH_NORMS})),
     Family("olmo2", "olmo2", "Olmo2ForCausalLM", switches={"qk_norm": "full", "norm_placement": "post"},
            required={**_SILU, "attention_bias": False}, tensors=tensor_names({**_BLOCK, **_POST_NORMS})),
+    # Mixtures of experts. transformers keeps each layer's experts fused in memory (gate_up_proj) but
+    # save_pretrained and the hub's checkpoints hold one tensor per expert, which is what is read and written.
+    # Qwen MoE's sliding windows (every layer, or every other one, by use_sliding_window) are not those of
+    # the dense Qwen families; the released checkpoints use none.
+    Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", switches={"qk_norm": "head"},
+           required={**_SILU, "attention_bias": False, "use_sliding_window": False}, defaults={"router_aux_loss_coef": 0.001},
+           tensors=tensor_names({**_BLOCK, **_PRE_NORMS, **_QWEN_MOE}),
+           moe=MoEKeys(("num_experts", "num_local_experts"), "moe_intermediate_size", "norm_topk_prob", dense_layers=True)),
+    Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", switches={"qkv_bias": True},
+           required={**_SILU, "qkv_bias": True, "use_sliding_window": False}, defaults={"router_aux_loss_coef": 0.001},
+           tensors=tensor_names({**_BLOCK, **_PRE_NORMS, **_QWEN_MOE}),
+           moe=MoEKeys(("num_experts",), "moe_intermediate_size", "norm_topk_prob", dense_layers=True, shared=True)),
+    Family("olmoe", "olmoe", "OlmoeForCausalLM", switches={"qk_norm": "full"},
+           required={**_SILU, "attention_bias": False, "clip_qkv": None}, defaults={"router_aux_loss_coef": 0.01},
+           tensors=tensor_names({**_BLOCK, **_PRE_NORMS, **_QWEN_MOE}),
+           moe=MoEKeys(("num_experts",), "intermediate_size", "norm_topk_prob")),
+    Family("mixtral", "mixtral", "MixtralForCausalLM", options=frozenset({"sliding_window"}),
+           required={**_SILU, "router_jitter_noise": 0.0}, defaults={"router_aux_loss_coef": 0.001}, sliding="all",
+           tensors=tensor_names({**_BLOCK, **_PRE_NORMS, **_MIXTRAL_MOE}),
+           moe=MoEKeys(("num_local_experts",), "intermediate_size", True)),
 )}

@@ -36,7 +36,8 @@ def copy_tokenizer(src: Path, out: Path) -> list[str]:
 
 def _hf_name(table: dict[str, str], name: str) -> str:
     """Our tensor name under a family's table (model/families.py): the longest key matching a prefix of
-    its segments gives the HF prefix, each `*` standing for the segment it matched; the rest is kept."""
+    its segments gives the HF prefix, each `*` standing for the segment it matched; the rest is kept. A
+    `*` left over in the HF name stands for an expert's index: our tensor stacks one per expert (dim 0)."""
     parts, best = name.split("."), None
     for key, value in table.items():
         pattern = key.split(".")
@@ -47,24 +48,31 @@ def _hf_name(table: dict[str, str], name: str) -> str:
         raise KeyError(f"no HF name for tensor {name!r}: add its module to the family's `tensors` table")
     pattern, value = best
     stars = iter(q for p, q in zip(pattern, parts) if p == "*")
-    return ".".join([next(stars) if seg == "*" else seg for seg in value.split(".")] + parts[len(pattern):])
+    return ".".join([next(stars, "*") if seg == "*" else seg for seg in value.split(".")] + parts[len(pattern):])
 
 
 def name_map(cfg: ModelConfig) -> dict[str, str]:
-    """Our parameter name -> the HF name, for every tensor of our state dict."""
+    """Our parameter name -> the HF name, for every tensor of our state dict; a `*` in it is an expert's
+    index (our tensor [E, ...] is the HF tensors of experts 0 .. E-1 stacked)."""
     with torch.device("meta"):
         ours = Decoder(cfg).state_dict()
     table = FAMILIES[cfg.family].tensors
     return {name: _hf_name(table, name) for name in ours}
 
 
+def _per_expert(name: str, n: int) -> list[str]:
+    return [name.replace("*", str(j)) for j in range(n)] if "*" in name else [name]
+
+
 def _check_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str,
                    names: dict[str, str] | None = None) -> None:
-    """Names and shapes of `sd` against those of Decoder(cfg); `names` maps our names to sd's."""
+    """Names and shapes of `sd` against those of Decoder(cfg); `names` maps our names to sd's (a name
+    with a `*` to one tensor per expert, each of the shape without the leading expert dimension)."""
     with torch.device("meta"):
         want = {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
     if names is not None:
-        want = {names[k]: shape for k, shape in want.items()}
+        want = {hf: shape[1:] if "*" in names[k] else shape
+                for k, shape in want.items() for hf in _per_expert(names[k], cfg.n_experts)}
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or unexpected:
         raise UserError(f"{source}: tensors do not match the config (missing {missing[:4]}, unexpected "
@@ -85,14 +93,18 @@ def hf_to_cptrain(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor],
         hf_sd.pop("lm_head.weight", None)
     names = name_map(cfg)
     _check_tensors(hf_sd, cfg, source, names)
-    return {ours: hf_sd[hf] for ours, hf in names.items()}
+    return {ours: torch.stack([hf_sd[n] for n in _per_expert(hf, cfg.n_experts)]) if "*" in hf else hf_sd[hf]
+            for ours, hf in names.items()}
 
 
 def cptrain_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor],
                   source: str = "state dict") -> dict[str, torch.Tensor]:
-    """Our tensors -> HF names (no lm_head.weight when tied, as save_pretrained does)."""
+    """Our tensors -> HF names (no lm_head.weight when tied, as save_pretrained does; experts one by one)."""
     _check_tensors(sd, cfg, source)
-    return {hf: sd[ours] for ours, hf in name_map(cfg).items()}
+    out = {}
+    for ours, hf in name_map(cfg).items():
+        out.update(zip(_per_expert(hf, cfg.n_experts), sd[ours].unbind(0)) if "*" in hf else [(hf, sd[ours])])
+    return out
 
 
 def _read_json(path: Path, what: str) -> dict:

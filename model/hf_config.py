@@ -91,6 +91,41 @@ def _layer_types(h: dict, family: Family, n_layers: int, source: str) -> tuple[i
     return window, [] if len(set(kinds)) == 1 and kinds[0] == "sliding" else kinds
 
 
+def _moe_of(h: dict, family: Family, n_layers: int) -> dict:
+    """ModelConfig's moe_* fields of a mixture-of-experts family's config.json (model/families.py MoEKeys)."""
+    keys = family.moe
+    if keys is None:
+        return {}
+    experts = next((h[k] for k in keys.experts if h.get(k) is not None), 0)
+    if not experts:  # a Qwen MoE config with num_experts 0: every layer dense
+        return {"moe_aux_loss_coef": float(h["router_aux_loss_coef"])}
+    dense = []
+    if keys.dense_layers:  # as transformers builds the layers: mlp_only_layers, and all but every decoder_sparse_step-th
+        step = h.get("decoder_sparse_step") or 1
+        dense = [i for i in range(n_layers) if i in (h.get("mlp_only_layers") or []) or (i + 1) % step]
+    return dict(n_experts=experts, moe_top_k=h["num_experts_per_tok"], moe_ffn_dim=h[keys.width],
+                moe_norm_topk=keys.norm_topk if isinstance(keys.norm_topk, bool) else bool(h.get(keys.norm_topk, False)),
+                moe_dense_layers=dense, moe_shared_ffn_dim=h["shared_expert_intermediate_size"] if keys.shared else 0,
+                moe_aux_loss_coef=float(h["router_aux_loss_coef"]))
+
+
+def _moe_keys(cfg: ModelConfig, family: Family) -> dict:
+    """The config.json keys of cfg's moe_* fields. output_router_logits stays false, as released checkpoints
+    have it: transformers then returns no router logits at inference; cptrain's training always balances."""
+    keys = family.moe
+    if keys is None:
+        return {}
+    out = {keys.experts[0]: cfg.n_experts, "num_experts_per_tok": cfg.moe_top_k, keys.width: cfg.moe_ffn_dim or cfg.ffn_dim,
+           "router_aux_loss_coef": cfg.moe_aux_loss_coef, "output_router_logits": False}
+    if isinstance(keys.norm_topk, str):
+        out[keys.norm_topk] = cfg.moe_norm_topk
+    if keys.dense_layers:
+        out.update(mlp_only_layers=list(cfg.moe_dense_layers), decoder_sparse_step=1)
+    if keys.shared:
+        out["shared_expert_intermediate_size"] = cfg.moe_shared_ffn_dim
+    return out
+
+
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from an HF config.json dict; `source` names the file in errors."""
     family = _BY_MODEL_TYPE.get(hf.get("model_type"))
@@ -111,7 +146,7 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         n_kv_heads=h.get("num_key_value_heads") or n_heads, head_dim=0 if head_dim == dim // n_heads else head_dim,
         ffn_dim=h["intermediate_size"], norm_eps=float(h["rms_norm_eps"]), max_seq_len=h["max_position_embeddings"],
         tie_embeddings=bool(h["tie_word_embeddings"]), sliding_window=window, layer_types=kinds,
-        **_rope_of(h, family, source), **family.switches)
+        **_rope_of(h, family, source), **family.switches, **_moe_of(h, family, n_layers))
     if "attn_scale_dim" in family.options:
         scalar = h["query_pre_attn_scalar"]
         fields["attn_scale_dim"] = 0 if scalar == head_dim else int(scalar)
@@ -154,4 +189,5 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     if "attn_scale_dim" in family.options:
         out["query_pre_attn_scalar"] = cfg.attn_scale_dim or cfg.head_size
     out.update({OPTIONAL[name]: getattr(cfg, name) for name in ("attn_softcap", "final_softcap") if name in family.options})
+    out.update(_moe_keys(cfg, family))
     return out

