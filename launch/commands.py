@@ -339,9 +339,13 @@ def cptrain_to_hf(args) -> int:
     import torch
 
     from ..model.hf import save_hf_dir
-    from ..trainer.checkpoint import load_full_weights
+    from ..trainer.checkpoint import is_hf_folder, load_full_weights, resolve_checkpoint
+    from ..trainer.moe import exported_bias_note
 
     cfg, state = load_full_weights(args.src)
     save_hf_dir(cfg, state, Path(args.out), dtype=getattr(torch, args.dtype))
     print(f"wrote HF folder {args.out} ({args.dtype}) from {args.src}")
+    note = None if is_hf_folder(args.src) else exported_bias_note(resolve_checkpoint(args.src))
+    if note:
+        print(note)
     return 0

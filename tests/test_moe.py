@@ -261,3 +261,151 @@ def test_what_is_not_implemented_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="moe_norm_topk=False is not a mixtral model's"):
         dataclasses.replace(preset("tiny-mixtral"), moe_norm_topk=False).validate()
 
+
+# ---- training: the router losses in what is backpropagated, their logs, resume, phases ----
+def test_backpropagated_loss_and_gradients_equal_transformers_training_loss(tmp_path):
+    """lm_loss of one micro-batch, scaled by 1 / targets, is transformers' training loss (mean cross-entropy
+    + router_aux_loss_coef * balancing loss) and has its gradients, the router's included."""
+    from cptrain.trainer.loss import lm_loss
+
+    hf = tiny_hf_model("qwen3_moe").train()
+    hf.save_pretrained(tmp_path)
+    model = ours(tmp_path).train()
+    t = batch()
+    ref = hf(t[:, :-1], labels=t[:, :-1], shift_labels=t[:, 1:].contiguous(), output_router_logits=True)
+    ref.loss.backward()
+    loss, stats = lm_loss(model, {"tokens": t}, 1 / t[:, 1:].numel(), router_coefs=(hf.config.router_aux_loss_coef, 0.0))
+    loss.backward()
+    torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=0)
+    assert stats["sums"]["router"].shape[0] == 2 and stats["sums"]["router_loss"][2] == t[:, 1:].numel()
+    mlp, ff = hf.model.layers[2].mlp, model.layers[2].feed_forward
+    f = ff.experts.w1.shape[1]
+    torch.testing.assert_close(ff.router.weight.grad, mlp.gate.weight.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ff.experts.w1.grad, mlp.experts.gate_up_proj.grad[:, :f], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ff.experts.w2.grad, mlp.experts.down_proj.grad, rtol=1e-4, atol=1e-7)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.resume
+def test_a_moe_run_logs_its_routers_and_resumes_bit_exactly(tmp_path, austen_data, capsys):
+    """z-loss, auxiliary-loss-free balancing (its bias saved with the checkpoint) and a capacity: the
+    logged router statistics, the histogram of `cptrain report`, and a resume that repeats the run."""
+    from cptrain.launch.cli import main as cli
+    from cptrain.trainer.config import load_config
+    from cptrain.trainer.loop import run
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(tmp_path / "run", austen_data, **{
+        "model.preset": "tiny-qwen3-moe", "train.max_tokens": 4096, "checkpoint.interval_tokens": 2048,
+        "eval.interval_tokens": 2048, "moe.z_loss_coef": 1e-3, "moe.bias_update_rate": 1e-3, "moe.capacity_factor": 1.25,
+        "continual.report": "off"})
+    full = run(load_config(None, overrides))
+    last = full[-1]
+    assert last["loss"] < full[1]["loss"]
+    coef = preset("tiny-qwen3-moe").moe_aux_loss_coef
+    assert last["loss_total"] == pytest.approx(last["loss"] + coef * last["moe/aux_loss"] + 1e-3 * last["moe/z_loss"], rel=1e-9)
+    assert last["moe/aux_loss"] >= 1.0 - 1e-6  # the balancing loss is at least 1 (even routing)
+    assert 0 < last["moe/dropped"] < 0.5 and last["moe/load_max"] > 1
+    assert last["moe/bias_max"] == pytest.approx(4e-3)  # four steps of 1e-3, each expert up or down
+    assert {"moe/layer0/load_max", "moe/layer2/entropy", "moe/layer2/dropped"} <= last.keys()
+    assert "moe/layer1/load_max" not in last  # layer 1 is dense
+    loads = [json.loads(line) for line in (tmp_path / "run" / "expert_load.jsonl").read_text().splitlines()]
+    assert loads[-1]["layers"] == [0, 2] and all(sum(layer) == pytest.approx(1, abs=1e-4) for layer in loads[-1]["share"])
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["params_active"] < info["params"]
+    assert cli(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report" / "routers.png").is_file() and (tmp_path / "run" / "report" / "expert_load.png").is_file()
+    capsys.readouterr()
+    assert cli(["convert", "cptrain-to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert "selection bias (up to 0.004" in capsys.readouterr().out  # the export says the bias stays behind
+    root = tmp_path / "run" / "checkpoints"
+    assert json.loads((root / "step-00000002" / "moe.json").read_text())["bias"]
+    shutil.rmtree(root / "step-00000004")
+    (root / "latest").write_text("step-00000002\n")
+    resumed = run(load_config(None, overrides), resume=True)
+    strip = lambda rs: [(r["step"], r["loss"], r["grad_norm"], r.get("moe/bias_max")) for r in rs if "loss" in r]  # noqa: E731
+    assert strip(resumed) == strip(full)[2:]
+
+
+def test_phases_train_only_the_routers_then_only_the_experts(tmp_path, austen_data):
+    from cptrain.trainer.checkpoint import load_full_weights
+    from cptrain.trainer.config import load_config
+    from cptrain.trainer.loop import run
+    from tests.conftest import tiny_overrides
+
+    cfg = preset("tiny-qwen3-moe")
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    model.init_weights()
+    save_hf_dir(cfg, model.state_dict(), tmp_path / "hf")
+    overrides = [o for o in tiny_overrides(tmp_path / "run", austen_data, **{
+        "model.init_from": str(tmp_path / "hf"), "train.max_tokens": 4096, "checkpoint.interval_tokens": 2048,
+        "freeze.phases": "[{until_tokens: 2048, train: routers}, {until_tokens: 4096, train: experts}]",
+        "eval.at_start": False, "continual.report": "off"}) if not o.startswith(("--model.preset", "--model.vocab_size", "--model.max_seq_len"))]
+    run(load_config(None, overrides))
+    start = model.state_dict()
+    mid = load_full_weights(tmp_path / "run" / "checkpoints" / "step-00000002")[1]
+    end = load_full_weights(tmp_path / "run" / "checkpoints" / "step-00000004")[1]
+    for name in start:
+        router, expert = ".router." in name, ".experts." in name
+        assert torch.equal(mid[name], start[name]) != router, name  # the first phase moved the routers only
+        assert torch.equal(end[name], mid[name]) != expert, name  # the second the experts only
+
+
+
+def test_the_rest_of_the_trainer_works_on_a_moe_model(tmp_path, austen_data, capsys):
+    """Replay, instance reweighting, FP8 (emulated) on the dense linears, the weight EMA and task
+    evaluation in one run; then `cptrain merge`, `cptrain eval` and the export transformers loads."""
+    from cptrain.data_pipeline.tasks import word_order_items, write_task
+    from cptrain.launch.cli import main as cli
+    from cptrain.trainer.config import load_config
+    from cptrain.trainer.evaluate import load_model
+    from cptrain.trainer.loop import run
+    from tests.conftest import FIXTURES, tiny_overrides
+
+    task = write_task(word_order_items((FIXTURES / "text" / "rv1909_0.txt").read_text(), 8, seed=0), tmp_path / "order.jsonl")
+    rows = run(load_config(None, tiny_overrides(tmp_path / "run", austen_data, **{
+        "model.preset": "tiny-qwen3-moe", "train.max_tokens": 4096, "checkpoint.interval_tokens": 2048,
+        "data.replay": f"[{{name: again, path: {austen_data}}}]", "data.replay_fraction": 0.25,
+        "reweighting.instance.strategy": "linupper", "train.fp8": "tensorwise", "train.fp8_emulate": True,
+        "train.fp8_min_features": 16, "train.fp8_keep_ends": False, "train.ema_decay": 0.5,
+        "eval.tasks": f"[{{name: order, path: {task}}}]", "continual.report": "off"})))
+    assert "the routed experts stay in bf16" in capsys.readouterr().out
+    assert rows[-1]["loss"] < rows[1]["loss"] and "eval/order/acc" in rows[-1] and rows[-1]["reweight/max_weight"] > 1
+    assert cli(["merge", str(tmp_path / "run"), "--last", "2", "--ema", "--out", str(tmp_path / "merged")]) == 0
+    assert cli(["eval", str(tmp_path / "merged"), "--data", str(austen_data), "--max-samples", "8",
+                "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] < rows[0]["val/austen"]
+    assert cli(["convert", "cptrain-to-hf", str(tmp_path / "merged"), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    t = batch(vocab=512)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(t).logits, load_model(tmp_path / "merged", torch.device("cpu"))(t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_every_engine_trains_a_moe_model_alike_on_two_ranks(tmp_path, austen_data):
+    """DDP, ZeRO-2, ZeRO-3 and FSDP2 (experts data-parallel) on 2 gloo ranks give the same losses."""
+    from argparse import Namespace
+
+    from cptrain.launch.launchers import torchrun_command
+    from tests.conftest import tiny_overrides
+    from tests.multiproc import free_port, run_processes
+
+    engines = {"ddp": {}, "zero2": {"train.engine": "deepspeed", "deepspeed.zero_stage": 2},
+               "zero3": {"train.engine": "deepspeed", "deepspeed.zero_stage": 3},
+               "fsdp2": {"train.engine": "fsdp2", "train.loss_chunk_tokens": 256}}
+    base = {"model.preset": "tiny-qwen3-moe", "train.max_tokens": 4096, "train.global_batch_tokens": 2048,
+            "train.device": "cpu", "train.precision": "fp32", "moe.z_loss_coef": 1e-3, "continual.report": "off"}
+    jobs = [{"overrides": tiny_overrides(tmp_path / name, austen_data, **base, **extra)} for name, extra in engines.items()]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    args = Namespace(nodes=1, gpus_per_node=2, hostfile=None, master_addr=None, master_port=free_port(), no_ssh=False,
+                     node_rank=None)
+    run_processes([torchrun_command(args, ["tests/dist_worker.py", str(tmp_path / "jobs.json")], tmp_path)], timeout=900)
+    losses = {name: [v for r in _rows(tmp_path / name) if "loss" in r for v in (r["loss"], r["moe/aux_loss"])] for name in engines}
+    assert len(losses["ddp"]) == 4
+    for name in ("zero2", "zero3", "fsdp2"):
+        assert losses[name] == pytest.approx(losses["ddp"], rel=1e-5), (name, losses)

@@ -21,7 +21,7 @@ per-rank tensors (masks, EMAs) write their own files.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ class Step:
     updated: bool  # the optimizer applied the update (not skipped)
     domain_loss_sums: torch.Tensor  # [domains] sums of sample losses over the global batch (all ranks)
     domain_counts: torch.Tensor  # [domains] samples of each domain in the global batch
+    sums: dict = field(default_factory=dict)  # what the loss reported besides, summed over the global batch (trainer/moe.py)
 
 
 class AddOn:

@@ -33,6 +33,7 @@ from .engines.layout import ParallelSection, resolve_device
 from .engines.spec import grad_accumulation, uses_bf16
 from .faults import FaultsSection
 from .freezing import FreezeConfig
+from .moe import MoESection
 from .passkey import PasskeyConfig
 from .positions import Buckets
 from .tasks import TaskConfig
@@ -142,6 +143,7 @@ class TrainConfig:
     reweighting: ReweightingConfig = field(default_factory=ReweightingConfig)  # loss-based sample and domain weights (trainer/reweighting.py)
     continual: ContinualSection = field(default_factory=ContinualSection)  # old/new domains, forgetting report (trainer/continual.py)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)  # phases that train only new vocabulary rows (trainer/freezing.py)
+    moe: MoESection = field(default_factory=MoESection)  # router losses, balancing, capacity of a mixture of experts (trainer/moe.py)
 
 
 # ---------------------------------------------------------------- generic dataclass <- dict
@@ -344,6 +346,9 @@ def _check(cfg: TrainConfig, src: str) -> None:
                         "set train.activation_checkpointing=true")
     if t.mlp_tile_tokens < 0:
         raise UserError(f"{src}: train.mlp_tile_tokens={t.mlp_tile_tokens} must be >= 0 (0: no tiling)")
+    if cfg.model.arch.n_experts and (t.offload_activations or t.mlp_tile_tokens):
+        raise UserError(f"{src}: train.offload_activations and train.mlp_tile_tokens are for dense models (a mixture of "
+                        "experts' blocks also return their router statistics); set them off")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
     if cfg.parallel.ep > 1:
@@ -380,12 +385,13 @@ def _check(cfg: TrainConfig, src: str) -> None:
     if cfg.checkpoint.async_ and t.engine == "deepspeed":
         raise UserError(f"{src}: checkpoint.async needs train.engine local or fsdp2 (DeepSpeed writes its checkpoints "
                         "synchronously); set checkpoint.async: false")
+    cfg.moe.check(cfg.model.arch, src)
     cfg.sparsity.check(t.max_tokens, cfg.model.arch, src)
     cfg.reweighting.check(cfg, src)
     cfg.continual.check(cfg.data, src)
     trackers.check(cfg.log.wandb, cfg.log.mlflow, src)
     if cfg.freeze.phases:
-        cfg.freeze.check(cfg.model.init_from, cfg.model.arch.vocab_size, src)
+        cfg.freeze.check(cfg.model.init_from, cfg.model.arch.vocab_size, src, cfg.model.arch.n_experts)
     for i, task in enumerate(cfg.eval.tasks):
         if not Path(task.path).is_file():
             raise UserError(f"{src}: eval.tasks[{i}].path {task.path!r}: no such task file; give a JSON lines file")

@@ -1,5 +1,7 @@
-"""Training in phases after a vocabulary extension: first only the new embedding rows (or every
-embedding and head row) learn while the rest of the model holds still, then everything.
+"""Training in phases: after a vocabulary extension, first only the new embedding rows (or every
+embedding and head row) learn while the rest of the model holds still, then everything; in a mixture
+of experts, a phase may train only the routers or only the experts (an upcycled model's new router
+first, say).
 
 A phase holds parameters still two ways, both engine-agnostic:
   * whole groups (attention and MLP matrices, norms, an untied head) get lr_scale 0 in their
@@ -31,7 +33,8 @@ EXTENSION_FILE = "vocab_extension.json"  # written by `cptrain vocab extend` int
 @dataclass
 class FreezePhase:
     until_tokens: int = 0  # the phase covers the run's tokens before this count
-    train: Literal["new_rows", "embeddings"] = "new_rows"  # what learns: the new vocabulary rows, or every embedding and head row
+    # what learns: the new vocabulary rows, every embedding and head row, or a mixture of experts' routers or experts
+    train: Literal["new_rows", "embeddings", "routers", "experts"] = "new_rows"
 
 
 @dataclass
@@ -39,10 +42,13 @@ class FreezeConfig:
     phases: list[FreezePhase] = field(default_factory=list)  # in order; after the last one everything trains
     new_rows_from: int = 0  # first new token id; 0: first_new_id of model.init_from's vocab_extension.json
 
-    def check(self, init_from: str, vocab_size: int, src: str) -> None:
+    def check(self, init_from: str, vocab_size: int, src: str, n_experts: int = 0) -> None:
         ends = [p.until_tokens for p in self.phases]
         if any(e <= 0 for e in ends) or ends != sorted(set(ends)):
             raise UserError(f"{src}: freeze.phases need positive, increasing until_tokens, got {ends}")
+        moe = [p.train for p in self.phases if p.train in ("routers", "experts")]
+        if moe and not n_experts:
+            raise UserError(f"{src}: freeze.phases train only the {moe[0]}, but the model has no mixture of experts")
         if any(p.train == "new_rows" for p in self.phases):
             first = self.first_new_row(init_from, src)
             if not 0 < first < vocab_size:
@@ -76,12 +82,13 @@ class Freezer(AddOn):
         if phase is self.phase:
             return {}
         self.phase = phase
-        learning = {"new_rows": {"embeddings", "head"}, "embeddings": {"embeddings", "head"}}.get(phase.train) if phase else None
+        learning = {"new_rows": {"embeddings", "head"}, "embeddings": {"embeddings", "head"}, "routers": {"routers"},
+                    "experts": {"experts"}}.get(phase.train) if phase else None
         for group in self.engine.optimizer.param_groups:
             group["lr_scale"] = 1.0 if learning is None or group.get("name") in learning else 0.0
         self.snapshot = self._take_snapshot() if phase is not None and phase.train == "new_rows" else None
-        what = "everything" if phase is None else ("the new embedding rows" if phase.train == "new_rows"
-                                                  else "the embedding and head rows")
+        what = "everything" if phase is None else {"new_rows": "the new embedding rows", "embeddings": "the embedding and head rows",
+                                                   "routers": "the routers", "experts": "the experts"}[phase.train]
         self.say(f"freeze: from {tokens:,} tokens {what} learn" + (f" (until {phase.until_tokens:,})" if phase else ""))
         return {}
 

@@ -34,6 +34,7 @@ from .freezing import Freezer
 from .loss import lm_loss, token_losses
 from .mer import MetaReplayAddOn
 from .metrics import DROPPED, MetricsLogger, Throughput, device_peak_tflops, set_aside
+from .moe import ExpertBalance
 from .passkey import PasskeyEval
 from .positions import Buckets, row_positions
 from .reweighting import Reweighter
@@ -78,6 +79,8 @@ def build_addons(cfg: TrainConfig, engine, loader, val_loaders: dict, tokenizer_
         addons.append(TaskEval(cfg.eval, tokenizer_file, cfg.model.arch.max_seq_len, engine))
     if cfg.eval.passkey.lengths:
         addons.append(PasskeyEval(cfg.eval.passkey, tokenizer_file, engine))
+    if cfg.model.arch.n_experts:
+        addons.append(ExpertBalance(cfg.moe, cfg.model.arch, engine, cfg.run_dir, engine.spec.layout.is_main))
     return addons
 
 
@@ -199,12 +202,18 @@ class Trainer:
         return progress
 
     def _write_run_info(self) -> None:
-        total, non_emb = param_counts(self.cfg.model.arch)
+        arch = self.cfg.model.arch
+        total, non_emb = param_counts(arch)
+        active = param_counts(arch, active=True)[0]
+        if arch.n_experts:
+            self._say(f"model: {total / 1e6:,.1f}M parameters, {active / 1e6:,.1f}M active per token ({arch.n_experts} "
+                      f"experts, top {arch.moe_top_k}, in {sum(arch.moe_layers)} of {arch.n_layers} layers); "
+                      "MFU counts the active ones")
         flops, hardware_flops = self._flops(self.cfg.data.seq_len)
         self.peak = device_peak_tflops(self.layout.device, self.cfg.train.peak_tflops) * 1e12
         if self.layout.is_main:
-            info = {"params": total, "params_non_embedding": non_emb, "flops_per_token": flops,
-                    "hardware_flops_per_token": hardware_flops,
+            info = {"params": total, "params_non_embedding": non_emb, "params_active": active,
+                    "flops_per_token": flops, "hardware_flops_per_token": hardware_flops,
                     "world_size": self.layout.world_size, "grad_accumulation": self.spec.accumulation,
                     "engine": self.cfg.train.engine, "device": str(self.layout.device),
                     "data_manifest": self.data.manifest.get("tokenizer")}
@@ -217,8 +226,8 @@ class Trainer:
 
     def _loss_fn(self):
         scale = self.layout.world_size / self.cfg.train.global_batch_tokens  # gradients are averaged over every rank
-        chunk = self.cfg.train.loss_chunk_tokens
-        return lambda model, batch: lm_loss(model, batch, scale, chunk)
+        chunk, coefs = self.cfg.train.loss_chunk_tokens, self.cfg.moe.coefs(self.cfg.model.arch)
+        return lambda model, batch: lm_loss(model, batch, scale, chunk, coefs)
 
     def train_step(self, data_iter) -> tuple[dict, Step]:
         """One optimizer step over `accum` micro-batches; returns the step's metrics and what the hooks
@@ -230,11 +239,12 @@ class Trainer:
             loss_fn = addon.wrap_loss(loss_fn, p.step + 1)
         seq_len = seq_len_at(self.cfg.data, p.tokens)  # rows cut to this length before the context split
         batches = [self._shard(cut_rows(_to_device(next(data_iter), self.layout.device), seq_len)) for _ in range(accum)]
-        row = {}
+        row, sums = {}, {}  # sums: what the loss reports besides (router statistics), added over micro-batches and ranks
         for addon in self.addons:
             row.update(addon.before_step(batches, p.tokens))
         for i, batch in enumerate(batches):
             stats = self.engine.forward_backward(batch, loss_fn, sync=i == accum - 1)
+            sums = {k: v.double() + sums.get(k, 0) for k, v in stats.get("sums", {}).items()}
             acc[0] += stats["loss_sum"].double()
             dom = batch["domain"]
             acc[1:1 + n_dom] += torch.bincount(dom, weights=stats["sample_loss"].double(), minlength=n_dom)[:n_dom]
@@ -243,6 +253,8 @@ class Trainer:
         # step already learns, and the last one lands exactly on the schedule's final LR.
         lr = self.schedule.lr(p.tokens + self.cfg.train.global_batch_tokens)
         _all_reduce(acc)  # before the update: every rank judges the same loss (trainer/faults.py)
+        for v in sums.values():
+            _all_reduce(v)
         loss = (acc[0] / self.cfg.train.global_batch_tokens).item()
         verdict, note = self.faults.judge(loss, p.step + 1)
         grad_norm = math.nan
@@ -259,7 +271,7 @@ class Trainer:
             if n_dom > 1 and acc[1 + n_dom + d] > 0:
                 row[f"train/{name}"] = (acc[1 + d] / acc[1 + n_dom + d]).item()
         step = Step(p.step + 1, p.tokens, p.tokens + self.cfg.train.global_batch_tokens, verdict == "update",
-                    acc[1:1 + n_dom], acc[1 + n_dom:])
+                    acc[1:1 + n_dom], acc[1 + n_dom:], sums)
         return row, step
 
     def save(self, log: MetricsLogger, wait: bool = False) -> Path | None:

@@ -1,4 +1,5 @@
-"""What is backpropagated: next-token cross-entropy, normalized by the global count of target tokens.
+"""What is backpropagated: next-token cross-entropy, normalized by the global count of target tokens,
+plus a mixture of experts' router losses (router_terms; trainer/moe.py logs them).
 
 Every engine averages gradients over data-parallel ranks, so a rank's loss is scaled by
 world_size / global_targets: the update is then the gradient of (sum of token losses / global
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.decoder import softcap
+from ..model.moe import router_losses
 
 
 def _ce_and_dlogits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +98,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return (losses.sum() if row_weight is None else (losses * row_weight).sum()), losses
 
 
+def router_terms(aux: dict, coefs: tuple[float, float], tokens: int) -> tuple[torch.Tensor, dict]:
+    """(what the routers add to the loss of a micro-batch of `tokens` target tokens, before the loss's
+    scale, and its sums for Step.sums). Each loss is a mean over the micro-batch, so it is weighted by its
+    tokens: with the loss scale world / global tokens the update follows their mean over the step."""
+    balance, z = router_losses(aux["router"])
+    added = (coefs[0] * balance + coefs[1] * z) * tokens
+    sums = {"router": aux["router"].detach(), "router_loss": torch.stack([balance.detach() * tokens, z.detach() * tokens,
+                                                                          balance.new_tensor(float(tokens))])}
+    return added, sums
+
+
 def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, object]:
     """(inputs [B, S], doc_ids [B, S] or None, targets [B, S], split): tokens[:, :-1] predict tokens[:, 1:].
     A batch sharded for context parallelism (trainer/engines/context.py) holds this rank's inputs and
@@ -106,34 +119,38 @@ def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tenso
     return tokens[:, :-1], (doc_ids[:, :-1] if doc_ids is not None else None), tokens[:, 1:], None
 
 
-def token_losses(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
+def token_losses(model, batch: dict, chunk_tokens: int = 0, aux: dict | None = None) -> torch.Tensor:
     """Per-token cross-entropy [B, S] of predicting tokens[:, 1:] from tokens[:, :-1]; with
     chunk_tokens > 0 (no gradient through the result: for evaluation) the output head and the
-    loss run over chunks of tokens, so the [B*S, vocab] logits never exist at once."""
+    loss run over chunks of tokens, so the [B*S, vocab] logits never exist at once. `aux`: as
+    Decoder.hidden's (a mixture of experts' router statistics)."""
     inputs, doc_ids, targets, split = _inputs(batch)
     if chunk_tokens <= 0:
-        logits = model(inputs, doc_ids, split=split)  # [B, S, V]
+        logits = model(inputs, doc_ids, split=split, aux=aux)  # [B, S, V]
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
-    hidden = model.hidden(inputs, doc_ids, split=split).flatten(0, 1)  # [B*S, D]
+    hidden = model.hidden(inputs, doc_ids, split=split, aux=aux).flatten(0, 1)  # [B*S, D]
     _, losses = linear_cross_entropy(hidden, model.head_weight(), targets.flatten(), chunk_tokens, cap=model.cfg.final_softcap)
     return losses.view_as(targets)
 
 
-def lm_loss(model, batch: dict, scale: float, chunk_tokens: int = 0) -> tuple[torch.Tensor, dict]:
+def lm_loss(model, batch: dict, scale: float, chunk_tokens: int = 0,
+            router_coefs: tuple[float, float] = (0.0, 0.0)) -> tuple[torch.Tensor, dict]:
     """Returns (the scalar to backpropagate, detached stats): stats['loss_sum'] is the plain sum of
     token losses, stats['sample_loss'] each sample's summed loss over its whole row's target count
     (its mean loss; under context parallelism, this rank's part of it: the parts add up). With
     chunk_tokens > 0 the head and the loss are fused (see _LinearCrossEntropy).
     batch['sample_weight'] [B] (optional, trainer/reweighting.py) scales each sample's losses in
-    what is backpropagated; the stats stay plain."""
+    what is backpropagated; the stats stay plain. A mixture of experts adds its load-balancing and
+    z-losses with weights `router_coefs` and reports stats['sums'] (router_terms)."""
     weight = batch.get("sample_weight")
+    aux = {} if model.cfg.n_experts else None
     if chunk_tokens <= 0:
-        losses = token_losses(model, batch)  # [B, S]
+        losses = token_losses(model, batch, aux=aux)  # [B, S]
         total = losses.sum()
         backprop = total if weight is None else (losses.sum(dim=1) * weight).sum()
     else:
         inputs, doc_ids, targets, split = _inputs(batch)
-        hidden = model.hidden(inputs, doc_ids, split=split).flatten(0, 1)  # [B*S, D]
+        hidden = model.hidden(inputs, doc_ids, split=split, aux=aux).flatten(0, 1)  # [B*S, D]
         row_weight = None if weight is None else weight.repeat_interleave(targets.shape[1])
         backprop, flat = linear_cross_entropy(hidden, model.head_weight(), targets.flatten(), chunk_tokens, row_weight,
                                               model.cfg.final_softcap)
@@ -141,4 +158,8 @@ def lm_loss(model, batch: dict, scale: float, chunk_tokens: int = 0) -> tuple[to
         total = backprop if weight is None else flat.sum()
     losses = losses.detach()
     sample = losses.sum(dim=1) / batch["split"].row_len if "split" in batch else losses.mean(dim=1)
-    return backprop * scale, {"loss_sum": total.detach(), "sample_loss": sample}
+    stats = {"loss_sum": total.detach(), "sample_loss": sample}
+    if aux:
+        added, stats["sums"] = router_terms(aux, router_coefs, losses.numel())
+        backprop = backprop + added
+    return backprop * scale, stats

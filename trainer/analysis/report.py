@@ -171,6 +171,40 @@ def plot_passkey(metrics: list, path) -> Path:
         ax.set_title(f"passkey accuracy at {row.get('tokens', 0):,} tokens trained")
     fig.colorbar(image, ax=axes[0][-1], label="accuracy")
     return _write(fig, path)
+def plot_routers(metrics: list, path) -> Path:
+    """A mixture of experts' routers against tokens: the most loaded expert's share over an even share
+    (1: balanced) in each layer, and the balancing and z-losses."""
+    fig, (ax, losses) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    layers = sorted({k.split("/")[1] for r in metrics for k in r if k.startswith("moe/layer") and k.endswith("/load_max")},
+                    key=lambda name: int(name.removeprefix("layer")))
+    for name in layers:
+        ax.plot(*series(metrics, f"moe/{name}/load_max"), lw=0.8, label=name)
+    ax.plot(*series(metrics, "moe/load_max"), lw=1.5, color="black", label="max over layers")
+    ax.axhline(1.0, color="grey", ls="--", lw=0.7)
+    ax.set_ylabel("max load / even share")
+    ax.legend(fontsize=6, ncol=4)
+    for key in ("moe/aux_loss", "moe/z_loss"):
+        losses.plot(*series(metrics, key), lw=1, label=key.removeprefix("moe/"))
+    losses.legend()
+    return _save(fig, losses, path, "router loss", "routers")
+
+
+def plot_expert_load(path_jsonl, path) -> Path | None:
+    """Histogram of every expert's share of its layer's assignments, over an even share, in the last
+    line of expert_load.jsonl (written at each evaluation and at the end); None without one."""
+    lines = [json.loads(line) for line in Path(path_jsonl).read_text().splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1]
+    ratios = [share * len(layer) for layer in last["share"] for share in layer]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.hist(ratios, bins=min(60, max(10, len(ratios) // 4)))
+    ax.axvline(1.0, color="grey", ls="--", lw=0.7)
+    at = f"at {last['tokens']:,} tokens" if last.get("tokens") else "at the end"
+    ax.set_title(f"expert load {at}: {len(last['share'])} layers x {len(last['share'][0])} experts")
+    ax.set_xlabel("share of the layer's assignments / even share")
+    ax.set_ylabel("experts")
+    return _write(fig, path)
 
 
 def plot_schedule(schedule, path, points: int = 1000) -> Path:
@@ -220,6 +254,9 @@ def summarize(metrics: list) -> dict:
     mfu = series(metrics, "mfu", x="step")[1]
     if mfu:
         out["mean_mfu"] = sum(mfu) / len(mfu)
+    load = series(metrics, "moe/load_max", x="step")[1]
+    if load:
+        out["last_load_max"] = load[-1]
     return out
 
 
@@ -237,6 +274,8 @@ def format_summary(s: dict, run_dir="") -> str:
              f"- mean tokens/s: {_fmt(s['mean_tokens_per_s'])}"]
     if "mean_mfu" in s:
         lines.append(f"- mean MFU: {_fmt(s['mean_mfu'])}")
+    if "last_load_max" in s:
+        lines.append(f"- most loaded expert at the end: {_fmt(s['last_load_max'])} x an even share")
     if s["last_val"]:
         lines += ["", "| domain | last val loss |", "|---|---|"]
         lines += [f"| {d} | {_fmt(v)} |" for d, v in s["last_val"].items()]
@@ -268,6 +307,10 @@ def write_report(run_dir, out=None) -> dict:
         plot_positions(metrics, out / "positions.png")
     if passkey_rows(metrics):
         plot_passkey(metrics, out / "passkey.png")
+    if series(metrics, "moe/load_max")[0]:  # a mixture of experts (trainer/moe.py)
+        plot_routers(metrics, out / "routers.png")
+    if (run_dir / "expert_load.jsonl").is_file():
+        plot_expert_load(run_dir / "expert_load.jsonl", out / "expert_load.png")
     summary = summarize(metrics)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(format_summary(summary, str(run_dir)))

@@ -98,22 +98,26 @@ class Engine(Protocol):
 
 
 def param_groups(model: nn.Module, weight_decay: float, by_role: bool = False) -> list[dict]:
-    """Decay the matrices of attention and MLP (and an untied head); norms, biases and embeddings stay
-    undecayed (their scale is meaningful, and decaying rarely-seen token embeddings only shrinks
-    them). by_role: four named groups (matrices, head, embeddings, norms) that a phase can train or
-    hold apart (trainer/freezing.py); else the two groups of every earlier checkpoint."""
-    roles: dict[str, list] = {"matrices": [], "head": [], "embeddings": [], "norms": []}
+    """Decay the matrices of attention and MLP (and an untied head, a mixture of experts' routers and
+    experts); norms, biases and embeddings stay undecayed (their scale is meaningful, and decaying
+    rarely-seen token embeddings only shrinks them). by_role: named groups (matrices, head, embeddings,
+    norms, and of a mixture of experts routers, experts) that a phase can train or hold apart
+    (trainer/freezing.py); else the two groups of every earlier checkpoint."""
+    roles: dict[str, list] = {"matrices": [], "head": [], "embeddings": [], "norms": [], "routers": [], "experts": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter is flat; ds_shape is its shape
         role = ("embeddings" if "tok_embeddings" in name else "norms" if ndim < 2
-                else "head" if name.endswith("output.weight") else "matrices")
+                else "head" if name.endswith("output.weight")
+                else "routers" if ".feed_forward.router." in name or ".feed_forward.shared_gate." in name
+                else "experts" if ".feed_forward.experts." in name or ".feed_forward.shared." in name
+                else "matrices")
         roles[role].append(p)
+    decayed = {"matrices", "head", "routers", "experts"}
     if not by_role:
-        return [{"params": roles["matrices"] + roles["head"], "weight_decay": weight_decay},
+        return [{"params": [p for r in roles if r in decayed for p in roles[r]], "weight_decay": weight_decay},
                 {"params": roles["embeddings"] + roles["norms"], "weight_decay": 0.0}]
-    decayed = {"matrices", "head"}
     return [{"params": ps, "weight_decay": weight_decay if role in decayed else 0.0, "name": role}
             for role, ps in roles.items() if ps]
 
@@ -154,8 +158,9 @@ def build_optimizer(groups: list[dict], optim, device: torch.device) -> torch.op
 
 def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = None, regions: bool = False) -> None:
     """Per-block activation checkpointing (its input offloaded to the host, the MLP tiled along the
-    sequence: trainer/engines/memory.py) and torch.compile, applied in place before sharding.
-    Both are hook-based, so parameter names (and checkpoints) stay those of the plain model.
+    sequence: trainer/engines/memory.py) and torch.compile, applied in place before sharding, after a
+    mixture of experts' dispatch and kernel are set (trainer/engines/experts.py). Both are hook-based,
+    so parameter names (and checkpoints) stay those of the plain model.
     regions: compile each block's parameter-free regions (norm, RoPE + attention, the MLP gate)
     instead of the block, for an engine whose hooks on every module (ZeRO-3's gathers) a compiled
     block would trace into and recompile on. compile_blocks: spec.compile unless the engine compiles
@@ -163,9 +168,10 @@ def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = 
     from torch.distributed._composable import checkpoint as checkpoint_block
 
     from ...model.decoder import RMSNorm, gated, rms_norm, rope_attend
-
+    from .experts import configure_experts
     from .memory import offload_checkpoints, tile_mlp
 
+    configure_experts(model, spec)
     compile_blocks = spec.compile if compile_blocks is None else compile_blocks
     for block in model.layers:
         if spec.mlp_tile_tokens:
@@ -182,10 +188,12 @@ def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = 
         elif compile_blocks:
             if not kernels:  # one compiled function per region, shared by every block: no per-module recompiles
                 kernels = {"norm": torch.compile(rms_norm), "core": torch.compile(rope_attend), "gate": torch.compile(gated)}
-            block.attention.core, block.feed_forward.gate = kernels["core"], kernels["gate"]
-            for norm in block.modules():
-                if isinstance(norm, RMSNorm):
-                    norm.kernel = kernels["norm"]
+            block.attention.core = kernels["core"]
+            for m in block.modules():  # the norms, and the gate of the MLP (or of each expert and a shared one)
+                if isinstance(m, RMSNorm):
+                    m.kernel = kernels["norm"]
+                elif getattr(m, "gate", None) is gated:
+                    m.gate = kernels["gate"]
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> float:

@@ -106,8 +106,17 @@ class _OffloadedBlock(torch.autograd.Function):
 
 def offload_checkpoints(model, device: torch.device, compile_blocks: bool) -> None:
     """Checkpoint every block with its input parked on the host (instead of the composable checkpoint);
-    compiled blocks are compiled inside the wrapper."""
+    compiled blocks are compiled inside the wrapper. A block returns (hidden, router statistics); a dense
+    one's statistics are None, and config load keeps mixtures of experts off this path."""
     stash = HostStash(device)
     for index, block in enumerate(model.layers):
         run = torch.compile(block.forward) if compile_blocks else block.forward
-        block.forward = partial(_OffloadedBlock.apply, run, stash, index)
+        block.forward = partial(_no_stats, partial(_OffloadedBlock.apply, partial(_hidden, run), stash, index))
+
+
+def _hidden(run, x, contexts):
+    return run(x, contexts)[0]
+
+
+def _no_stats(offloaded, x, contexts):
+    return offloaded(x, contexts), None

@@ -45,6 +45,8 @@ class EngineSpec:
     scratch_dir: Path  # where an engine may convert a checkpoint it loads (the run directory)
     deepspeed: object = None  # trainer.engines.deepspeed.DeepSpeedSection, with train.engine=deepspeed
     fsdp: object = None  # trainer.engines.fsdp.FSDPSection, with train.engine=fsdp2
+    moe_capacity_factor: float = 0.0  # mixtures of experts: an expert's capacity in even shares (0: dropless; model/moe.py)
+    moe_kernel: str = "auto"  # the experts' kernel: auto | grouped | loop (trainer/engines/experts.py)
 
 
 def uses_bf16(precision: str, device_type: str) -> bool:
@@ -80,7 +82,8 @@ def engine_spec(cfg, layout: Layout) -> EngineSpec:
         fp8=FP8Spec(t.fp8, t.fp8_min_features, t.fp8_keep_ends, t.fp8_emulate), optim=cfg.optim,
         groups_by_role=bool(cfg.freeze.phases) or cfg.optim.name == "muon", async_checkpoint=cfg.checkpoint.async_,
         scratch_dir=Path(cfg.run_dir), deepspeed=cfg.deepspeed if t.engine == "deepspeed" else None,
-        fsdp=cfg.fsdp if t.engine == "fsdp2" else None)
+        fsdp=cfg.fsdp if t.engine == "fsdp2" else None, moe_capacity_factor=cfg.moe.capacity_factor,
+        moe_kernel=cfg.moe.experts)
 
 
 def autocast_for(device: torch.device, bf16: bool):
