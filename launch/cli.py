@@ -16,7 +16,7 @@ def _add(sub, name, func, help):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cptrain", description="Pretraining and continual pretraining of decoder LLMs (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3, OLMo 2).")
+    parser = argparse.ArgumentParser(prog="cptrain", description="Pretraining and continual pretraining of decoder LLMs (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3, OLMo 2; the mixtures of experts Qwen2/3-MoE, OLMoE, Mixtral).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _add(sub, "demo", commands.demo, "The built-in end-to-end demo on the shipped corpus (CPU is enough).")
@@ -154,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-multiple", type=int, default=64, help="embedding rows padded to a multiple of this")
     p.add_argument("--tokenizer", default=None, help="the model's tokenizer, when MODEL is not an HF folder or a run")
     p.add_argument("--json", default=None, help="write the report here too (it is also OUT/vocab_extension.json)")
+
+    p = _add(sub, "upcycle", commands.upcycle,
+             "Turn a dense model into a mixture of experts whose experts are copies of its MLP and whose routers are new "
+             "(Sparse Upcycling; Drop-Upcycling re-initializes --drop-fraction of each expert's units). At --drop-fraction 0 "
+             "it computes the dense model's function. Writes an HF folder that trains, evaluates and exports like any.")
+    p.add_argument("model", help="an HF folder, or a cptrain run directory, checkpoint or weights folder (a dense model)")
+    p.add_argument("--experts", type=int, required=True, help="experts per layer")
+    p.add_argument("--top-k", type=int, required=True, help="experts each token is routed to")
+    p.add_argument("--drop-fraction", type=float, default=0.0,
+                   help="fraction of each expert's intermediate units re-initialized (Drop-Upcycling: 0.5; 0: exact copies)")
+    p.add_argument("--family", choices=["qwen3_moe", "mixtral"], default=None,
+                   help="the mixture-of-experts family (default: mixtral for llama and mistral, qwen3_moe for qwen3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the routers and of the re-initialized units")
+    p.add_argument("--tokenizer", default=None, help="the model's tokenizer, when MODEL is neither an HF folder nor a run")
+    p.add_argument("--out", required=True, help="the HF folder to write (must not exist)")
 
     p = _add(sub, "anneal", commands.anneal,
              "Anneal branch: from a checkpoint of a constant (WSD stable, infinite) phase, decay to the floor in a new run "

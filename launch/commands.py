@@ -305,6 +305,44 @@ def vocab_extend(args) -> int:
     return 0
 
 
+def upcycle(args) -> int:
+    """`cptrain upcycle MODEL --experts E --top-k K [--drop-fraction r] [--family F] --out DIR`: a dense model
+    as a mixture of experts (HF folder, its tokenizer and upcycle.json beside the weights)."""
+    import tempfile
+
+    from ..model.config import param_counts
+    from ..model.hf import copy_tokenizer, save_hf_dir
+    from ..model.upcycle import upcycle as upcycle_model
+    from ..trainer.checkpoint import load_full_weights
+    from ..trainer.evaluate import tokenizer_for, write_json
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} exists; pick a new --out (nothing is written over)")
+    cfg, state = load_full_weights(args.model)
+    moe, moe_state = upcycle_model(cfg, state, args.experts, args.top_k, args.drop_fraction, args.family, args.seed)
+    total, active = param_counts(moe)[0], param_counts(moe, active=True)[0]
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
+    try:  # written in a temporary folder, renamed to OUT once complete
+        save_hf_dir(moe, moe_state, work)
+        try:
+            copy_tokenizer(tokenizer_for(args.model, args.tokenizer), work)
+        except UserError:
+            pass  # no tokenizer found: `cptrain eval --tokenizer` names it then
+        write_json(work / "upcycle.json", {"model": str(args.model), "from_family": cfg.family, "family": moe.family,
+                                           "experts": args.experts, "top_k": args.top_k, "drop_fraction": args.drop_fraction,
+                                           "seed": args.seed, "params": total, "params_active": active})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"upcycled {args.model} ({cfg.family}, {param_counts(cfg)[0] / 1e6:,.1f}M parameters) into {moe.family}: "
+          f"{args.experts} experts, top {args.top_k}, {args.drop_fraction:.0%} of each expert's units re-initialized; "
+          f"{total / 1e6:,.1f}M parameters, {active / 1e6:,.1f}M active per token; wrote {out}; continue it with "
+          f"--model.init_from={out}")
+    return 0
+
+
 def schedule_plot(args) -> int:
     """`cptrain schedule plot CONFIG.yaml --out FILE.png`."""
     from ..trainer.analysis.report import plot_schedule

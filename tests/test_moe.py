@@ -409,3 +409,59 @@ def test_every_engine_trains_a_moe_model_alike_on_two_ranks(tmp_path, austen_dat
     assert len(losses["ddp"]) == 4
     for name in ("zero2", "zero3", "fsdp2"):
         assert losses[name] == pytest.approx(losses["ddp"], rel=1e-5), (name, losses)
+
+# ---- upcycling ----
+def test_drop_upcycling_redraws_a_fraction_of_each_experts_units():
+    from cptrain.model.upcycle import upcycle
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    dense = Decoder(cfg)
+    dense.init_weights()
+    state = dense.state_dict()
+    moe_cfg, moe = upcycle(cfg, state, 4, 2, drop_fraction=0.5, seed=3)
+    assert moe_cfg.family == "mixtral" and moe_cfg.moe_norm_topk and moe.keys() == Decoder(moe_cfg).state_dict().keys()
+    w1, w2 = state["layers.1.feed_forward.w1.weight"], state["layers.1.feed_forward.w2.weight"]
+    e1, e2 = moe["layers.1.feed_forward.experts.w1"], moe["layers.1.feed_forward.experts.w2"]
+    kept = [(e1[e] == w1).all(dim=1) for e in range(4)]  # the intermediate units each expert kept
+    assert all(int(k.sum()) == cfg.ffn_dim - round(0.5 * cfg.ffn_dim) for k in kept)
+    assert all(torch.equal((e2[e] == w2).all(dim=0), kept[e]) for e in range(4))  # w2's columns are the same units
+    assert not torch.equal(kept[0], kept[1])  # each expert its own sample
+    fresh = e1[0][~kept[0]]
+    assert fresh.mean().item() == pytest.approx(w1.mean().item(), abs=3e-3)
+    assert fresh.std().item() == pytest.approx(w1.std().item(), rel=0.1)  # the original matrix's statistics
+    same, _ = upcycle(cfg, state, 4, 2, drop_fraction=0.5, seed=3)
+    assert same == moe_cfg
+    with pytest.raises(UserError, match="cannot upcycle this qwen3 model into mixtral: qk_norm='head'"):
+        upcycle(preset("qwen3-0.6b"), {}, 4, 2, family="mixtral")
+
+
+def test_an_upcycled_smollm2_computes_the_dense_function_and_continues(smollm2_dir, tmp_path):
+    """`cptrain upcycle` at r = 0: the MoE's logits are the dense model's (identical experts, top-k weights
+    summing to one), transformers loads it as Mixtral, and a short continued run lowers its loss."""
+    from cptrain.launch.cli import main as cli
+    from cptrain.trainer.config import load_config
+    from cptrain.trainer.evaluate import load_model
+    from cptrain.trainer.loop import run
+    from tests.conftest import FIXTURES
+
+    out = tmp_path / "moe"
+    assert cli(["upcycle", str(smollm2_dir), "--experts", "4", "--top-k", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "upcycle.json").read_text())
+    assert report["family"] == "mixtral" and report["params_active"] < report["params"]
+    dense, moe = load_model(smollm2_dir, torch.device("cpu")), load_model(out, torch.device("cpu"))
+    t = torch.randint(0, dense.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = dense(t), moe(t)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # fp32 rounding over 30 layers; logits reach ~30
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "MixtralForCausalLM"
+    data = tmp_path / "data"
+    assert cli(["data", "prepare", "--input", str(FIXTURES / "text" / "austen_persuasion.jsonl"), "--out", str(data),
+                "--tokenizer", str(out), "--seq-len", "64", "--val-fraction", "0.1"]) == 0
+    rows = run(load_config(None, [f"--run_dir={tmp_path / 'run'}", f"--model.init_from={out}", "--data.seq_len=64",
+                                  f"--data.domains=[{{name: austen, path: {data}}}]", "--train.max_tokens=768",
+                                  "--train.global_batch_tokens=256", "--train.micro_batch_size=4", "--schedule.kind=constant",
+                                  "--schedule.lr=1e-4", "--schedule.warmup_tokens=0", "--eval.max_samples=8",
+                                  "--log.progress=false", "--checkpoint.at_end=false", "--continual.report=off"]))
+    assert rows[-1]["val/austen"] < rows[0]["val/austen"] - 0.02, (rows[0], rows[-1])
+
