@@ -20,8 +20,15 @@ both), attn (sdpa|flex), doc (document masking 0/1), sdpa (auto|cudnn|flash|effi
 ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (pure bf16 params 0/1),
 fa4 (1: FlashAttention-4 behind attn=flash_attn when flash-attn-4 is installed; 0: torch's FA2),
 fp8 (off|tensorwise|rowwise: train.fp8, torchao float8 in the block linears), offload (1: the
-checkpointed block inputs in pinned host memory, train.offload_activations), tile (train.mlp_tile_tokens).
---seq sets the sequence length (recorded in every row as seq_len).
+checkpointed block inputs in pinned host memory, train.offload_activations), tile (train.mlp_tile_tokens);
+of a mixture of experts (olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b): layers (0: the preset's; fewer, to
+fit one GPU, both), experts (ours: moe.experts auto|grouped|loop; peer: transformers' experts
+implementation eager|grouped_mm|batched_mm). MFU counts the active parameters (the router, the top-k
+experts). --seq sets the sequence length (recorded in every row as seq_len).
+
+    python3 bench/bench_mfu.py --model olmoe-1b-7b --run peer:mb=4,bf16=1,experts=grouped_mm \
+        --run ours:mb=4,bf16=1,ce=4096,attn=flash_attn,doc=1,experts=grouped
+
 Results are appended to --out as JSON lines; a table is printed last.
 """
 from __future__ import annotations
@@ -42,7 +49,8 @@ from cptrain.model.hf_config import to_hf_config
 from cptrain.model.presets import preset
 
 DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1,
-            "fp8": "off", "offload": 0, "tile": 0}
+            "fp8": "off", "offload": 0, "tile": 0, "layers": 0, "experts": "auto"}
+TEXT_KEYS = ("attn", "sdpa", "fp8", "experts")
 SEQ = 2048
 
 
@@ -51,7 +59,7 @@ def parse_run(text: str) -> dict:
     run = dict(DEFAULTS, impl=impl)
     for item in filter(None, rest.split(",")):
         key, value = item.split("=")
-        run[key] = value if key in ("attn", "sdpa", "fp8") else int(value)
+        run[key] = value if key in TEXT_KEYS else int(value)
     return run
 
 
@@ -79,6 +87,17 @@ def random_batch(mb: int, vocab: int, device, gen: torch.Generator, mean_doc: in
     return {"tokens": tokens.to(device), "doc_ids": doc_ids.to(device)}
 
 
+def shape(model_name: str, run: dict):
+    """The preset, with `layers` blocks when given (an MoE shape cut down to one GPU keeps its layers' shape)."""
+    import dataclasses
+
+    arch = preset(model_name)
+    if run["layers"]:
+        arch = dataclasses.replace(arch, n_layers=run["layers"], layer_types=arch.layer_types[:run["layers"]],
+                                   moe_dense_layers=[i for i in arch.moe_dense_layers if i < run["layers"]])
+    return arch
+
+
 def build_ours(model_name: str, run: dict, device):
     from cptrain.trainer.config import load_config
     from cptrain.trainer.engines import build_engine
@@ -93,6 +112,9 @@ def build_ours(model_name: str, run: dict, device):
                  f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}", f"--train.fp8={run['fp8']}",
                  f"--train.offload_activations={bool(run['offload'])}", f"--train.mlp_tile_tokens={run['tile']}",
                  f"--model.max_seq_len={max(SEQ, preset(model_name).max_seq_len)}"]
+    if preset(model_name).n_experts:
+        overrides += [f"--model.n_layers={run['layers'] or preset(model_name).n_layers}", f"--moe.experts={run['experts']}",
+                      f"--model.moe_dense_layers={shape(model_name, run).moe_dense_layers}"]
     cfg = load_config(None, overrides)
     set_fa4(bool(run["fa4"]), device)
     engine = build_engine(engine_spec(cfg, Layout(device=device)), cfg.model.arch)
@@ -117,12 +139,15 @@ def set_fa4(enabled: bool, device) -> None:
 def build_peer(model_name: str, run: dict, device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = preset(model_name)
+    arch = shape(model_name, run)
     hf = to_hf_config(arch)
     torch.manual_seed(0)
+    experts = {"experts_implementation": run["experts"]} if arch.n_experts and run["experts"] != "auto" else {}
     with device:
         config = AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32, **experts)
+    if run["bf16"]:  # pure bf16 parameters (and so AdamW moments), as ours with bf16=1
+        model.to(torch.bfloat16)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")

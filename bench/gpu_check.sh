@@ -2,7 +2,7 @@
 # GPU checks run on the device machine (one call per stage); results land in $OUT (or ./gpu_out).
 #   bash bench/gpu_check.sh STAGE      STAGE: peers | peers2 | perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
 #                                      engines3 | offload8b | ckpt1b | longctx | cp1 |
-#                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4*
+#                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4* | moe
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
 set -uo pipefail
@@ -245,5 +245,17 @@ cp1)  # the process layout, add-ons and context-parallel plumbing at cp=1: the l
       python3 -c "import json,statistics as st; r=[json.loads(l) for l in open('/tmp/cp1_$code/metrics.jsonl')]; r=[x for x in r if x.get('step',0)>=6 and 'tokens_per_s' in x]; print(json.dumps({'stage': 'cp1', 'code': '$code', 'config': '$config', 'model': '$model', 'mb': $mb, 'seq_len': 2048, 'tokens_per_s': round(st.median(x['tokens_per_s'] for x in r)), 'mfu': round(st.median(x['mfu'] for x in r), 4)}))" | tee -a "$OUT/cp1.jsonl"
     done
   done ;;
+moe)  # mixtures of experts on one GPU: ours (grouped GEMM vs the loop over experts) beside transformers' model of the
+  # family compiled with its own grouped_mm experts; OLMoE-1B-7B whole, Qwen3-30B-A3B cut to 8 of its 48 layers
+  # (5.6B parameters); bf16 parameters and moments (fp32 master weights of 6.9B and their moments do not fit 80 GB)
+  python3 -c "import torch; print('grouped_mm', hasattr(torch, '_grouped_mm'), hasattr(torch.nn.functional, 'grouped_mm'))"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_moe.py -k grouped_gemm 2>&1 | tail -2
+  M="ce=4096,attn=flash_attn,doc=1,bf16=1"
+  $B --model olmoe-1b-7b --budget-s 250 --out "$OUT/mfu.jsonl" --run peer:mb=4,bf16=1,experts=grouped_mm \
+    --run ours:mb=4,$M,experts=grouped --run ours:mb=4,$M,experts=loop --run ours:mb=8,$M,ac=1,experts=grouped 2>&1 \
+    | grep -v -i "warn\|exe_args" | tail -6
+  $B --model qwen3-30b-a3b --budget-s 250 --out "$OUT/mfu.jsonl" --run peer:mb=4,bf16=1,layers=8,experts=grouped_mm \
+    --run ours:mb=4,$M,layers=8,experts=grouped --run ours:mb=4,$M,layers=8,experts=loop \
+    --run ours:mb=8,$M,ac=1,layers=8,experts=grouped 2>&1 | grep -v -i "warn\|exe_args" | tail -6 ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

@@ -97,9 +97,10 @@ def run_experts(rows: torch.Tensor, groups: Groups, experts: "Experts") -> torch
 
 
 def combine(sorted_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The experts' outputs [T*k, D] in sorted order -> each token's weighted sum [T, D]."""
+    """The experts' outputs [N, D] of the assignments `order` [N] (indices into the T*k, a permutation or a
+    subset) -> each token's weighted sum [T, D]; an assignment not in `order` adds nothing."""
     t, k = weights.shape
-    out = torch.empty_like(sorted_out).index_copy(0, order, sorted_out)  # back to (token, k) order
+    out = sorted_out.new_zeros(t * k, sorted_out.shape[1]).index_copy(0, order, sorted_out)  # (token, k) order
     return (out.view(t, k, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
 

@@ -260,6 +260,14 @@ def test_what_is_not_implemented_is_refused_in_one_line(tmp_path):
         dataclasses.replace(preset("tiny-mixtral"), moe_top_k=9).validate()
     with pytest.raises(UserError, match="moe_norm_topk=False is not a mixtral model's"):
         dataclasses.replace(preset("tiny-mixtral"), moe_norm_topk=False).validate()
+    from cptrain.trainer.config import load_config
+
+    for extra, message in (({"model.preset": "tiny"}, "parallel.ep=2 splits a mixture of experts' experts, but the model"),
+                           ({"train.engine": "deepspeed"}, "parallel.ep=2 needs train.engine=fsdp2"),
+                           ({"model.n_experts": 6, "parallel.ep": 4}, "parallel.ep=4 does not divide the model's 6 experts")):
+        with pytest.raises(UserError, match=message):
+            load_config(None, [f"--{k}={v}" for k, v in {"model.preset": "tiny-mixtral", "data.seq_len": 64, "parallel.ep": 2,
+                                                          **extra}.items()])
 
 
 # ---- training: the router losses in what is backpropagated, their logs, resume, phases ----
@@ -465,3 +473,47 @@ def test_an_upcycled_smollm2_computes_the_dense_function_and_continues(smollm2_d
                                   "--log.progress=false", "--checkpoint.at_end=false", "--continual.report=off"]))
     assert rows[-1]["val/austen"] < rows[0]["val/austen"] - 0.02, (rows[0], rows[-1])
 
+
+# ---- expert parallelism ----
+@pytest.mark.distributed
+def test_expert_parallel_training_equals_data_parallel_and_resumes_at_another_ep(tmp_path, austen_data):
+    """2 gloo ranks, FSDP2: experts split over ep=2 (tokens exchanged by all-to-all, with a capacity, the
+    z-loss, activation checkpointing and a weight EMA) give the losses and gradient norms of ep=1 over
+    10 steps; the ep=2 checkpoint of step 5 resumes at ep=1 and repeats the rest."""
+    import torch.distributed.checkpoint as dcp
+
+    from argparse import Namespace
+
+    from cptrain.launch.launchers import torchrun_command
+    from tests.conftest import tiny_overrides
+    from tests.multiproc import free_port, run_processes
+
+    base = {"model.preset": "tiny-qwen3-moe", "train.engine": "fsdp2", "train.max_tokens": 20480,
+            "train.global_batch_tokens": 2048, "train.device": "cpu", "train.precision": "fp32",
+            "checkpoint.interval_tokens": 10240, "eval.at_start": False, "moe.z_loss_coef": 1e-3,
+            "moe.capacity_factor": 1.5, "train.ema_decay": 0.9, "train.activation_checkpointing": True,
+            "continual.report": "off"}
+
+    def launch(jobs, name):
+        (tmp_path / name).write_text(json.dumps(jobs))
+        args = Namespace(nodes=1, gpus_per_node=2, hostfile=None, master_addr=None, master_port=free_port(), no_ssh=False,
+                         node_rank=None)
+        run_processes([torchrun_command(args, ["tests/dist_worker.py", str(tmp_path / name)], tmp_path)], timeout=900)
+
+    runs = {ep: tmp_path / f"ep{ep}" for ep in (1, 2)}
+    launch([{"overrides": tiny_overrides(runs[ep], austen_data, **base, **{"parallel.ep": ep})} for ep in (1, 2)], "a.json")
+
+    def losses(run_dir, start=0):
+        return [v for r in _rows(run_dir) if "loss" in r and r["step"] > start
+                for v in (r["loss"], r["moe/aux_loss"], r["grad_norm"])]
+
+    assert len(losses(runs[1])) == 30 and _rows(runs[2])[-1]["moe/dropped"] > 0
+    assert losses(runs[2]) == pytest.approx(losses(runs[1]), rel=1e-5)
+    root = runs[2] / "checkpoints"
+    saved = dcp.FileSystemReader(str(root / "step-00000005" / "dcp")).read_metadata().state_dict_metadata
+    chunks = saved["model.layers.0.feed_forward.experts.w1"].chunks  # each rank wrote its own 4 of the 8 experts
+    assert sorted((c.offsets[0], c.sizes[0]) for c in chunks) == [(0, 4), (4, 4)]
+    shutil.rmtree(root / "step-00000010")
+    (root / "latest").write_text("step-00000005\n")
+    launch([{"overrides": tiny_overrides(runs[2], austen_data, **base, **{"parallel.ep": 1}), "resume": True}], "b.json")
+    assert losses(runs[2], start=5) == pytest.approx(losses(runs[1], start=5), rel=1e-5)

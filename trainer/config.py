@@ -351,8 +351,7 @@ def _check(cfg: TrainConfig, src: str) -> None:
                         "experts' blocks also return their router statistics); set them off")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
-    if cfg.parallel.ep > 1:
-        raise UserError(f"{src}: parallel.ep above 1 needs a mixture-of-experts model; set parallel.ep=1")
+    _check_ep(cfg, src)
     check_schedule(cfg.data, src)
     for key, length in schedule_lengths(cfg.data):  # the cut comes before the context-parallel split
         context_check(cfg.parallel.cp, cfg.parallel.cp_method, cfg.model.arch, length, src, key)
@@ -398,6 +397,24 @@ def _check(cfg: TrainConfig, src: str) -> None:
     stems = [t.stem for t in cfg.eval.tasks]
     if len(set(stems)) != len(stems):
         raise UserError(f"{src}: eval.tasks have repeated names {stems}; give each a distinct name")
+
+
+def _check_ep(cfg: TrainConfig, src: str) -> None:
+    """Expert parallelism: FSDP2 only (DeepSpeed and DDP train a mixture of experts with the experts data-parallel)."""
+    ep, arch = cfg.parallel.ep, cfg.model.arch
+    if ep == 1:
+        return
+    if not arch.n_experts:
+        raise UserError(f"{src}: parallel.ep={ep} splits a mixture of experts' experts, but the model ({arch.family}) has none; "
+                        "set parallel.ep=1")
+    if arch.n_experts % ep:
+        raise UserError(f"{src}: parallel.ep={ep} does not divide the model's {arch.n_experts} experts; pick a divisor")
+    if cfg.train.engine != "fsdp2":
+        raise UserError(f"{src}: parallel.ep={ep} needs train.engine=fsdp2 (with {cfg.train.engine} the experts are "
+                        "data-parallel: set parallel.ep=1)")
+    if cfg.parallel.cp > 1:
+        raise UserError(f"{src}: parallel.ep={ep} with parallel.cp={cfg.parallel.cp} is not supported yet (the experts would "
+                        "also need their gradients reduced over the context-parallel ranks); set one of them to 1")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

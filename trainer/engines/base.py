@@ -196,13 +196,26 @@ def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = 
                     m.gate = kernels["gate"]
 
 
+def _by_mesh(params: list) -> list[list]:
+    """Parameters grouped by the device mesh of their gradients (one group without DTensors; under expert
+    parallelism the experts' (dp_out, ep) mesh beside the rest's): a norm or a clip reduces within one."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(id(getattr(p.grad, "device_mesh", None)), []).append(p)
+    return list(groups.values())
+
+
 def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> float:
     """Clip to the global grad norm, set the LR and step, unless the norm is not finite. Gradients are
     reduced over ranks by now, so every rank sees the same norm: all skip or all update. The
     gradients are zeroed either way; returns the norm."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params])
-    norm = total.full_tensor() if hasattr(total, "full_tensor") else total  # FSDP2: a DTensor of the global norm
+    groups = _by_mesh(params)
+    totals = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in groups]
+    total = totals[0]
+    # FSDP2: a DTensor of the global norm, made whole; several meshes: their norms combined
+    norms = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in totals]
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: 0 holds a group still (trainer/freezing.py)
     if optimizer.defaults.get("fused") and norm is total:
@@ -215,8 +228,14 @@ def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float)
         optimizer.step()
         del optimizer.grad_scale, optimizer.found_inf
     else:
-        if grad_clip > 0:
+        if grad_clip > 0 and len(groups) == 1:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total)
+        elif grad_clip > 0:  # each mesh's gradients scaled by the global norm (a plain tensor: replicated on every mesh)
+            from torch.distributed.tensor.experimental import implicit_replication
+
+            with implicit_replication():
+                for group in groups:
+                    torch.nn.utils.clip_grads_with_norm_(group, grad_clip, norm)
         if torch.isfinite(norm):
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ from ...errors import UserError
 from ..params import Target
 from .base import (LossFn, build_optimizer, clip_and_step, cpu_snapshot, full_initial_state, optimizer_groups,
                    whole_targets, wrap_blocks)
+from .experts import shard_experts
 from .fp8 import after_fsdp_step, apply_fp8
 from .layout import Layout, process_group_backend
 from .local import build_whole
@@ -85,15 +86,17 @@ class FSDPEngine:
               else MixedPrecisionPolicy())
         # Pinned host memory exists only beside a GPU; on a CPU-only machine the offload path runs unpinned.
         offload = CPUOffloadPolicy(pin_memory=layout.device.type == "cuda") if f.cpu_offload else OffloadPolicy()
-        shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+        shard = dict(mp_policy=mp, offload_policy=offload, reshard_after_forward=f.reshard_after_forward)
         apply_fp8(model, spec.fp8, layout.device, fsdp=True)  # on the meta model: FSDP2 then shards the FP8 linears
         wrap_blocks(model, spec)
+        if layout.ep > 1:  # each MoE layer's experts split over `ep` ranks, an FSDP unit of their own (experts.py)
+            shard_experts(model, layout, shard)
         for block in model.layers:
-            fully_shard(block, reshard_after_forward=f.reshard_after_forward, **shard)
+            fully_shard(block, mesh=mesh, **shard)
         # The root (embeddings, final norm, head) stays gathered from its forward to its backward: its
         # weights are needed again at once, and the chunked loss reads the head weight after
         # model.hidden(), which is registered to gather them like forward() does.
-        fully_shard(model, reshard_after_forward=False, **shard)
+        fully_shard(model, mesh=mesh, **{**shard, "reshard_after_forward": False})
         register_fsdp_forward_method(model, "hidden")
         model.to_empty(device="cpu" if f.cpu_offload else layout.device)
         full = full_initial_state(model, initial_state, layout)
@@ -159,12 +162,14 @@ class FSDPEngine:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def targets(self, pattern: str) -> list[Target]:
-        """Each parameter is a DTensor sharded on dim 0 in torch.chunk pieces; the optimizer updates the
-        local shard in place (a bf16 compute copy is cast from it at every all-gather)."""
+        """Each parameter is a DTensor sharded on dim 0 (in torch.chunk pieces; an expert tensor under expert
+        parallelism twice, over ep and then over dp_out, which still leaves each rank a contiguous run of
+        rows); the optimizer updates the local shard in place (a bf16 compute copy is cast from it at every
+        all-gather)."""
         import re
 
         from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         if not self.sharded:
             return whole_targets(self.module, pattern)
@@ -175,12 +180,12 @@ class FSDPEngine:
         for name, p in self.module.named_parameters():
             if not re.fullmatch(pattern, name):
                 continue
-            if tuple(p.placements) != (Shard(0),):
+            if any(getattr(pl, "dim", None) != 0 for pl in p.placements):
                 raise UserError(f"{name} is sharded as {p.placements}; per-parameter state (masks, EMAs, frozen rows) "
-                                "supports FSDP2's Shard(0) only")
+                                "supports FSDP2's dim-0 sharding only")
             local = p.to_local().view(-1)
-            rows = -(-p.shape[0] // p.device_mesh.size())
-            start = min(p.device_mesh.get_local_rank() * rows, p.shape[0]) * (p.numel() // max(p.shape[0], 1))
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            start = min(offset[0], p.shape[0]) * (p.numel() // max(p.shape[0], 1))
             out.append(Target(name, tuple(p.shape), start, local, [(0, local.numel(), local)]))
         return out
 
