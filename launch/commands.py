@@ -381,6 +381,9 @@ def cptrain_to_hf(args) -> int:
     from ..trainer.moe import exported_bias_note
 
     cfg, state = load_full_weights(args.src)
+    if cfg.moe_router != "softmax":
+        raise UserError(f"{args.src}: its routers score by {cfg.moe_router} (model.moe_router), which a {cfg.family} HF "
+                        "checkpoint cannot express (transformers routes by softmax); keep it as a cptrain checkpoint")
     save_hf_dir(cfg, state, Path(args.out), dtype=getattr(torch, args.dtype))
     print(f"wrote HF folder {args.out} ({args.dtype}) from {args.src}")
     note = None if is_hf_folder(args.src) else exported_bias_note(resolve_checkpoint(args.src))

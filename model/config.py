@@ -57,6 +57,9 @@ class ModelConfig:
     moe_dense_layers: list[int] = field(default_factory=list)  # layers that keep the dense MLP of width ffn_dim (Qwen MoE mlp_only_layers)
     moe_shared_ffn_dim: int = 0  # width of a shared expert every token passes through, gated by a sigmoid (Qwen2-MoE); 0: none
     moe_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (HF router_aux_loss_coef)
+    # the router's scores: softmax over the experts (every HF family here), or sigmoid per expert
+    # (DeepSeek-V3; not exportable to these families' HF configs)
+    moe_router: str = "softmax"
 
     @property
     def head_size(self) -> int:
@@ -136,7 +139,7 @@ class ModelConfig:
 
 
 _MOE_FIELDS = ("n_experts", "moe_top_k", "moe_ffn_dim", "moe_norm_topk", "moe_dense_layers", "moe_shared_ffn_dim",
-               "moe_aux_loss_coef")
+               "moe_aux_loss_coef", "moe_router")
 
 
 def _validate_moe(cfg: ModelConfig, family, source: str) -> None:
@@ -160,6 +163,8 @@ def _validate_moe(cfg: ModelConfig, family, source: str) -> None:
     if cfg.moe_shared_ffn_dim < 0 or bool(cfg.moe_shared_ffn_dim) != (keys.shared and cfg.n_experts > 0):
         what = "has a shared expert: set it positive" if keys.shared else "has no shared expert"
         raise UserError(f"{source}: moe_shared_ffn_dim={cfg.moe_shared_ffn_dim}: an MoE {cfg.family} model {what}")
+    if cfg.moe_router not in ("softmax", "sigmoid"):
+        raise UserError(f"{source}: moe_router={cfg.moe_router!r} must be softmax or sigmoid")
     if cfg.moe_aux_loss_coef < 0:
         raise UserError(f"{source}: moe_aux_loss_coef={cfg.moe_aux_loss_coef} must be at least 0")
 

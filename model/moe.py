@@ -42,14 +42,21 @@ ALIGN = 8
 N_SCALARS = 4  # pack_stats: z_sum, entropy_sum, dropped, tokens after the two per-expert vectors
 
 
-def route(logits: torch.Tensor, top_k: int, norm_topk: bool,
-          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, k] float32, chosen experts [T, k] int64, probs [T, E] float32):
-    softmax in float32, top-k, optionally renormalized, as transformers' routers. `bias` [E] (auxiliary-
-    loss-free balancing, DeepSeek-V3) is added to the probabilities for the selection only."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    chosen = torch.topk(probs if bias is None else probs + bias, top_k, dim=-1).indices
-    weights = probs.gather(1, chosen)
+def route(logits: torch.Tensor, top_k: int, norm_topk: bool, bias: torch.Tensor | None = None,
+          score: str = "softmax") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k] float32, chosen experts [T, k] int64, probs [T, E] float32).
+    softmax: in float32, top-k, optionally renormalized, as transformers' routers. sigmoid (DeepSeek-V3,
+    eq. 15-16): each expert's score sigmoid(logit), the top-k scores as weights (renormalized with
+    norm_topk, as DeepSeek-V3 does); probs are then the scores normalized over the experts (its
+    balancing loss's s', eq. 18). `bias` [E] (auxiliary-loss-free balancing, DeepSeek-V3) is added to
+    the scores for the selection only."""
+    if score == "sigmoid":
+        scores = torch.sigmoid(logits.float())
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+    else:
+        scores = probs = torch.softmax(logits.float(), dim=-1)
+    chosen = torch.topk(scores if bias is None else scores + bias, top_k, dim=-1).indices
+    weights = scores.gather(1, chosen)
     if norm_topk:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, chosen, probs
@@ -196,7 +203,7 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.top_k, self.norm_topk = cfg.moe_top_k, cfg.moe_norm_topk
+        self.top_k, self.norm_topk, self.score = cfg.moe_top_k, cfg.moe_norm_topk, cfg.moe_router
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.experts = Experts(cfg)
         shared = cfg.moe_shared_ffn_dim > 0
@@ -220,7 +227,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.reshape(-1, x.shape[-1])  # [T, D]
         logits = self.router(flat)  # [T, E]
-        weights, chosen, probs = route(logits, self.top_k, self.norm_topk, self.selection_bias)
+        weights, chosen, probs = route(logits, self.top_k, self.norm_topk, self.selection_bias, self.score)
         out, dropped = self.dispatch(flat, chosen, weights, self.experts)
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)

@@ -351,7 +351,7 @@ def _check(cfg: TrainConfig, src: str) -> None:
                         "experts' blocks also return their router statistics); set them off")
     if cfg.checkpoint.keep_last < 1:
         raise UserError(f"{src}: checkpoint.keep_last must be at least 1")
-    _check_ep(cfg, src)
+    _check_moe_parallel(cfg, src)
     check_schedule(cfg.data, src)
     for key, length in schedule_lengths(cfg.data):  # the cut comes before the context-parallel split
         context_check(cfg.parallel.cp, cfg.parallel.cp_method, cfg.model.arch, length, src, key)
@@ -399,9 +399,13 @@ def _check(cfg: TrainConfig, src: str) -> None:
         raise UserError(f"{src}: eval.tasks have repeated names {stems}; give each a distinct name")
 
 
-def _check_ep(cfg: TrainConfig, src: str) -> None:
-    """Expert parallelism: FSDP2 only (DeepSpeed and DDP train a mixture of experts with the experts data-parallel)."""
+def _check_moe_parallel(cfg: TrainConfig, src: str) -> None:
+    """Expert parallelism: FSDP2 only (DeepSpeed and DDP train a mixture of experts with the experts
+    data-parallel). Context parallelism: dense models only."""
     ep, arch = cfg.parallel.ep, cfg.model.arch
+    if arch.n_experts and cfg.parallel.cp > 1:
+        raise UserError(f"{src}: parallel.cp={cfg.parallel.cp} with a mixture of experts is not supported yet (its balancing "
+                        "loss pools router statistics over whole sequences, which the context split cuts); set parallel.cp=1")
     if ep == 1:
         return
     if not arch.n_experts:
@@ -412,9 +416,6 @@ def _check_ep(cfg: TrainConfig, src: str) -> None:
     if cfg.train.engine != "fsdp2":
         raise UserError(f"{src}: parallel.ep={ep} needs train.engine=fsdp2 (with {cfg.train.engine} the experts are "
                         "data-parallel: set parallel.ep=1)")
-    if cfg.parallel.cp > 1:
-        raise UserError(f"{src}: parallel.ep={ep} with parallel.cp={cfg.parallel.cp} is not supported yet (the experts would "
-                        "also need their gradients reduced over the context-parallel ranks); set one of them to 1")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
