@@ -69,6 +69,47 @@ def tiny_overrides(run_dir: Path, data: Path, **extra) -> list[str]:
 CACHE = Path(os.environ.get("CPTRAIN_TEST_CACHE", Path.home() / ".cache" / "cptrain" / "tests"))
 
 
+def random_hf_model(config, norm_center: float = 1.0):
+    """transformers' model of `config` (eager attention: explicit scores, the reference) with every weight
+    moved off its initial value, so a missing term cannot pass: norms near `norm_center` (0 for Gemma's
+    (1 + w) norms), everything else, biases included, N(0, 0.2^2); seeded."""
+    import torch
+    import transformers
+
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(norm_center + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    return model
+
+
+def saved_hf(model, kind: str, tmp_path: Path):
+    """(kind, folder, model) with the model saved under tmp_path/hf."""
+    model.save_pretrained(tmp_path / "hf")
+    return kind, tmp_path / "hf", model
+
+
+def ours(path):
+    """Our decoder of an HF folder, built as the trainer builds it: on the meta device, every tensor from the checkpoint."""
+    import torch
+    from cptrain.model.decoder import Decoder
+    from cptrain.model.hf import load_hf_dir
+
+    cfg, sd = load_hf_dir(path)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
+def token_batch(vocab: int = 320, b: int = 2, s: int = 40):
+    import torch
+
+    return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(1))
+
+
 def hf_folder_from_gguf(name: str, src_dir: Path, gguf_file: str) -> Path:
     """An HF folder (fp32 safetensors + tokenizer) of a GGUF checkpoint, dequantized by transformers
     and cached under $CPTRAIN_TEST_CACHE (default ~/.cache/cptrain/tests): a rebuild takes ~0.5-2 min.

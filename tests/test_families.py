@@ -26,7 +26,7 @@ from cptrain.model.presets import PRESETS, preset
 from cptrain.trainer.config import load_config
 from cptrain.trainer.loop import run
 from cptrain.trainer.loss import lm_loss
-from tests.conftest import FIXTURES, tiny_overrides
+from tests.conftest import FIXTURES, ours, random_hf_model, saved_hf, tiny_overrides, token_batch
 from tests.multiproc import free_port, run_processes
 
 pytestmark = pytest.mark.families
@@ -54,43 +54,19 @@ TINY = {
 
 def tiny_hf_model(kind: str):
     config_cls, extra = TINY[kind]
-    config = config_cls(**SHAPE, **extra)
-    config._attn_implementation = "eager"  # the reference: explicit scores (transformers' SDPA cannot soft-cap)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    unit_offset = kind.startswith("gemma")  # Gemma's norms scale by (1 + w): w near 0 is their identity
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((0.0 if unit_offset else 1.0) + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))  # biases included: a dropped bias cannot pass
-    return model
-
-
-def ours(path) -> Decoder:
-    cfg, sd = load_hf_dir(path)
-    with torch.device("meta"):  # as the trainer builds it; the checkpoint supplies every tensor
-        model = Decoder(cfg)
-    model.load_state_dict(sd, assign=True)
-    return model.eval()
-
-
-def batch(vocab: int = 320, b: int = 2, s: int = 40) -> torch.Tensor:
-    return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(1))
+    # eager: transformers' SDPA cannot soft-cap; Gemma's norms scale by (1 + w): w near 0 is their identity
+    return random_hf_model(config_cls(**SHAPE, **extra), norm_center=0.0 if kind.startswith("gemma") else 1.0)
 
 
 @pytest.fixture(params=list(TINY))
 def hf_folder(request, tmp_path):
-    model = tiny_hf_model(request.param)
-    model.save_pretrained(tmp_path / "hf")
-    return request.param, tmp_path / "hf", model
+    return saved_hf(tiny_hf_model(request.param), request.param, tmp_path)
 
 
 @torch.no_grad()
 def test_logits_match_transformers(hf_folder):
     kind, path, hf = hf_folder
-    t = batch()
+    t = token_batch()
     ref = hf(t).logits
     assert ref.abs().max() > 1  # not near-zero tensors
     model = ours(path)
@@ -116,7 +92,7 @@ def test_import_export_is_lossless(hf_folder, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     assert type(reloaded) is type(hf)
     assert getattr(reloaded.config, "layer_types", None) == getattr(hf.config, "layer_types", None)
-    t = batch()
+    t = token_batch()
     assert torch.equal(reloaded(t).logits, hf(t).logits)
     assert load_hf_dir(tmp_path / "out")[0] == cfg
 
@@ -126,7 +102,7 @@ def test_import_export_is_lossless(hf_folder, tmp_path):
 def test_packed_documents_under_sliding_windows_equal_separate_runs(kind, tmp_path):
     tiny_hf_model(kind).save_pretrained(tmp_path)
     model = ours(tmp_path)
-    first, second = batch(s=19)[0], batch(s=21)[1]
+    first, second = token_batch(s=19)[0], token_batch(s=21)[1]
     packed = torch.cat([first, second])[None]
     doc_ids = torch.tensor([[0] * 19 + [1] * 21])
     out = model(packed, doc_ids)
@@ -143,7 +119,7 @@ def test_gpu_backends_stand_in_exactly_on_cpu(backend, tmp_path):
     ref = ours(tmp_path)
     other = Decoder(dataclasses.replace(ref.cfg, attention=backend)).eval()
     other.load_state_dict(ref.state_dict())
-    t, doc_ids = batch(), torch.tensor([[0] * 15 + [1] * 25, [0] * 40])
+    t, doc_ids = token_batch(), torch.tensor([[0] * 15 + [1] * 25, [0] * 40])
     with pytest.warns(UserWarning):
         got = other(t, doc_ids)
     torch.testing.assert_close(got, ref(t, doc_ids), atol=1e-6, rtol=0)
@@ -155,7 +131,7 @@ def test_fused_loss_equals_plain_loss_and_gradients(kind, tmp_path):
     path: the same loss and the same gradients."""
     tiny_hf_model(kind).save_pretrained(tmp_path)
     plain, fused = ours(tmp_path).train(), ours(tmp_path).train()
-    tokens = batch(b=2, s=41)
+    tokens = token_batch(b=2, s=41)
     b = {"tokens": tokens, "doc_ids": torch.zeros_like(tokens)}
     (lp, sp), (lf, sf) = lm_loss(plain, b, 1.0), lm_loss(fused, b, 1.0, chunk_tokens=24)
     lp.backward()
@@ -177,7 +153,7 @@ def test_qk_norms_give_attention_the_value_dtype_under_autocast(kind, tmp_path):
         core = block.attention.core
         block.attention.core = lambda q, k, v, ctx, core=core: seen.append((q.dtype, k.dtype, v.dtype)) or core(q, k, v, ctx)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(batch())
+        model(token_batch())
     assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
 
 

@@ -21,6 +21,7 @@ from cptrain.model.mlp import gated
 from cptrain.model.moe import (Experts, LocalDispatch, MoE, group_by_expert, grouped_mlps, looped_mlps, route,
                                router_losses, unpack_stats)
 from cptrain.model.presets import preset
+from tests.conftest import ours, random_hf_model, saved_hf, token_batch
 
 pytestmark = pytest.mark.moe
 
@@ -41,39 +42,18 @@ TINY = {
 
 def tiny_hf_model(kind: str):
     config_cls, extra = TINY[kind]
-    config = config_cls(**SHAPE, **extra)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # router, expert and norm weights all moved off their initial values
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
-    return model
-
-
-def ours(path) -> Decoder:
-    cfg, sd = load_hf_dir(path)
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    model.load_state_dict(sd, assign=True)
-    return model.eval()
-
-
-def batch(vocab: int = 320, b: int = 2, s: int = 40) -> torch.Tensor:
-    return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(1))
+    return random_hf_model(config_cls(**SHAPE, **extra))  # router, expert and norm weights all moved
 
 
 @pytest.fixture(params=list(TINY))
 def hf_folder(request, tmp_path):
-    model = tiny_hf_model(request.param)
-    model.save_pretrained(tmp_path / "hf")
-    return request.param, tmp_path / "hf", model
+    return saved_hf(tiny_hf_model(request.param), request.param, tmp_path)
 
 
 @torch.no_grad()
 def test_logits_and_balancing_loss_match_transformers(hf_folder):
     kind, path, hf = hf_folder
-    t = batch()
+    t = token_batch()
     ref = hf(t, output_router_logits=True)
     model = ours(path)
     assert model.cfg.family == kind and model.cfg.n_experts == len(hf.model.layers[0].mlp.experts.gate_up_proj)
@@ -105,7 +85,7 @@ def test_import_export_is_lossless(hf_folder, tmp_path):
     assert all(torch.equal(original[k], exported[k]) for k in original)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     assert type(reloaded) is type(hf)
-    t = batch()
+    t = token_batch()
     assert torch.equal(reloaded(t).logits, hf(t).logits)
     assert load_hf_dir(tmp_path / "out")[0] == cfg
 
@@ -203,7 +183,7 @@ def test_moe_layer_is_the_same_under_activation_checkpointing_and_compile():
     torch.manual_seed(0)
     ref = Decoder(cfg)
     ref.init_weights()
-    t = batch(vocab=512, s=24)
+    t = token_batch(vocab=512, s=24)
 
     def loss_and_grads(model):
         aux = {}
@@ -307,7 +287,7 @@ def test_backpropagated_loss_and_gradients_equal_transformers_training_loss(tmp_
     hf = tiny_hf_model("qwen3_moe").train()
     hf.save_pretrained(tmp_path)
     model = ours(tmp_path).train()
-    t = batch()
+    t = token_batch()
     ref = hf(t[:, :-1], labels=t[:, :-1], shift_labels=t[:, 1:].contiguous(), output_router_logits=True)
     ref.loss.backward()
     loss, stats = lm_loss(model, {"tokens": t}, 1 / t[:, 1:].numel(), router_coefs=(hf.config.router_aux_loss_coef, 0.0))
@@ -417,7 +397,7 @@ def test_the_rest_of_the_trainer_works_on_a_moe_model(tmp_path, austen_data, cap
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] < rows[0]["val/austen"]
     assert cli(["convert", "cptrain-to-hf", str(tmp_path / "merged"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    t = batch(vocab=512)
+    t = token_batch(vocab=512)
     with torch.no_grad():
         torch.testing.assert_close(hf(t).logits, load_model(tmp_path / "merged", torch.device("cpu"))(t), rtol=1e-5, atol=1e-5)
 
