@@ -162,7 +162,10 @@ def _data_v03(spec: dict):
         def __init__(self, config, **kwargs):
             del config, kwargs  # the trainer's dp rank/size, tokenizer, seq_len, batch size: fixed by the spec
 
-    class NoTokenizer(BaseTokenizer):  # random tokens need none; the trainer builds one
+    class NoTokenizer(BaseTokenizer):
+        """torchtitan 0.3's Trainer always builds a tokenizer and asks it the vocabulary size; the loader
+        above feeds token ids, so no text is ever encoded or decoded (BaseTokenizer declares both
+        abstract, hence the two methods that refuse)."""
         @dataclass(kw_only=True, slots=True)
         class Config(BaseTokenizer.Config):
             pass
@@ -171,10 +174,10 @@ def _data_v03(spec: dict):
             super().__init__()
 
         def encode(self, *args, **kwargs):
-            raise NotImplementedError
+            raise RuntimeError("the torchtitan peer trains on random token ids; it has no text to encode")
 
         def decode(self, *args, **kwargs):
-            raise NotImplementedError
+            raise RuntimeError("the torchtitan peer trains on random token ids; it has no text to decode")
 
         def get_vocab_size(self):
             return spec["shape"]["vocab_size"]
