@@ -253,6 +253,17 @@ def unpack_stats(stats: torch.Tensor) -> dict[str, torch.Tensor]:
             "entropy_sum": stats[..., 2 * e + 1], "dropped": stats[..., 2 * e + 2], "tokens": stats[..., 2 * e + 3]}
 
 
+def moe_layers(model) -> list["MoE"]:
+    """The model's MoE layers, in layer order (whatever wraps the model)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def balance_loss(counts: torch.Tensor, prob_sum: torch.Tensor, tokens) -> torch.Tensor:
+    """E * sum_i f_i P_i over the last (expert) dimension, f_i and P_i the shares of assignments and the
+    mean router probabilities of `tokens` tokens (Switch Transformer eq. 4-6)."""
+    return counts.shape[-1] * ((counts / tokens) * (prob_sum / tokens)).sum(-1)
+
+
 def router_losses(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(load-balancing loss, z-loss) of stacked layer statistics [L, 2E + 4], with their gradients.
 
@@ -262,6 +273,4 @@ def router_losses(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     z-loss (ST-MoE eq. 5): the mean over tokens and layers of logsumexp(logits)^2."""
     s = unpack_stats(stats)
     total = s["tokens"].sum()
-    n_experts = s["counts"].shape[-1]
-    balance = n_experts * ((s["counts"].sum(0) / total) * (s["prob_sum"].sum(0) / total)).sum()
-    return balance, s["z_sum"].sum() / total
+    return balance_loss(s["counts"].sum(0), s["prob_sum"].sum(0), total), s["z_sum"].sum() / total

@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
-from ..model.moe import MoE, unpack_stats
-from .addons import AddOn, Step
+from ..model.moe import balance_loss, moe_layers, unpack_stats
+from .addons import AddOn, Step, saved_state
 
 LOAD_FILE = "expert_load.jsonl"  # per evaluation: each layer's share of assignments per expert since the last one
 
@@ -48,10 +48,6 @@ class MoESection:
     def coefs(self, arch) -> tuple[float, float]:
         """(balancing, z-loss) weights of the losses added to what is backpropagated."""
         return (arch.moe_aux_loss_coef if self.aux_loss_coef is None else self.aux_loss_coef), self.z_loss_coef
-
-
-def moe_layers(model) -> list[MoE]:
-    return [block.feed_forward for block in model.layers if isinstance(block.feed_forward, MoE)]
 
 
 class ExpertBalance(AddOn):
@@ -93,8 +89,7 @@ class ExpertBalance(AddOn):
         if self.bias is not None:
             out["moe/bias_max"] = self.bias.abs().max().item()
         if self.cfg.layer_stats:
-            n_experts = s["counts"].shape[1]
-            per_layer = n_experts * ((s["counts"] / s["tokens"][:, None]) * (s["prob_sum"] / s["tokens"][:, None])).sum(1)
+            per_layer = balance_loss(s["counts"], s["prob_sum"], s["tokens"][:, None])
             for i, layer in enumerate(self.layer_ids):
                 out.update({f"moe/layer{layer}/load_max": load[i].max().item(), f"moe/layer{layer}/entropy": entropy[i].item(),
                             f"moe/layer{layer}/aux_loss": per_layer[i].item()})
@@ -130,18 +125,18 @@ class ExpertBalance(AddOn):
 
     def load(self, folder: Path, how: str) -> None:
         """The bias is part of what the model computes: restored on resume, rollback and a start from a checkpoint."""
-        state_file = Path(folder) / f"{self.name}.json"
-        if state_file.is_file():
-            self.load_state_dict(json.loads(state_file.read_text()))
+        state = saved_state(folder, self.name)
+        if state is not None:
+            self.load_state_dict(state)
 
 
 def exported_bias_note(folder: Path) -> str | None:
     """A line for the export of a checkpoint whose routers carried a selection bias, which the family's HF
     checkpoints cannot hold; None without one."""
-    state_file = Path(folder) / "moe.json"
-    bias = json.loads(state_file.read_text()).get("bias") if state_file.is_file() else None
+    bias = (saved_state(folder, ExpertBalance.name) or {}).get("bias")
     largest = max((abs(b) for layer in bias or [] for b in layer), default=0.0)
     if not largest:
         return None
+    where = Path(folder) / f"{ExpertBalance.name}.json"
     return (f"note: this model was trained with auxiliary-loss-free balancing; its per-expert selection bias (up to "
-            f"{largest:.3g}, {state_file}) has no place in the family's checkpoint, so the exported model routes without it")
+            f"{largest:.3g}, {where}) has no place in the family's checkpoint, so the exported model routes without it")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...errors import UserError
-from ...model.moe import (LocalDispatch, MoE, capacity, combine, expert_mlps, group_by_expert, grouped_mlps, grouped_runs,
+from ...model.moe import (LocalDispatch, capacity, combine, expert_mlps, group_by_expert, grouped_mlps, grouped_runs, moe_layers,
                           looped_mlps, run_experts)
 from .layout import Layout
 from .spec import EngineSpec
@@ -17,14 +17,10 @@ from .spec import EngineSpec
 KERNELS = {"auto": expert_mlps, "grouped": grouped_mlps, "loop": looped_mlps}
 
 
-def moe_modules(model) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
 def configure_experts(model, spec: EngineSpec) -> None:
     """Each MoE layer's dispatch (dropless or with spec.moe_capacity_factor; all-to-all over the `ep` ranks
     when the layout splits the experts) and its experts' kernel."""
-    layers = moe_modules(model)
+    layers = moe_layers(model)
     if not layers:
         return
     layout = spec.layout
@@ -86,7 +82,7 @@ def shard_experts(model, layout: Layout, fsdp_kwargs: dict) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = layout.mesh()
-    for moe in moe_modules(model):
+    for moe in moe_layers(model):
         experts = moe.experts
         for name in ("w1", "w3", "w2"):
             experts.register_parameter(name, nn.Parameter(distribute_tensor(getattr(experts, name), mesh["ep"], [Shard(0)])))

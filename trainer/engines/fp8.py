@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...errors import UserError
+from .. import collectives
 
 RECIPES = ("tensorwise", "rowwise")
 _BLOCK_LINEAR = re.compile(r"layers\.(\d+)\.(attention\.w[qkvo]|feed_forward(\.shared)?\.w[123])")  # a shared expert's too
@@ -73,16 +74,10 @@ def apply_fp8(model: nn.Module, fp8, device: torch.device, fsdp: bool = False) -
                         f"train.fp8_min_features={fp8.min_features}, or the model has too few blocks with "
                         "train.fp8_keep_ends); lower the size filter or set train.fp8=off")
     convert_to_float8_training(model, module_filter_fn=choose, config=fp8_config(fp8.recipe, fsdp, emulate))
-    if any(name.endswith(".experts") for name, _ in model.named_modules()) and _is_main():
+    if any(name.endswith(".experts") for name, _ in model.named_modules()) and collectives.rank() == 0:
         print(f"train.fp8={fp8.recipe}: the dense linears run in FP8; the routed experts stay in bf16 (their grouped GEMM "
               "has no FP8 form here) and so do the routers", flush=True)
     return chosen
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def after_fsdp_step(model: nn.Module, fp8) -> None:

@@ -11,7 +11,7 @@ layer's experts. As a device mesh: (dp / ep, ep, cp), named ("dp_out", "ep", "cp
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -91,12 +91,9 @@ class Layout:
                                             mesh_dim_names=("dp_out", "ep", "cp"))
         return _MESHES[key]
 
-    def group(self, dim: Literal["cp", "ep", "dp"]):
-        """The process group of this rank along `dim` ("dp": every rank with this cp rank)."""
-        mesh = self.mesh()
-        if dim == "dp":
-            return mesh["dp_out", "ep"]._flatten("dp").get_group()
-        return mesh[dim].get_group()
+    def group(self, dim: Literal["cp", "ep"]):
+        """The process group of this rank along `dim`."""
+        return self.mesh()[dim].get_group()
 
 
 def resolve_device(device_pref: str) -> torch.device:
@@ -116,8 +113,7 @@ def init_distributed(device_pref: str, parallel: ParallelSection | None = None) 
     layout = Layout(rank, world, local_rank, device, parallel.cp, parallel.cp_method, parallel.ep)  # checks first
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-        layout = Layout(rank, world, local_rank, torch.device("cuda", local_rank), parallel.cp, parallel.cp_method,
-                        parallel.ep)
+        layout = replace(layout, device=torch.device("cuda", local_rank))
     if world > 1 and not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group(process_group_backend(cuda), device_id=layout.device if cuda else None)
