@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +69,10 @@ def check(wandb: WandbSection, mlflow: MlflowSection, src: str) -> None:
 
 
 def _require(module: str, extra: str, key: str, src: str) -> None:
-    try:
-        importlib.import_module(module)
-    except ImportError:
+    # Found, not imported: every config load on every rank comes here (importing mlflow alone takes ~2 s);
+    # rank 0 imports the trackers when it opens them. A None in sys.modules blocks an import, as Python's own.
+    found = sys.modules[module] is not None if module in sys.modules else importlib.util.find_spec(module) is not None
+    if not found:
         raise UserError(f"{src}: {key} needs the {module} package, which is not installed; "
                         f"pip install {' '.join(_extra_requirements(extra))}") from None
 
