@@ -234,20 +234,17 @@ def batched_lbfgs(fn, x0: np.ndarray, iters: int = 500, m: int = 10):
     return x.numpy(), f.numpy()
 
 
-TIGHT = {"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20}
-
-
-def polish(fn, theta0: np.ndarray, bounds=None, options: dict | None = None):
-    """scipy L-BFGS-B from one start (within `bounds`, (lo, hi) per parameter with +-inf for none, if
-    given), to tight tolerances unless `options` says otherwise ({} = scipy's defaults); returns
-    (theta, objective)."""
+def polish(fn, theta0: np.ndarray, bounds=None):
+    """scipy L-BFGS-B to tight tolerances from one start (within `bounds`, (lo, hi) per parameter
+    with +-inf for none, if given); returns (theta, objective)."""
     def fg(v):
         f, g = value_grad(fn, torch.tensor(v[None]))
         return (f.item(), g.numpy()[0]) if math.isfinite(f.item()) else (1e10, np.zeros_like(v))
     if bounds is not None:
         theta0 = np.clip(theta0, *np.asarray(bounds, dtype=np.float64).T)
     f0 = fg(theta0)[0]
-    res = minimize(fg, theta0, jac=True, method="L-BFGS-B", bounds=bounds, options=TIGHT if options is None else options)
+    res = minimize(fg, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})
     return (np.asarray(res.x), float(res.fun)) if res.fun <= f0 else (np.asarray(theta0), f0)
 
 
