@@ -75,10 +75,7 @@ def read_manifest(d: DomainConfig, cache: NodeCache | None = None) -> dict:
     """A domain's manifest.json; for a URL domain it is read from the store (`cache` gives a
     scratch folder), which also checks the URL, the bucket and the credentials."""
     where = join(d.path, "manifest.json")
-    if is_url(d.path):
-        data = read_bytes(where, (cache or NodeCache.open(DEFAULT_DIR, 0)).root)
-    else:
-        data = Path(where).read_bytes() if Path(where).exists() else None
+    data = read_bytes(where, (cache or NodeCache.open(DEFAULT_DIR, 0)).root if is_url(d.path) else None)
     if data is None:
         # A store answers "not found" alike for a missing object and a missing bucket.
         place = f" (or no bucket '{d.path.split('/')[2]}')" if is_url(d.path) else ""

@@ -107,13 +107,15 @@ def download(url: str, dest: Path) -> None:
         raise _explain(url, e) from e
 
 
-def read_bytes(url: str, scratch: Path) -> bytes | None:
-    """The object at `url` (a manifest or an index), or None when it does not exist; `scratch` is
-    a folder for the transfer."""
+def read_bytes(location: str, scratch: Path | None) -> bytes | None:
+    """The file or object at `location` (a manifest or an index), or None when it does not exist;
+    `scratch` is a folder for an object's transfer."""
+    if not is_url(location):
+        return Path(location).read_bytes() if Path(location).exists() else None
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = scratch / f".read.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
-        download(url, tmp)
+        download(location, tmp)
         return tmp.read_bytes()
     except UserError as e:
         if is_missing(e):

@@ -53,10 +53,7 @@ class ShardSplit:
 
     def _read_index(self) -> bytes:
         where = join(self.root, "index.json")
-        if self.remote:
-            data = read_bytes(where, self.cache.root)
-        else:
-            data = Path(where).read_bytes() if Path(where).exists() else None
+        data = read_bytes(where, self.cache.root if self.remote else None)
         if data is None:
             raise UserError(f"{where}: missing; the prepare run did not finish - re-run `cptrain data prepare`")
         return data
