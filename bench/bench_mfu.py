@@ -20,7 +20,9 @@ both), attn (sdpa|flex), doc (document masking 0/1), sdpa (auto|cudnn|flash|effi
 ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (pure bf16 params 0/1),
 fa4 (1: FlashAttention-4 behind attn=flash_attn when flash-attn-4 is installed; 0: torch's FA2),
 fp8 (off|tensorwise|rowwise: train.fp8, torchao float8 in the block linears), offload (1: the
-checkpointed block inputs in pinned host memory, train.offload_activations), tile (train.mlp_tile_tokens);
+checkpointed block inputs in pinned host memory, train.offload_activations), tile (train.mlp_tile_tokens),
+opt (adamw|adamw8bit: optim.name; 8-bit moments, a quarter of fp32's memory), keep_ends (with fp8:
+1 keeps the first and last blocks in bf16, train.fp8_keep_ends; 0 converts every block's linears);
 of a mixture of experts (olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b): layers (0: the preset's; fewer, to
 fit one GPU, both), experts (ours: moe.experts auto|grouped|loop; peer: transformers' experts
 implementation eager|grouped_mm|batched_mm). MFU counts the active parameters (the router, the top-k
@@ -49,8 +51,9 @@ from cptrain.model.hf_config import to_hf_config
 from cptrain.model.presets import preset
 
 DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1,
-            "fp8": "off", "offload": 0, "tile": 0, "layers": 0, "experts": "auto"}
-TEXT_KEYS = ("attn", "sdpa", "fp8", "experts")
+            "fp8": "off", "offload": 0, "tile": 0, "layers": 0, "experts": "auto", "opt": "adamw",
+            "keep_ends": 1}
+TEXT_KEYS = ("attn", "sdpa", "fp8", "experts", "opt")
 SEQ = 2048
 
 
@@ -111,6 +114,7 @@ def build_ours(model_name: str, run: dict, device):
                  f"--train.compile={bool(run['compile'])}", f"--train.activation_checkpointing={bool(run['ac'])}",
                  f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}", f"--train.fp8={run['fp8']}",
                  f"--train.offload_activations={bool(run['offload'])}", f"--train.mlp_tile_tokens={run['tile']}",
+                 f"--optim.name={run['opt']}", f"--train.fp8_keep_ends={bool(run['keep_ends'])}",
                  f"--model.max_seq_len={max(SEQ, preset(model_name).max_seq_len)}"]
     if preset(model_name).n_experts:
         overrides += [f"--model.n_layers={run['layers'] or preset(model_name).n_layers}", f"--moe.experts={run['experts']}",
@@ -175,6 +179,10 @@ def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tf
     try:
         with sdpa_context(run["sdpa"]):
             step, arch = (build_peer if run["impl"] == "peer" else build_ours)(model_name, run, device)
+            if run["impl"] == "ours":  # whether FlashAttention-4 is installed and ran, not only asked for
+                from cptrain.model import attention
+
+                result["fa4_ran"] = int(run["attn"] == "flash_attn" and bool(attention._fa4))
             gen = torch.Generator().manual_seed(1)
             batches = [random_batch(run["mb"], arch.vocab_size, device, gen, 800) for _ in range(4)]
             t0 = time.perf_counter()

@@ -16,7 +16,8 @@ for FP8 rows).
 A run is `impl:key=value,...`, impl one of ours | olmo-core | torchtitan; keys: model (preset), seq,
 mb, fp8 (off|tensorwise|rowwise), ac (full activation checkpointing 0/1), bf16 (bf16 parameters and
 optimizer state 0/1), compile (0/1), loss and attn (the impl's own names; empty: its default),
-limit (seconds for the row). `--torchtitan-site VERSION=DIR` (repeatable, in order of preference)
+keep_ends (ours with fp8: 0 converts the first and last blocks too, as the
+peers do; 1, our default, keeps them in bf16), limit (seconds for the row). `--torchtitan-site VERSION=DIR` (repeatable, in order of preference)
 names folders holding one torchtitan release each: a row is tried with the first; a release that
 fails (other than by memory) before it has run once is dropped and the next tried, and the first
 release that runs is used for every row after.
@@ -41,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 IMPLS = ("ours", "olmo-core", "torchtitan")
 PEER_SCRIPTS = {"olmo-core": HERE / "peers" / "olmo_core_peer.py", "torchtitan": HERE / "peers" / "torchtitan_peer.py"}
 DEFAULTS = {"model": "1B", "seq": 2048, "mb": 8, "fp8": "off", "ac": 0, "bf16": 0, "compile": 1, "loss": "", "attn": "",
-            "limit": 150}
+            "keep_ends": 1, "limit": 150}
 TEXT_KEYS = ("model", "fp8", "loss", "attn")
 # Ours: the fused chunked loss, FlashAttention (FA4 when installed, else torch's FA2 varlen kernel),
 # one document per row, i.e. plain causal attention like the peers' runs.
@@ -109,7 +110,8 @@ def _tail(text: str, n: int = 12) -> str:
 
 
 def ours_row(run: dict, args, limit: float) -> dict:
-    opts = dict(OURS_OPTIONS, mb=run["mb"], compile=run["compile"], ac=run["ac"], bf16=run["bf16"], fp8=run["fp8"])
+    opts = dict(OURS_OPTIONS, mb=run["mb"], compile=run["compile"], ac=run["ac"], bf16=run["bf16"], fp8=run["fp8"],
+                keep_ends=run["keep_ends"])
     if run["attn"]:
         opts["attn"] = run["attn"]
     spec = "ours:" + ",".join(f"{k}={v}" for k, v in opts.items())
@@ -125,14 +127,14 @@ def ours_row(run: dict, args, limit: float) -> dict:
     r = rows[-1]
     row = {"impl": "ours", "version": "cptrain", "options": spec, "torch": r.get("torch"), "device": r.get("device"),
            "wall_s": wall}
-    row.update({k: r[k] for k in ("tokens_per_s", "peak_gib", "warmup_s", "error") if k in r})
+    row.update({k: r[k] for k in ("tokens_per_s", "peak_gib", "warmup_s", "fa4_ran", "error") if k in r})
     if "error" in row:
         row["log_tail"] = _tail(output)
     return row
 
 
 def peer_row(run: dict, args, limit: float, site: tuple[str, str] | None) -> dict:
-    spec = {k: run[k] for k in DEFAULTS if k != "limit"}
+    spec = {k: run[k] for k in DEFAULTS if k not in ("limit", "keep_ends")}  # keep_ends: ours only
     spec.update(shape=shape(run["model"]), steps=args.steps, warmup=args.warmup, device=args.device)
     env = dict(os.environ)
     if site:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import keyword
 import re
 import types
@@ -80,13 +81,16 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
-    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest (trainer/muon.py)
+    # muon: Muon for the blocks' matrices, AdamW for the rest (trainer/muon.py). adamw8bit: AdamW with its moments
+    # block-quantized to 8 bits (torchao's AdamW8bit, Dettmers et al. 2022): a quarter of fp32 moments' memory, and
+    # bf16 parameters updated with stochastic rounding; for one GPU that runs out of memory (train.engine=local)
+    name: Literal["adamw", "adamw8bit", "muon"] = "adamw"
     weight_decay: float = 0.1  # decoupled decay on matrices (both optimizers); norms and embeddings are not decayed
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernel (auto: on for CUDA; with name=adamw)
+    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernel (auto: on for CUDA; name=adamw only)
     muon_momentum: float = 0.95  # with name=muon: Nesterov momentum of the matrices
     muon_ns_steps: int = 5  # with name=muon: Newton-Schulz iterations per update
 
@@ -379,8 +383,15 @@ def _check(cfg: TrainConfig, src: str) -> None:
     if cfg.optim.name == "muon" and t.engine == "deepspeed":
         raise UserError(f"{src}: optim.name=muon needs train.engine local or fsdp2 (DeepSpeed flattens and partitions the "
                         "matrices that Muon orthogonalizes whole); use train.engine=fsdp2 or optim.name=adamw")
-    if cfg.optim.name == "muon" and cfg.optim.fused == "on":
-        raise UserError(f"{src}: optim.fused=on is AdamW's fused kernel; with optim.name=muon leave optim.fused at auto")
+    if cfg.optim.name != "adamw" and cfg.optim.fused == "on":
+        raise UserError(f"{src}: optim.fused=on is AdamW's fused kernel; with optim.name={cfg.optim.name} leave optim.fused at auto")
+    if cfg.optim.name == "adamw8bit":
+        if t.engine != "local":
+            raise UserError(f"{src}: optim.name=adamw8bit needs train.engine=local (its quantized moments are not sharded "
+                            "by FSDP2 or DeepSpeed, which cut the fp32 moments' memory across GPUs instead); set "
+                            "train.engine=local or optim.name=adamw")
+        if importlib.util.find_spec("torchao") is None:
+            raise UserError(f"{src}: optim.name=adamw8bit needs torchao; pip install 'cptrain[fp8]' (torchao==0.18.0)")
     if cfg.checkpoint.async_ and t.engine == "deepspeed":
         raise UserError(f"{src}: checkpoint.async needs train.engine local or fsdp2 (DeepSpeed writes its checkpoints "
                         "synchronously); set checkpoint.async: false")

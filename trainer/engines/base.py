@@ -26,6 +26,7 @@ def cpu_snapshot(tree, into=None):
     previous snapshot of the same structure whose writer has finished, is reused: pinning gigabytes
     anew at every checkpoint would cost more than the copy."""
     from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     devices = set()
 
@@ -34,6 +35,10 @@ def cpu_snapshot(tree, into=None):
             local = copy(x.to_local(), old.to_local() if isinstance(old, DTensor) else None)
             return DTensor.from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape,
                                       stride=x.stride())
+        if is_traceable_wrapper_subclass(x):  # e.g. torchao's 8-bit optimizer states: their parts, copied as they are
+            names, meta = x.__tensor_flatten__()
+            parts = {n: copy(getattr(x, n), getattr(old, n) if type(old) is type(x) else None) for n in names}
+            return type(x).__tensor_unflatten__(parts, meta, x.shape, x.stride())
         if isinstance(x, torch.Tensor):
             x = x.detach()
             if not (isinstance(old, torch.Tensor) and old.shape == x.shape and old.dtype == x.dtype):
@@ -144,7 +149,8 @@ def optimizer_groups(model: nn.Module, spec: EngineSpec) -> list[dict]:
 
 
 def build_optimizer(groups: list[dict], optim, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW (fused on GPU unless optim.fused says otherwise) or Muon, for `optim` (the optim section)."""
+    """torch AdamW (fused on GPU unless optim.fused says otherwise), torchao's 8-bit AdamW or Muon, for `optim`
+    (the optim section)."""
     if optim.name == "muon":
         from ..muon import Muon
 
@@ -152,6 +158,12 @@ def build_optimizer(groups: list[dict], optim, device: torch.device) -> torch.op
             g["muon"] = g.get("name") == "matrices"
         return Muon(groups, betas=(optim.beta1, optim.beta2), eps=optim.eps, momentum=optim.muon_momentum,
                     ns_steps=optim.muon_ns_steps)
+    if optim.name == "adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        # Stochastic rounding applies where a parameter is bf16 (torchao checks per parameter): without it
+        # an update below half a bf16 ulp of the weight is lost, as late in a cosine decay.
+        return AdamW8bit(groups, lr=0.0, betas=(optim.beta1, optim.beta2), eps=optim.eps, bf16_stochastic_round=True)
     fused = optim.fused == "on" or (optim.fused == "auto" and device.type == "cuda")
     return torch.optim.AdamW(groups, lr=0.0, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused or None)
 
@@ -205,6 +217,17 @@ def _by_mesh(params: list) -> list[list]:
     return list(groups.values())
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's LR, scaled by its lr_scale (0 holds a group still: trainer/freezing.py). torchao's
+    optimizers keep the LR as a tensor that their compiled step reads, so it is filled in place."""
+    for g in optimizer.param_groups:
+        value = lr * g.get("lr_scale", 1.0)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(value)
+        else:
+            g["lr"] = value
+
+
 def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> float:
     """Clip to the global grad norm, set the LR and step, unless the norm is not finite. Gradients are
     reduced over ranks by now, so every rank sees the same norm: all skip or all update. The
@@ -216,8 +239,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float)
     # FSDP2: a DTensor of the global norm, made whole; several meshes: their norms combined
     norms = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in totals]
     norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: 0 holds a group still (trainer/freezing.py)
+    set_lr(optimizer, lr)
     if optimizer.defaults.get("fused") and norm is total:
         # The fused AdamW kernel divides the gradients by `grad_scale` and skips the whole update when
         # `found_inf` is set (the hooks torch's GradScaler uses): clipping and the non-finite skip then

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ...errors import UserError
 from ..params import Target
-from .base import LossFn, build_optimizer, full_initial_state, optimizer_groups, wrap_blocks
+from .base import LossFn, build_optimizer, full_initial_state, optimizer_groups, set_lr, wrap_blocks
 from .fp8 import apply_fp8
 from .layout import Layout
 from .spec import EngineSpec
@@ -177,8 +177,7 @@ class DeepSpeedEngine:
         return stats
 
     def step(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_lr(self.optimizer, lr)
         if hasattr(self.model.optimizer, "_global_grad_norm"):
             # ZeRO (and bf16) optimizers clip, measure, and skip a non-finite step themselves (norm inf).
             self.model.step()
