@@ -2,7 +2,8 @@
 # GPU checks run on the device machine (one call per stage); results land in $OUT (or ./gpu_out).
 #   bash bench/gpu_check.sh STAGE      STAGE: peers | peers2 | perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
 #                                      engines3 | offload8b | ckpt1b | longctx | cp1 |
-#                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4* | moe
+#                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4* | moe |
+#                                      stash | longctx2 | extend | peers3 | peers4 | peers5 | moe1
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
 set -uo pipefail
@@ -28,6 +29,13 @@ fi
 if ls .carry/fa4b/mosaicml_streaming*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/streaming ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/fa4b/{mosaicml,zstd,python_snappy,cramjam,brotli,catalogue}*.whl
 fi
+# Extra wheels for a stage (.carry/wheels: torchao and gguf for `longctx2`; .carry/wheels_data: the
+# mosaicml-streaming set for `extend`), installed whenever carried.
+for w in .carry/wheels .carry/wheels_data; do
+  if ls $w/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $w/*.whl
+  fi
+done
 # The peer trainers (`peers*` stages, carrying .carry/peers): their wheels into /tmp/site, each torchtitan
 # release into its own folder (bench/bench_peers.py tries them in order: 0.3 needs torch 2.13).
 if ls .carry/peers/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/olmo_core ]; then
@@ -73,6 +81,25 @@ peers2)  # what `peers` has no time for: 8B (bf16 parameters, full AC), 1B at se
     --run ours:model=1B,seq=32768,mb=1,ac=1,limit=80 --run olmo-core:model=1B,seq=32768,mb=1,ac=1,limit=90 \
     --run torchtitan:model=1B,seq=32768,mb=1,ac=1,limit=90 --run olmo-core:model=1B,mb=16,loss=fused_linear,limit=100 \
     2>&1 | grep -v -i "warn" | tail -14 ;;
+peers3)  # on the machine longctx2 left warm (FlashAttention-4 installed), carrying .carry/peers: the 1B rows again with
+  # FA4 for ours, bf16 and FP8, ours converting every block to FP8 as the peers do (keep_ends=0), by priority
+  P="python3 bench/bench_peers.py --steps 10 --warmup 3 --budget-s ${PEERS_BUDGET:-520} --out $OUT/peers.jsonl $TT_SITES"
+  $P --run ours:model=1B,mb=16,limit=80 --run torchtitan:model=1B,mb=16,limit=100 --run olmo-core:model=1B,mb=16,limit=100 \
+    --run ours:model=1B,mb=16,fp8=tensorwise,keep_ends=0,limit=80 --run torchtitan:model=1B,mb=16,fp8=tensorwise,limit=100 \
+    --run olmo-core:model=1B,mb=16,fp8=tensorwise,limit=100 2>&1 | grep -v -i "warn" | tail -10 ;;
+peers4)  # after peers3 on the same machine: a kernel profile of ours at the 1B bf16 row, then 1B at seq 8192 and the
+  # 8B shape (bf16 parameters, full activation checkpointing) against both peers
+  timeout 120 python3 bench/bench_mfu.py --model 1B --steps 4 --warmup 3 --profile \
+    --run ours:mb=16,ce=4096,attn=flash_attn,doc=0 > "$OUT/profile_ours_1b.txt" 2>&1
+  P="python3 bench/bench_peers.py --steps 6 --warmup 2 --budget-s ${PEERS_BUDGET:-400} --out $OUT/peers.jsonl $TT_SITES"
+  $P --run ours:model=1B,seq=8192,mb=2,limit=70 --run olmo-core:model=1B,seq=8192,mb=2,limit=90 \
+    --run torchtitan:model=1B,seq=8192,mb=2,limit=90 --run ours:model=8B,mb=2,ac=1,bf16=1,limit=110 \
+    --run olmo-core:model=8B,mb=2,ac=1,bf16=1,limit=130 --run torchtitan:model=8B,mb=2,ac=1,bf16=1,limit=130 \
+    2>&1 | grep -v -i "warn" | tail -10 ;;
+peers5)  # after peers4 on the same machine: 1B at 32K (micro-batch 1, full activation checkpointing) against both peers
+  P="python3 bench/bench_peers.py --steps 4 --warmup 2 --budget-s ${PEERS_BUDGET:-300} --out $OUT/peers.jsonl $TT_SITES"
+  $P --run ours:model=1B,seq=32768,mb=1,ac=1,limit=80 --run olmo-core:model=1B,seq=32768,mb=1,ac=1,limit=100 \
+    --run torchtitan:model=1B,seq=32768,mb=1,ac=1,limit=100 2>&1 | grep -v -i "warn" | tail -6 ;;
 perf)  # throughput in one call against the compiled peer's best: 1.35B bf16 and FP8, 374M, the SmolLM2-135M shape
   $B --model 1.3B --budget-s 330 --out "$OUT/mfu.jsonl" --run peer:mb=12 --run ours:mb=12,$F --run ours:mb=16,$F \
     --run ours:mb=16,$F,fp8=tensorwise --run ours:mb=24,$F,fp8=tensorwise --run ours:mb=16,$F,fp8=rowwise 2>&1 \
@@ -230,6 +257,49 @@ longctx)  # long sequences on one GPU (docs/long_context.md): the 1B preset at 3
     --run ours:$L,ac=1,bf16=1,offload=1,tile=8192 2>&1 | grep -v -i "warn\|exe_args" | tail -2
   timeout 150 $B --seq 262144 --model 1B --steps 1 --warmup 1 --out "$OUT/long.jsonl" \
     --run ours:$L,ac=1,offload=1,tile=8192 2>&1 | grep -v -i "warn\|exe_args" | tail -2 ;;
+stash)  # what is over one call's carry, left in /tmp on the warm machine for a later call: FlashAttention-4's
+  # compiler library (.carry/fa4a) and the parts of SmolLM2-135M's 98 MB GGUF (.carry/gguf1, .carry/gguf2)
+  mkdir -p /tmp/fa4 /tmp/gguf
+  [ -f .carry/fa4a/ir.so.xz ] && cp .carry/fa4a/ir.so.xz /tmp/fa4/
+  for d in .carry/gguf*; do [ -d "$d" ] && cp "$d"/* /tmp/gguf/; done
+  ls -la /tmp/fa4 /tmp/gguf ;;
+longctx2)  # after two `stash` calls, carrying .carry/fa4b, .carry/gguf3 and .carry/wheels: the 1B preset at 32K with
+  # FlashAttention-4, the 8B preset at 128K with 8-bit AdamW moments (optim.name=adamw8bit); meanwhile, on the CPU,
+  # SmolLM2-135M rebuilt as an HF folder in /tmp/hfcache for `extend`
+  cp .carry/gguf3/* /tmp/gguf/ && mkdir -p /tmp/smol && cat /tmp/gguf/part.* > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c
+  CPTRAIN_TEST_CACHE=/tmp/hfcache nice -n 10 python3 -c "from pathlib import Path; from tests.conftest import hf_folder_from_gguf; print(hf_folder_from_gguf('smollm2-135m-q4_1', Path('/tmp/smol'), 'SmolLM2-135M-Instruct.Q4_1.gguf'))" > "$OUT/smol_build.log" 2>&1 &
+  smol=$!
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py 2>&1 | tail -2
+  L="mb=1,ce=8192,attn=flash_attn,doc=0"
+  B="$B --mem-cap-gib 78"
+  timeout 150 $B --seq 32768 --model 1B --steps 3 --warmup 2 --out "$OUT/long.jsonl" --run ours:$L,ac=0 --run ours:$L,ac=1 \
+    2>&1 | grep -v -i "warn\|exe_args" | tail -3
+  timeout 300 $B --seq 131072 --model 8B --steps 1 --warmup 1 --out "$OUT/long.jsonl" \
+    --run ours:$L,ac=1,bf16=1,offload=1,tile=8192,opt=adamw8bit 2>&1 | grep -v -i "warn\|exe_args" | tail -2
+  wait $smol; tail -2 "$OUT/smol_build.log"; ls -la /tmp/hfcache/smollm2-135m-q4_1 ;;
+extend)  # after longctx2, carrying .carry/extend (bench/long_docs.py's data, SmolLM2's tokenizer) and .carry/wheels_data:
+  # SmolLM2-135M from its 8,192 window to 32,768 with YaRN (bench/extend_smollm2.yaml), scored before (RoPE left to
+  # extrapolate; YaRN without training) and after, by position and by passkey retrieval
+  S=/tmp/hfcache/smollm2-135m-q4_1
+  cp .carry/extend/tokenizer/* "$S"/  # the tokenizer files the data was prepared with
+  for variant in none yarn; do  # the same weights at a 32,768 window, RoPE untouched / YaRN factor 4
+    mkdir -p /tmp/smol_$variant && ln -sf "$S"/* /tmp/smol_$variant/ && rm /tmp/smol_$variant/config.json
+    python3 -c "import json, sys; c = json.load(open('$S/config.json')); c['max_position_embeddings'] = 32768
+if sys.argv[1] == 'yarn': c['rope_parameters'] = {'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 8192, 'rope_theta': c['rope_parameters']['rope_theta']}
+json.dump(c, open('/tmp/smol_$variant/config.json', 'w'), indent=1)" $variant
+  done
+  E="--data .carry/extend/long --max-samples 16 --batch-size 1 --position-buckets 0,2048,8192,16384 --passkey 4096,8192,16384,32768 --passkey-trials 2"
+  for variant in none yarn; do
+    timeout 100 python3 -m cptrain.launch.cli eval /tmp/smol_$variant $E --json "$OUT/eval_$variant.json" 2>&1 | grep -v -i warn | tail -3
+  done
+  timeout 330 python3 -m cptrain.launch.cli train bench/extend_smollm2.yaml 2>&1 | grep -v -i warn | tail -6
+  cp /tmp/extend_run/metrics.jsonl "$OUT/extend_metrics.jsonl"
+  timeout 100 python3 -m cptrain.launch.cli eval /tmp/extend_run $E --tokenizer "$S" --json "$OUT/eval_trained.json" 2>&1 | grep -v -i warn | tail -3 ;;
+moe1)  # the OLMoE-1B-7B half of `moe` alone (what fits a call's last five minutes)
+  M="ce=4096,attn=flash_attn,doc=1,bf16=1"
+  timeout 300 $B --model olmoe-1b-7b --budget-s 230 --out "$OUT/mfu.jsonl" --run ours:mb=4,$M,experts=grouped \
+    --run peer:mb=4,bf16=1,experts=grouped_mm --run ours:mb=4,$M,experts=loop 2>&1 | grep -v -i "warn\|exe_args" | tail -5 ;;
 cp1)  # the process layout, add-ons and context-parallel plumbing at cp=1: the loop's tokens/s now against
   # commit 6faec7c (before them; carried in .carry/old), same data, configs and call, old and new alternated
   mkdir -p /tmp/oldsite && ln -sfn "$PWD/.carry/old" /tmp/oldsite/cptrain
