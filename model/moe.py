@@ -3,8 +3,8 @@ router sends each token to its top-k of E experts, each a gated MLP (model/mlp.p
 outputs weighted by the router's probabilities (renormalized over the top k where the family does);
 an optional shared expert (Qwen2-MoE) sees every token. One more feed-forward of the block.
 
-Tokens are sorted to their experts and back by index operations (a stable argsort, bincount, index
-copies), never a Python loop over tokens. The experts run over a buffer in which each one's tokens are
+Tokens are sorted to their experts and back by index operations (a stable argsort, counts per expert,
+index copies), never a Python loop over tokens. The experts run over a buffer in which each one's tokens are
 contiguous, each group padded to a multiple of ALIGN rows: one grouped GEMM per projection
 (`torch._grouped_mm`, bf16), or a loop over the experts (the reference, and the fp32 path). Buffer
 sizes depend only on the number of tokens, so a compiled block sees static shapes.
@@ -78,12 +78,18 @@ class Groups:
     dropped: torch.Tensor  # () rows over capacity
 
 
+def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Rows per expert [E] of `expert_ids` (all < n_experts). bincount's output length depends on the
+    data, which breaks torch.compile's graph in every MoE layer; a scatter-add into E slots does not."""
+    return expert_ids.new_zeros(n_experts).scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+
+
 def group_by_expert(expert_ids: torch.Tensor, n_experts: int, cap: int | None = None) -> Groups:
     """Place N rows, whose experts are `expert_ids` [N], in a buffer where each expert's rows are
     contiguous (ALIGN-padded, in expert order), at most `cap` of them an expert."""
     n = expert_ids.numel()
     order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=n_experts)  # [E]
+    counts = expert_counts(expert_ids, n_experts)  # [E]
     experts = expert_ids[order]
     rank = torch.arange(n, device=expert_ids.device) - (counts.cumsum(0) - counts)[experts]  # place in its expert
     kept = counts if cap is None else counts.clamp(max=cap)
@@ -241,7 +247,7 @@ def pack_stats(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, 
     e = probs.shape[1]
     z = torch.logsumexp(logits.float(), dim=-1).square().sum()
     with torch.no_grad():
-        counts = torch.bincount(chosen.flatten(), minlength=e).to(probs.dtype)
+        counts = expert_counts(chosen.flatten(), e).to(probs.dtype)
         scalars = torch.stack([torch.special.entr(probs).sum(), dropped.to(probs.dtype), probs.new_tensor(probs.shape[0])])
     return torch.cat([probs.sum(dim=0), z[None], counts, scalars])
 

@@ -62,7 +62,7 @@ def test_fa4_custom_op_is_consistent():
     b, s, h, hd = 2, 512, 4, 64
     q, k, v = (torch.randn(b * s, h, hd, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     cu = attention._varlen_info(random_doc_ids(b, s, 3)).cu_seqlens
-    torch.library.opcheck(torch.ops.cptrain.fa4_varlen_fwd, (q, k, v, cu, s),
+    torch.library.opcheck(torch.ops.cptrain.fa4_varlen_fwd, (q, k, v, cu, s, hd ** -0.5),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -100,6 +100,17 @@ def _experts(e=5, d=16, f=24, seed=0) -> Experts:
     return experts
 
 
+def test_a_moe_layer_on_grouped_gemm_compiles_to_one_graph():
+    """Routing, sorting to experts, the grouped GEMMs and the router statistics trace as one graph: no
+    data-dependent shape (bincount's length was one, twice a layer) splits the compiled block."""
+    cfg = preset("tiny-mixtral")
+    moe = MoE(cfg).to(torch.bfloat16)
+    moe.experts.kernel = grouped_mlps
+    explained = torch._dynamo.explain(moe)(torch.randn(2, 16, cfg.dim, dtype=torch.bfloat16))
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_gemm_equals_the_loop_over_experts(dtype):
     """torch._grouped_mm runs on CPU in this torch (fp32 and bf16 eagerly): both kernels on the same

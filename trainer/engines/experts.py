@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...errors import UserError
-from ...model.moe import (LocalDispatch, capacity, combine, expert_mlps, group_by_expert, grouped_mlps, grouped_runs, moe_layers,
+from ...model.moe import (LocalDispatch, capacity, combine, expert_counts, expert_mlps, group_by_expert, grouped_mlps, grouped_runs, moe_layers,
                           looped_mlps, run_experts)
 from .layout import Layout
 from .spec import EngineSpec
@@ -51,7 +51,7 @@ class ExpertParallelDispatch:
         n_experts = self.n_local * self.ep
         groups = group_by_expert(chosen.flatten(), n_experts, capacity(self.capacity_factor, t * k, n_experts))
         sent = groups.order[groups.keep]  # the kept assignments, by expert, so by the rank that owns it
-        counts = torch.bincount(chosen.flatten()[sent], minlength=n_experts)  # [E] rows this rank sends per expert
+        counts = expert_counts(chosen.flatten()[sent], n_experts)  # [E] rows this rank sends per expert
         received = torch.empty_like(counts)  # [ep * E/ep]: from each rank, its rows for each of this rank's experts
         dist.all_to_all_single(received, counts, group=self.group)
         send_sizes = counts.view(self.ep, self.n_local).sum(dim=1).tolist()
