@@ -15,6 +15,7 @@ half-written one, then merges the indexes and writes the manifest.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -72,13 +73,34 @@ class Record:
     problem: str | None = None
 
 
-def _check_text(value, where: str, field_name: str) -> Record:
+# A JSON escape such as "\ud83d" with no pair decodes to a lone surrogate, which tokenizers refuse.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether the whole file is valid UTF-8, read in 16 MB blocks (C-speed; it is read again to tokenize)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _check_text(value, where: str, field_name: str, replaced: bool = False) -> Record:
+    """replaced: the file held bytes that are not UTF-8, decoded as U+FFFD, so a record with U+FFFD is
+    one of them. In a valid file U+FFFD is a character like any other (web text and code hold it)."""
     if value is None:
         return Record(None, where, f"missing text field '{field_name}'")
     if not isinstance(value, str):
         return Record(None, where, f"text field '{field_name}' is {type(value).__name__}, not a string")
-    if "\ufffd" in value:  # inputs are decoded with errors="replace": U+FFFD marks invalid UTF-8
+    if replaced and "\ufffd" in value:
         return Record(None, where, "invalid UTF-8")
+    if bad := _SURROGATE.search(value):
+        return Record(None, where, f"unpaired surrogate \\u{ord(bad.group()):04x} in the text")
     if not value.strip():
         return Record(None, where, "empty document")
     return Record(value, where)
@@ -93,6 +115,7 @@ def _load(builder: str, path: Path, **kw):
 def iter_records(path: Path, text_field: str, txt_split: str):
     """Yield a Record per document of one input file, in file order."""
     kind = SUFFIXES[path.suffix]
+    replaced = kind in ("jsonl", "text") and not _is_utf8(path)  # then decoded with errors="replace"
     if kind == "jsonl":  # read as lines so a malformed line is reported, not fatal to the file
         for i, row in enumerate(_load("text", path, encoding_errors="replace")):
             where, line = f"{path}:line {i + 1}", row["text"]
@@ -101,15 +124,15 @@ def iter_records(path: Path, text_field: str, txt_split: str):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                yield Record(None, where, "invalid UTF-8" if "\ufffd" in line else f"malformed JSON ({e.msg})")
+                yield Record(None, where, "invalid UTF-8" if replaced and "\ufffd" in line else f"malformed JSON ({e.msg})")
                 continue
-            yield _check_text(obj.get(text_field) if isinstance(obj, dict) else None, where, text_field)
+            yield _check_text(obj.get(text_field) if isinstance(obj, dict) else None, where, text_field, replaced)
     elif kind == "text":
         ds = _load("text", path, sample_by=txt_split, keep_linebreaks=txt_split != "line",
                    encoding_errors="replace")
         unit = "line" if txt_split == "line" else txt_split
         for i, row in enumerate(ds):
-            yield _check_text(row["text"], f"{path}:{unit} {i + 1}", "text")
+            yield _check_text(row["text"], f"{path}:{unit} {i + 1}", "text", replaced)
     else:
         try:
             ds = _load(kind, path)

@@ -163,6 +163,20 @@ def test_killed_prepare_resumes(spm_model, tmp_path):
     assert _tree_digest(out) == _tree_digest(tmp_path / "fresh")
 
 
+def test_a_real_replacement_character_is_text_not_a_decoding_error(spm_model, tmp_path):
+    """U+FFFD written as UTF-8 (EF BF BD) is a character web text and code hold: in a file that is valid
+    UTF-8 it is kept. A JSON escape of an unpaired surrogate makes a record bad (tokenizers refuse it);
+    bytes that are not UTF-8 do too (test_bad_records_reported_with_file_and_line)."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_bytes(json.dumps({"text": "a r\ufffdsum\u00e9 kept " * 8}, ensure_ascii=False).encode() + b"\n"
+                     + json.dumps({"text": "half a pair \ud83d"}).encode() + b"\n")
+    txt = tmp_path / "page.txt"
+    txt.write_bytes("scraped text \ufffd\ufffd with its replacement characters\n".encode() * 8)
+    m = run_prepare([docs, txt], tmp_path / "o", "--tokenizer", spm_model, "--seq-len", 16, "--val-fraction", 0)
+    assert m["splits"]["train"]["documents"] == 2 and m["bad_records"]["total"] == 1
+    assert m["bad_records"]["examples"] == [{"where": f"{docs}:line 2", "problem": "unpaired surrogate \\ud83d in the text"}]
+
+
 @pytest.mark.faults
 def test_bad_records_reported_with_file_and_line(spm_model, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
