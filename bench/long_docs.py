@@ -55,9 +55,9 @@ RST_RULE = re.compile(r"^([=\-~^*+#\"'`:.])\1{2,}\s*$")
 # Go's marker of generated code (https://go.dev/s/generatedcode): the ssa rewrite rules, the
 # syscall tables and the tzdata blob are megabytes of it, and no one reads them as text.
 GO_GENERATED = re.compile(r"^// Code generated .* DO NOT EDIT\.$", re.MULTILINE)
-# `cptrain data prepare` reads U+FFFD as its mark of undecodable input and skips the whole
-# record, so the few source files (tests of invalid UTF-8) and paragraphs that hold it
-# literally are left out here rather than costing a whole package or block.
+# The few source files that hold U+FFFD literally are tests of broken UTF-8 handling, fixtures
+# rather than text, and are left out, as are the paragraphs that hold it (the data of the run in
+# docs/long_context.md was built so).
 REPLACEMENT_CHAR = "\ufffd"
 # A GCIDE headword line: `word \pronunciation\ pos.`, not indented.
 GCIDE_HEAD = re.compile(r"^\S[^\\]*\\[^\\]+\\")
