@@ -17,7 +17,7 @@ earlier tables (6 N_non-embedding + 12 L d S: no head, full attention), for comp
 
 A run is `impl:key=value,...`; keys (ours unless noted): mb (micro-batch, both), compile (0/1,
 both), attn (sdpa|flex), doc (document masking 0/1), sdpa (auto|cudnn|flash|efficient, both),
-ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (pure bf16 params 0/1),
+ce (train.loss_chunk_tokens), ac (activation checkpointing 0/1), bf16 (train.param_dtype=bf16 0/1),
 fa4 (1: FlashAttention-4 behind attn=flash_attn when flash-attn-4 is installed; 0: torch's FA2),
 fp8 (off|tensorwise|rowwise: train.fp8, torchao float8 in the block linears), offload (1: the
 checkpointed block inputs in pinned host memory, train.offload_activations), tile (train.mlp_tile_tokens),
@@ -115,6 +115,8 @@ def build_ours(model_name: str, run: dict, device):
                  f"--train.loss_chunk_tokens={run['ce']}", f"--train.device={device.type}", f"--train.fp8={run['fp8']}",
                  f"--train.offload_activations={bool(run['offload'])}", f"--train.mlp_tile_tokens={run['tile']}",
                  f"--optim.name={run['opt']}", f"--train.fp8_keep_ends={bool(run['keep_ends'])}",
+                 f"--train.param_dtype={'bf16' if run['bf16'] else 'fp32'}",
+                 f"--train.precision={'bf16' if run['bf16'] else 'auto'}",
                  f"--model.max_seq_len={max(SEQ, preset(model_name).max_seq_len)}"]
     if preset(model_name).n_experts:
         overrides += [f"--model.n_layers={run['layers'] or preset(model_name).n_layers}", f"--moe.experts={run['experts']}",
@@ -122,8 +124,6 @@ def build_ours(model_name: str, run: dict, device):
     cfg = load_config(None, overrides)
     set_fa4(bool(run["fa4"]), device)
     engine = build_engine(engine_spec(cfg, Layout(device=device)), cfg.model.arch)
-    if run["bf16"]:
-        engine.module.to(torch.bfloat16)  # optimizer state is created lazily, so it follows in bf16
     scale = 1.0 / (run["mb"] * SEQ)
 
     def step(batch):

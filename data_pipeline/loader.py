@@ -59,8 +59,11 @@ def collate(samples: list) -> dict[str, torch.Tensor]:
 def _data_loader(samples: _Samples, batch_sampler, num_workers: int):
     # Workers are forked so they inherit the splits as built (they hold no open files).
     ctx = "fork" if num_workers and sys.platform.startswith("linux") else None
+    # A generator of its own: each new iterator draws its workers' base seed from it, not from the global
+    # RNG, which training owns (stochastic rounding; exact resume restores it). Otherwise the iterator a
+    # resumed run opens, or any evaluation pass, shifts the global stream.
     return torch.utils.data.DataLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       collate_fn=collate, multiprocessing_context=ctx)
+                                       collate_fn=collate, multiprocessing_context=ctx, generator=torch.Generator())
 
 
 def _plan(mixture: Mixture, b: int, rank: int, world: int, pending: collections.deque):

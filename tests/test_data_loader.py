@@ -117,6 +117,21 @@ def test_resume_same_size_is_exact(domains, workers):
 
 
 @pytest.mark.resume
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_leave_the_global_rng_to_training(domains, workers):
+    """Opening a train or validation iterator draws nothing from torch's global RNG, which training owns
+    (stochastic rounding) and a resume restores: a resumed run opens its iterator later than the run it
+    continues, and every evaluation opens new ones."""
+    cfg = _cfg(domains, num_workers=workers)
+    before = torch.get_rng_state()
+    train = build_train_loader(_checked(cfg), micro_batch_size=3, rank=0, world_size=1, seed=7)
+    next(train)
+    for val in build_val_loaders(_checked(cfg), micro_batch_size=4, rank=0, world_size=1, max_samples=8).values():
+        list(val())
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.resume
 def test_new_weights_at_resume_continue_cursors(domains):
     """A resume under new weights keeps each domain's cursor: no sample repeats within an epoch."""
     cfg = _cfg(domains, shuffle=True)

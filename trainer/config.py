@@ -70,6 +70,10 @@ class TrainSection:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     offload_activations: bool = False  # with activation_checkpointing: each block's saved input waits in pinned host memory (one process)
     mlp_tile_tokens: int = 0  # >0: the MLP runs over tiles of this many positions, each checkpointed (long sequences)
+    # bf16: the weights, their gradients and AdamW's state in bf16 with no fp32 master copy, half their memory (engine
+    # local; the 8B preset at 128K on one GPU). Pair it with optim.name=adamw8bit, whose stochastic rounding keeps the
+    # updates under half a bf16 step that plain AdamW on bf16 weights loses late in a decay.
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
     loss_chunk_tokens: int = 0  # >0: cross-entropy in chunks of this many tokens (full logits never materialized)
     fp8: Literal["off", "tensorwise", "rowwise"] = "off"  # FP8 matmuls in the block linears (torchao; trainer/engines/fp8.py)
     fp8_min_features: int = 1024  # with fp8: linears narrower than this stay in bf16
@@ -350,6 +354,12 @@ def _check(cfg: TrainConfig, src: str) -> None:
                         "set train.activation_checkpointing=true")
     if t.mlp_tile_tokens < 0:
         raise UserError(f"{src}: train.mlp_tile_tokens={t.mlp_tile_tokens} must be >= 0 (0: no tiling)")
+    if t.param_dtype == "bf16" and t.engine != "local":
+        raise UserError(f"{src}: train.param_dtype=bf16 needs train.engine=local ({t.engine} keeps fp32 weights and shards "
+                        "them across GPUs instead); set train.engine=local or train.param_dtype=fp32")
+    if t.param_dtype == "bf16" and not uses_bf16(t.precision, resolve_device(t.device).type):
+        raise UserError(f"{src}: train.param_dtype=bf16 computes in bf16, but train.precision={t.precision} resolves to fp32 "
+                        "here; set train.precision=bf16")
     if cfg.model.arch.n_experts and (t.offload_activations or t.mlp_tile_tokens):
         raise UserError(f"{src}: train.offload_activations and train.mlp_tile_tokens are for dense models (a mixture of "
                         "experts' blocks also return their router statistics); set them off")

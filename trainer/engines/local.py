@@ -38,6 +38,8 @@ def build_whole(model: Decoder, spec: EngineSpec, initial_state: dict | None) ->
     model.init_weights()
     if initial_state is not None:
         model.load_state_dict(initial_state, strict=True)
+    if spec.bf16_params:  # before the optimizer, whose state then follows in bf16
+        model.to(torch.bfloat16)
     apply_fp8(model, spec.fp8, device)  # before compile, which then fuses the casts
     wrap_blocks(model, spec)
     return build_optimizer(optimizer_groups(model, spec), spec.optim, device)

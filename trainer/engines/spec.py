@@ -30,6 +30,7 @@ class EngineSpec:
     engine: str  # local | deepspeed | fsdp2 (train.engine)
     layout: Layout
     bf16: bool  # bf16 compute with fp32 master weights and fp32 gradient reduction
+    bf16_params: bool  # the weights themselves in bf16, no fp32 master (train.param_dtype; engine local)
     accumulation: int  # micro-batches per rank per optimizer step
     micro_batch_size: int  # sequences per rank per forward
     grad_clip: float  # max global gradient norm (0: no clipping)
@@ -73,7 +74,7 @@ def engine_spec(cfg, layout: Layout) -> EngineSpec:
                         f"process of engine local or fsdp2 (this run: {layout.world_size} processes, engine {t.engine}); "
                         "across GPUs split the sequence with parallel.cp instead")
     return EngineSpec(
-        engine=t.engine, layout=layout, bf16=uses_bf16(t.precision, layout.device.type),
+        engine=t.engine, layout=layout, bf16=uses_bf16(t.precision, layout.device.type), bf16_params=t.param_dtype == "bf16",
         accumulation=grad_accumulation(t.global_batch_tokens, cfg.data.seq_len, t.micro_batch_size, layout.dp_size,
                                        "config"),
         micro_batch_size=t.micro_batch_size, grad_clip=cfg.optim.grad_clip, compile=t.compile,
