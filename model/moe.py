@@ -75,6 +75,8 @@ class Groups:
     keep: torch.Tensor  # [N] bool: within its expert's capacity
     offsets: torch.Tensor  # [E] int32: where each expert's (padded) rows end in the buffer
     rows: int  # the buffer's rows, a function of N, E and the capacity only
+    counts: torch.Tensor  # [E] rows of each expert, before the capacity (the router statistics count these)
+    kept: torch.Tensor  # [E] rows of each expert within its capacity (what an expert-parallel dispatch sends)
     dropped: torch.Tensor  # () rows over capacity
 
 
@@ -98,7 +100,7 @@ def group_by_expert(expert_ids: torch.Tensor, n_experts: int, cap: int | None = 
     ends = padded.cumsum(0)
     rows = (n if cap is None else min(n, n_experts * cap)) + n_experts * (ALIGN - 1) + 1
     dest = torch.where(keep, (ends - padded)[experts] + rank, rows - 1)
-    return Groups(order, dest, keep, ends.to(torch.int32), rows, (~keep).sum())
+    return Groups(order, dest, keep, ends.to(torch.int32), rows, counts, kept, (~keep).sum())
 
 
 def run_experts(rows: torch.Tensor, groups: Groups, experts: "Experts") -> torch.Tensor:
@@ -124,12 +126,12 @@ class LocalDispatch:
         self.capacity_factor = capacity_factor
 
     def __call__(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
-                 experts: "Experts") -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D], chosen and weights [T, k] -> (output [T, D], assignments dropped)."""
+                 experts: "Experts") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D], chosen and weights [T, k] -> (output [T, D], assignments per expert [E], assignments dropped)."""
         t, k = chosen.shape
         groups = group_by_expert(chosen.flatten(), experts.n_experts, capacity(self.capacity_factor, t * k, experts.n_experts))
         out = run_experts(x[groups.order // k], groups, experts)
-        return combine(out, groups.order, weights), groups.dropped
+        return combine(out, groups.order, weights), groups.counts, groups.dropped
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -234,22 +236,21 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [T, D]
         logits = self.router(flat)  # [T, E]
         weights, chosen, probs = route(logits, self.top_k, self.norm_topk, self.selection_bias, self.score)
-        out, dropped = self.dispatch(flat, chosen, weights, self.experts)
+        out, counts, dropped = self.dispatch(flat, chosen, weights, self.experts)
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
-        return out.view(x.shape), pack_stats(logits, probs, chosen, dropped)
+        return out.view(x.shape), pack_stats(logits, probs, counts, dropped)
 
 
-def pack_stats(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+def pack_stats(logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """One layer's router statistics as one vector [2E + 4] (a block output every engine's hooks pass
     through): the summed probabilities [E] and summed squared log-partition (z) with their gradient,
-    then, without, the assignments per expert [E], the summed entropy, the dropped assignments, the tokens."""
-    e = probs.shape[1]
+    then, without, the assignments per expert [E] (`counts`, the dispatch's), the summed entropy, the
+    dropped assignments, the tokens."""
     z = torch.logsumexp(logits.float(), dim=-1).square().sum()
     with torch.no_grad():
-        counts = expert_counts(chosen.flatten(), e).to(probs.dtype)
         scalars = torch.stack([torch.special.entr(probs).sum(), dropped.to(probs.dtype), probs.new_tensor(probs.shape[0])])
-    return torch.cat([probs.sum(dim=0), z[None], counts, scalars])
+    return torch.cat([probs.sum(dim=0), z[None], counts.to(probs.dtype), scalars])
 
 
 def unpack_stats(stats: torch.Tensor) -> dict[str, torch.Tensor]:

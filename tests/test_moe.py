@@ -153,7 +153,7 @@ def test_tokens_sorted_to_experts_and_back_with_capacity(factor):
     x = torch.randn(23, 16, generator=g)
     logits = torch.randn(23, 5, generator=g) + torch.tensor([2.0, 0, 0, 0, 1.0])  # experts 0 and 4 crowded
     weights, chosen, _ = route(logits, 2, True)
-    out, dropped = LocalDispatch(factor)(x, chosen, weights, experts)
+    out, _, dropped = LocalDispatch(factor)(x, chosen, weights, experts)
     cap = None if factor == 0 else math.ceil(factor * 23 * 2 / 5)
     ref, ref_dropped = _reference(x, chosen, weights, experts, cap)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...errors import UserError
-from ...model.moe import (LocalDispatch, capacity, combine, expert_counts, expert_mlps, group_by_expert, grouped_mlps, grouped_runs, moe_layers,
+from ...model.moe import (LocalDispatch, capacity, combine, expert_mlps, group_by_expert, grouped_mlps, grouped_runs, moe_layers,
                           looped_mlps, run_experts)
 from .layout import Layout
 from .spec import EngineSpec
@@ -44,17 +44,17 @@ class ExpertParallelDispatch:
     def __init__(self, group, ep: int, n_experts: int, capacity_factor: float = 0.0):
         self.group, self.ep, self.n_local, self.capacity_factor = group, ep, n_experts // ep, capacity_factor
 
-    def __call__(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
+                 experts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from torch.distributed.nn.functional import all_to_all_single
 
         t, k = chosen.shape
         n_experts = self.n_local * self.ep
         groups = group_by_expert(chosen.flatten(), n_experts, capacity(self.capacity_factor, t * k, n_experts))
         sent = groups.order[groups.keep]  # the kept assignments, by expert, so by the rank that owns it
-        counts = expert_counts(chosen.flatten()[sent], n_experts)  # [E] rows this rank sends per expert
-        received = torch.empty_like(counts)  # [ep * E/ep]: from each rank, its rows for each of this rank's experts
-        dist.all_to_all_single(received, counts, group=self.group)
-        send_sizes = counts.view(self.ep, self.n_local).sum(dim=1).tolist()
+        received = torch.empty_like(groups.kept)  # [ep * E/ep]: from each rank, its rows for each of this rank's experts
+        dist.all_to_all_single(received, groups.kept, group=self.group)
+        send_sizes = groups.kept.view(self.ep, self.n_local).sum(dim=1).tolist()
         recv_sizes = received.view(self.ep, self.n_local).sum(dim=1).tolist()
         rows = all_to_all_single(x.new_empty(sum(recv_sizes), x.shape[1]), x[sent // k], recv_sizes, send_sizes, self.group)
         local = torch.arange(self.n_local, device=x.device).repeat(self.ep).repeat_interleave(received)  # each row's expert
@@ -62,7 +62,7 @@ class ExpertParallelDispatch:
         out = run_experts(rows[inner.order], inner, experts)
         out = torch.empty_like(out).index_copy(0, inner.order, out)  # back to the order received
         back = all_to_all_single(out.new_empty(len(sent), out.shape[1]), out, send_sizes, recv_sizes, self.group)
-        return combine(back, sent, weights), groups.dropped
+        return combine(back, sent, weights), groups.counts, groups.dropped
 
 
 def _local_weights(kernel):
