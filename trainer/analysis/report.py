@@ -171,6 +171,8 @@ def plot_passkey(metrics: list, path) -> Path:
         ax.set_title(f"passkey accuracy at {row.get('tokens', 0):,} tokens trained")
     fig.colorbar(image, ax=axes[0][-1], label="accuracy")
     return _write(fig, path)
+
+
 def plot_routers(metrics: list, path) -> Path:
     """A mixture of experts' routers against tokens: the most loaded expert's share over an even share
     (1: balanced) in each layer, and the balancing and z-losses."""
