@@ -134,7 +134,8 @@ class LocalDispatch:
         return combine(out, groups.order, weights), groups.counts, groups.dropped
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's when it is on, else x's own."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
@@ -156,14 +157,14 @@ def grouped_runs(device_type: str) -> bool:
 
 def can_group(x: torch.Tensor, w1: torch.Tensor) -> bool:
     """Grouped GEMM takes bf16 only (its compiled form too), rows whose strides are 16-byte multiples."""
-    return _compute_dtype(x) == torch.bfloat16 and x.shape[-1] % ALIGN == 0 and w1.shape[1] % ALIGN == 0 \
+    return compute_dtype(x) == torch.bfloat16 and x.shape[-1] % ALIGN == 0 and w1.shape[1] % ALIGN == 0 \
         and grouped_runs(x.device.type)
 
 
 def grouped_mlps(x, offsets, w1, w3, w2, gate, gelu: bool) -> torch.Tensor:
     """The experts' gated MLPs over buffer x [M, D] as three grouped GEMMs (bf16); rows past offsets[-1]
     are left undefined (run_experts never reads them)."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
 
     def mm(a, w):  # a [M, in] @ each expert's w[e] [out, in] transposed, over its group of rows
         return torch._grouped_mm(a.to(dtype), w.to(dtype).transpose(-2, -1), offs=offsets)
@@ -172,7 +173,7 @@ def grouped_mlps(x, offsets, w1, w3, w2, gate, gelu: bool) -> torch.Tensor:
 
 def looped_mlps(x, offsets, w1, w3, w2, gate, gelu: bool) -> torch.Tensor:
     """The same, one expert at a time (any dtype: the reference of grouped_mlps)."""
-    out = x.new_zeros(x.shape[0], w2.shape[1], dtype=_compute_dtype(x))
+    out = x.new_zeros(x.shape[0], w2.shape[1], dtype=compute_dtype(x))
     start = 0
     for e, end in enumerate(offsets.tolist()):
         if end > start:

@@ -36,3 +36,20 @@ def test_fused_loss_matches_plain(tied, chunk):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-7, msg=name)
     with torch.no_grad():  # evaluation's chunked path
         torch.testing.assert_close(token_losses(model, batch, chunk), token_losses(model, batch, 0), rtol=1e-6, atol=0)
+
+
+def test_fused_loss_under_bf16_autocast_keeps_an_fp32_head_gradient():
+    """Under bf16 autocast the chunks' logits and their gradients are bf16, while the head's gradient is
+    accumulated over the chunks in fp32 (for fp32 weights): it matches the plain path's to bf16 precision."""
+    torch.manual_seed(0)
+    model = Decoder(dataclasses.replace(preset("tiny"), tie_embeddings=False))
+    model.init_weights()
+    batch = {"tokens": torch.randint(0, 512, (3, 41))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss0, _, g0 = grads_of(model, batch, 0)
+        loss1, _, g1 = grads_of(model, batch, 7)
+    assert g1["output.weight"].dtype == torch.float32
+    torch.testing.assert_close(loss1, loss0, rtol=2e-3, atol=0)
+    for name in g0:
+        scale = g0[name].abs().max()
+        torch.testing.assert_close(g1[name] / scale, g0[name] / scale, rtol=0, atol=2e-2, msg=name)

@@ -11,23 +11,33 @@ import torch
 import torch.nn.functional as F
 
 from ..model.decoder import softcap
-from ..model.moe import router_losses
+from ..model.moe import compute_dtype, router_losses
 
 
-def _ce_and_dlogits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss [n] (float32) and d loss / d logits [n, V] (in h's dtype) of one chunk; with a
-    final soft-cap the logits are cap * tanh(z / cap) and the gradient is taken through it."""
-    logits = (h @ w.t()).float()  # [n, V]
+def _ce_and_dlogits(logits: torch.Tensor, t: torch.Tensor, cap: float | None,
+                    row_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [n] (float32) and d loss / d logits [n, V] (in the logits' dtype) of one chunk's
+    logits [n, V], each row's gradient scaled by row_weight [n] when given. With a final soft-cap the
+    logits are cap * tanh(z / cap) and the gradient is taken through it.
+
+    Written so that, compiled, it is one pass over the chunk that reads the logits in the compute dtype
+    and upcasts them in registers: the max and the sum of exponentials as the online-softmax pattern,
+    and the one-hot as a comparison. (torch.logsumexp's inf guard and a scatter_add each made the
+    compiler write a float32 copy of the whole chunk, then cast the gradient in a second kernel.)"""
+    z = logits.float()
     if cap is not None:
-        capped = torch.tanh(logits / cap)
-        logits = capped * cap
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = lse - logits.gather(1, t[:, None]).squeeze(1)
-    probs = torch.exp(logits - lse[:, None])
-    dlogits = probs.scatter_add(1, t[:, None], -torch.ones_like(probs[:, :1]))  # softmax - onehot
+        capped = torch.tanh(z / cap)
+        z = capped * cap
+    top = z.amax(dim=-1, keepdim=True)
+    lse = (z - top).exp().sum(dim=-1, keepdim=True).log() + top  # [n, 1]
+    loss = (lse - z.gather(1, t[:, None])).squeeze(1)
+    hit = torch.arange(z.shape[1], device=z.device) == t[:, None]
+    dlogits = (z - lse).exp() - hit.to(z.dtype)  # softmax - onehot
     if cap is not None:
         dlogits = dlogits * (1 - capped * capped)  # d(cap * tanh(z / cap)) / dz
-    return loss, dlogits.to(h.dtype)
+    if row_weight is not None:
+        dlogits = dlogits * row_weight[:, None]
+    return loss, dlogits.to(logits.dtype)
 
 
 _compiled_chunk = None
@@ -59,15 +69,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_all, w = hidden.to(dtype), weight.to(dtype)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(h_all)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_w = None
         fn = _chunk_fn(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = h_all[start:start + chunk], targets[start:start + chunk]
-            losses[start:start + chunk], dlogits = fn(h, w, t, cap)
-            if row_weight is not None:
-                dlogits = dlogits * row_weight[start:start + chunk, None].to(dlogits.dtype)
-            grad_h[start:start + chunk] = dlogits @ w
-            grad_w += dlogits.t() @ h  # fp32 accumulation of bf16 partial products
+            rows = slice(start, start + chunk)
+            h = h_all[rows]
+            logits = h @ w.t()
+            losses[rows], dlogits = fn(logits, targets[rows], cap, None if row_weight is None else row_weight[rows])
+            del logits  # before the next chunk's are made: one chunk's logits alive at a time
+            torch.mm(dlogits, w, out=grad_h[rows])
+            partial = dlogits.t() @ h
+            if grad_w is None:  # the first chunk's product is the accumulator: no zero fill, no add
+                grad_w = partial if start + chunk >= hidden.shape[0] else partial.float()  # one chunk: nothing to add up
+            else:
+                grad_w += partial  # fp32 accumulation of bf16 partial products
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(losses)
@@ -76,20 +91,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h.to(ctx.dtypes[0]) * grad_total, grad_w.to(ctx.dtypes[1]) * grad_total, None, None, None, None, None)
-
-
-def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return fallback
+        # In place: the head's [V, D] gradient is the largest tensor here, and a copy of it costs a pass.
+        return grad_h.mul_(grad_total).to(ctx.dtypes[0]), grad_w.mul_(grad_total).to(ctx.dtypes[1]), None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
                          row_weight: torch.Tensor | None = None, cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses with gradient, per-token losses [N] detached) for hidden [N, D]; the
     sum is weighted by row_weight [N] when given; `cap` soft-caps the logits (Gemma 2)."""
-    dtype = _compute_dtype(hidden.device, weight.dtype)
+    dtype = compute_dtype(weight)
     if torch.is_grad_enabled():
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, dtype, row_weight, cap)
     h_all, w = hidden.to(dtype), weight.to(dtype)  # evaluation: losses only, still chunk by chunk
