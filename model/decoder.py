@@ -19,7 +19,7 @@ from torch import nn
 from .attention import AttentionContext, attend, build_context, doc_positions
 from .config import ModelConfig
 from .mlp import FeedForward, gated  # noqa: F401 (gated: engines compile it as a region of the block)
-from .moe import MoE
+from .moe import MoE, compute_dtype
 from .rope import apply_rope, rope_cos_sin, rope_init
 
 
@@ -203,6 +203,10 @@ class Decoder(nn.Module):
         2E + 4] (model/moe.py router_losses reads them), with their gradient."""
         contexts = self.attention_context(tokens, doc_ids, split)
         h = self.tok_embeddings(tokens)  # [B, S, D]
+        # The residual stream in the compute dtype: under autocast the fp32 embedding would carry fp32
+        # through every block (twice the norms' and additions' memory traffic), where FSDP2's and
+        # DeepSpeed's bf16 weights give bf16, as in the other trainers.
+        h = h.to(compute_dtype(h))
         if self.cfg.embed_scale:  # sqrt(dim) in the weights' dtype, as Gemma computes it (55.5, not 55.43, in bf16)
             h = h * torch.tensor(self.cfg.dim**0.5, dtype=h.dtype)
         routers = []
