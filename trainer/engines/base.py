@@ -177,8 +177,6 @@ def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = 
     instead of the block, for an engine whose hooks on every module (ZeRO-3's gathers) a compiled
     block would trace into and recompile on. compile_blocks: spec.compile unless the engine compiles
     otherwise (DeepCompile)."""
-    from torch.distributed._composable import checkpoint as checkpoint_block
-
     from ...model.decoder import RMSNorm, gated, rms_norm, rope_attend
     from .experts import configure_experts
     from .memory import offload_checkpoints, tile_mlp
@@ -194,7 +192,7 @@ def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = 
     kernels = {}
     for block in model.layers:
         if spec.activation_checkpointing:
-            checkpoint_block(block)
+            checkpoint_in_forward(block)
         if compile_blocks and not regions:
             block.compile()
         elif compile_blocks:
@@ -206,6 +204,20 @@ def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = 
                     m.kernel = kernels["norm"]
                 elif getattr(m, "gate", None) is gated:
                     m.gate = kernels["gate"]
+
+
+def checkpoint_in_forward(block) -> None:
+    """Activation checkpointing as part of the block's own forward (torch.utils.checkpoint), so that,
+    compiled, the recompute is traced into the block's backward graph, where the compiler fuses the
+    recomputed elementwise work into the backward's kernels. (Checkpointing by module hooks reran the
+    compiled forward as it is: 8B, bf16 parameters, one H100, 8,498 against 9,018 tokens/s.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    plain = block.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint(plain, *args, use_reentrant=False, **kwargs)
+    block.forward = forward
 
 
 def _by_mesh(params: list) -> list[list]:
