@@ -217,14 +217,11 @@ def measure(model_name: str, run: dict, device, steps: int, warmup: int, peak_tf
 
 
 def print_profile(step, batches, device) -> None:
-    """GPU time per kernel over 3 steps: where the time goes that MFU does not count."""
-    from torch.profiler import ProfilerActivity, profile
+    """GPU time per kernel over 3 steps: where the time goes that MFU does not count (bench/kernel_profile.py)."""
+    from kernel_profile import profile_text
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(3):
-            step(batches[i % 4])
-        _sync(device)
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70), flush=True)
+    steps = iter(range(3))
+    print(profile_text(lambda: step(batches[next(steps) % 4]), lambda: _sync(device)), flush=True)
 
 
 def _sync(device):

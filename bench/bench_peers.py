@@ -17,7 +17,9 @@ A run is `impl:key=value,...`, impl one of ours | olmo-core | torchtitan; keys: 
 mb, fp8 (off|tensorwise|rowwise), ac (full activation checkpointing 0/1), bf16 (bf16 parameters and
 optimizer state 0/1), compile (0/1), loss and attn (the impl's own names; empty: its default),
 keep_ends (ours with fp8: 0 converts the first and last blocks too, as the
-peers do; 1, our default, keeps them in bf16), limit (seconds for the row). `--torchtitan-site VERSION=DIR` (repeatable, in order of preference)
+peers do; 1, our default, keeps them in bf16), profile (1: after the timed steps, 3 more under
+torch.profiler, reported the same way for every impl by bench/kernel_profile.py; the row's whole
+output goes to --profile-dir), limit (seconds for the row). `--torchtitan-site VERSION=DIR` (repeatable, in order of preference)
 names folders holding one torchtitan release each: a row is tried with the first; a release that
 fails (other than by memory) before it has run once is dropped and the next tried, and the first
 release that runs is used for every row after.
@@ -42,11 +44,11 @@ HERE = Path(__file__).resolve().parent
 IMPLS = ("ours", "olmo-core", "torchtitan")
 PEER_SCRIPTS = {"olmo-core": HERE / "peers" / "olmo_core_peer.py", "torchtitan": HERE / "peers" / "torchtitan_peer.py"}
 DEFAULTS = {"model": "1B", "seq": 2048, "mb": 8, "fp8": "off", "ac": 0, "bf16": 0, "compile": 1, "loss": "", "attn": "",
-            "keep_ends": 1, "limit": 150}
+            "keep_ends": 1, "profile": 0, "limit": 150}
 TEXT_KEYS = ("model", "fp8", "loss", "attn")
 # Ours: the fused chunked loss, FlashAttention (FA4 when installed, else torch's FA2 varlen kernel),
-# one document per row, i.e. plain causal attention like the peers' runs.
-OURS_OPTIONS = {"ce": 4096, "attn": "flash_attn", "doc": 0}
+# one document per row, i.e. plain causal attention like the peers' runs; the loss chunk of the gpu configs.
+OURS_OPTIONS = {"ce": 8192, "attn": "flash_attn", "doc": 0}
 MARK = "PEER_ROW "
 KEEP = ("OOM", "recipes only")  # errors that do not count against a torchtitan release: memory, a recipe it lacks
 
@@ -109,6 +111,16 @@ def _tail(text: str, n: int = 12) -> str:
     return "\n".join(line for line in text.splitlines()[-n:])
 
 
+def keep_profile(run: dict, args, output: str) -> None:
+    """A profiled row's whole output (its kernel report included) into --profile-dir, one file per row."""
+    if not (run["profile"] and args.profile_dir):
+        return
+    prec = ("bf16p" if run["bf16"] else "bf16") if run["fp8"] == "off" else "fp8" + run["fp8"]
+    name = f"{run['impl']}-{run['model']}-seq{run['seq']}-mb{run['mb']}-{prec}-ac{run['ac']}.txt"
+    args.profile_dir.mkdir(parents=True, exist_ok=True)
+    (args.profile_dir / name).write_text(output)
+
+
 def ours_row(run: dict, args, limit: float) -> dict:
     opts = dict(OURS_OPTIONS, mb=run["mb"], compile=run["compile"], ac=run["ac"], bf16=run["bf16"], fp8=run["fp8"],
                 keep_ends=run["keep_ends"])
@@ -119,8 +131,9 @@ def ours_row(run: dict, args, limit: float) -> dict:
         out_file = Path(tmp) / "row.jsonl"
         cmd = [sys.executable, str(HERE / "bench_mfu.py"), "--model", run["model"], "--seq", str(run["seq"]),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-               "--run", spec, "--out", str(out_file)]
+               "--run", spec, "--out", str(out_file)] + (["--profile"] if run["profile"] else [])
         output, stopped, wall = run_child(cmd, dict(os.environ), limit)
+        keep_profile(run, args, output)
         rows = [json.loads(line) for line in out_file.read_text().splitlines()] if out_file.exists() else []
     if not rows:
         return {"impl": "ours", "error": stopped or "no row", "wall_s": wall, "log_tail": _tail(output)}
@@ -140,6 +153,7 @@ def peer_row(run: dict, args, limit: float, site: tuple[str, str] | None) -> dic
     if site:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (site[1], env.get("PYTHONPATH"))))
     output, stopped, wall = run_child([sys.executable, str(PEER_SCRIPTS[run["impl"]]), json.dumps(spec)], env, limit)
+    keep_profile(run, args, output)
     lines = [line[len(MARK):] for line in output.splitlines() if line.startswith(MARK)]
     row = json.loads(lines[-1]) if lines else {"impl": run["impl"], "error": stopped or "no row"}
     row["wall_s"] = wall  # the process's, start-up and imports included
@@ -210,6 +224,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--torchtitan-site", action="append", default=[], metavar="VERSION=DIR")
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    p.add_argument("--profile-dir", type=Path, default=None, help="where rows with profile=1 leave their report")
     args = p.parse_args()
     runs = [parse_run(text) for text in args.run]
     sites = [tuple(s.split("=", 1)) for s in args.torchtitan_site]

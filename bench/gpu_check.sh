@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh STAGE      STAGE: peers | peers2 | perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
 #                                      engines3 | offload8b | ckpt1b | longctx | cp1 |
 #                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4* | moe |
-#                                      stash | longctx2 | extend | peers3 | peers4 | peers5 | moe1
+#                                      stash | longctx2 | extend | peers3 | peers4 | peers5 | moe1 | peers6 | peers7 | peers8 | peers9
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
 set -uo pipefail
@@ -327,5 +327,40 @@ moe)  # mixtures of experts on one GPU: ours (grouped GEMM vs the loop over expe
   $B --model qwen3-30b-a3b --budget-s 250 --out "$OUT/mfu.jsonl" --run peer:mb=4,bf16=1,layers=8,experts=grouped_mm \
     --run ours:mb=4,$M,layers=8,experts=grouped --run ours:mb=4,$M,layers=8,experts=loop \
     --run ours:mb=8,$M,ac=1,layers=8,experts=grouped 2>&1 | grep -v -i "warn\|exe_args" | tail -6 ;;
+peers6)  # after `stash` (FA4's compiler library), carrying .carry/fa4b and .carry/peers: the GPU tests, then the 1B rows
+  # at seq 2048 (bf16 and FP8 converting every block) against both peers, every row profiled the same way
+  # (bench/kernel_profile.py, into $OUT/profiles), and ours with a loss chunk of 8192 tokens
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py 2>&1 | tail -3 | tee "$OUT/pytest.txt"
+  P="python3 bench/bench_peers.py --steps 8 --warmup 3 --budget-s ${PEERS_BUDGET:-400} --out $OUT/peers.jsonl --profile-dir $OUT/profiles $TT_SITES"
+  $P --run ours:model=1B,mb=16,profile=1,limit=70 --run torchtitan:model=1B,mb=16,profile=1,limit=90 \
+    --run olmo-core:model=1B,mb=16,profile=1,limit=90 --run ours:model=1B,mb=16,fp8=tensorwise,keep_ends=0,profile=1,limit=70 \
+    --run torchtitan:model=1B,mb=16,fp8=tensorwise,profile=1,limit=90 --run olmo-core:model=1B,mb=16,fp8=tensorwise,profile=1,limit=90 \
+    2>&1 | grep -v -i "warn" | tail -8
+  timeout 60 python3 bench/bench_mfu.py --model 1B --steps 8 --warmup 3 --out "$OUT/mfu.jsonl" \
+    --run ours:mb=16,ce=8192,attn=flash_attn,doc=0 2>&1 | grep -v -i "warn\|exe_args" | tail -2 ;;
+peers7)  # after peers6 on the same machine: the 8B shape (bf16 parameters, full activation checkpointing) against both
+  # peers, ours with checkpointing by hooks (as before) and inside the compiled block (CPTRAIN_AC_FORM=graph); profiled
+  P="python3 bench/bench_peers.py --steps 6 --warmup 2 --budget-s ${PEERS_BUDGET:-360} --out $OUT/peers.jsonl --profile-dir $OUT/profiles $TT_SITES"
+  $P --run ours:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=100 --run torchtitan:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=120 \
+    --run olmo-core:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=120 2>&1 | grep -v -i "warn" | tail -5
+  mkdir -p "$OUT/profiles"
+  CPTRAIN_AC_FORM=graph timeout 110 python3 bench/bench_mfu.py --model 8B --steps 6 --warmup 2 --out "$OUT/mfu.jsonl" --profile \
+    --run ours:mb=2,ac=1,bf16=1,ce=4096,attn=flash_attn,doc=0 > "$OUT/profiles/ours-8B-acgraph.txt" 2>&1
+  tail -2 "$OUT/profiles/ours-8B-acgraph.txt" ;;
+peers8)  # after peers7 on the same machine: the 1.35B shape, bf16 and FP8 (every block), against both peers
+  P="python3 bench/bench_peers.py --steps 8 --warmup 3 --budget-s ${PEERS_BUDGET:-480} --out $OUT/peers.jsonl --profile-dir $OUT/profiles $TT_SITES"
+  $P --run ours:model=1.3B,mb=12,profile=1,limit=70 --run torchtitan:model=1.3B,mb=12,limit=80 --run olmo-core:model=1.3B,mb=12,limit=80 \
+    --run ours:model=1.3B,mb=12,fp8=tensorwise,keep_ends=0,limit=70 --run torchtitan:model=1.3B,mb=12,fp8=tensorwise,limit=90 \
+    --run olmo-core:model=1.3B,mb=12,fp8=tensorwise,limit=90 2>&1 | grep -v -i "warn" | tail -8 ;;
+peers9)  # after `stash`, carrying .carry/fa4b and .carry/peers: with the loss in one pass, the residual stream in bf16 and
+  # checkpointing inside the compiled block, the 1B rows (bf16, FP8 every block) and the 8B row against both peers, by
+  # priority (the better peer of each shape first), ours profiled
+  P="python3 bench/bench_peers.py --steps 8 --warmup 3 --budget-s ${PEERS_BUDGET:-530} --out $OUT/peers.jsonl --profile-dir $OUT/profiles $TT_SITES"
+  $P --run ours:model=1B,mb=16,profile=1,limit=60 --run olmo-core:model=1B,mb=16,limit=60 --run torchtitan:model=1B,mb=16,limit=60 \
+    --run ours:model=1B,mb=16,fp8=tensorwise,keep_ends=0,profile=1,limit=65 --run torchtitan:model=1B,mb=16,fp8=tensorwise,limit=65 \
+    --run ours:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=80 --run torchtitan:model=8B,mb=2,ac=1,bf16=1,limit=90 \
+    --run olmo-core:model=1B,mb=16,fp8=tensorwise,limit=65 --run olmo-core:model=8B,mb=2,ac=1,bf16=1,limit=90 \
+    2>&1 | grep -v -i "warn" | tail -12
+  cd "$OUT/profiles" && tar czf ../profiles9.tgz . && cd - >/dev/null && rm -rf "$OUT/profiles" ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

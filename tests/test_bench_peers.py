@@ -60,7 +60,8 @@ def test_a_missing_peer_is_a_row_and_ours_still_runs(tmp_path):
     row (this environment has neither OLMo-core nor torchtitan installed, or runs them when it has)."""
     out = tmp_path / "peers.jsonl"
     r = subprocess.run([sys.executable, "bench/bench_peers.py", "--device", "cpu", "--steps", "2", "--warmup", "1",
-                        "--out", str(out), "--run", "ours:model=tiny,seq=64,mb=2,compile=0,attn=sdpa",
+                        "--out", str(out), "--profile-dir", str(tmp_path / "prof"),
+                        "--run", "ours:model=tiny,seq=64,mb=2,compile=0,attn=sdpa,profile=1",
                         "--run", "olmo-core:model=tiny,seq=64,mb=2,compile=0", "--run", "ours:model=tiny,seq=64,limit=5"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -72,3 +73,5 @@ def test_a_missing_peer_is_a_row_and_ours_still_runs(tmp_path):
     else:
         assert olmo["params_match"] and olmo["tokens_per_s"] > 0
     assert skipped["error"].startswith("skipped")  # a row with under 30 s to run is not started
+    report = (tmp_path / "prof" / "ours-tiny-seq64-mb2-bf16-ac0.txt").read_text()  # the profiled row's report
+    assert "GPU busy" in report and "top kernels" in report

@@ -8,7 +8,8 @@ The spec (JSON, argv[1]) is what bench_peers.py writes: model (preset name), sha
 n_layers, n_heads, n_kv_heads, ffn_dim, norm_eps, rope_theta, rope_scaling, tie_embeddings), seq,
 mb, fp8 (off|tensorwise|rowwise), ac (full activation checkpointing 0/1), bf16 (bf16 parameters
 and optimizer state 0/1), compile (0/1), loss and attn (the peer's own names; "" = its default),
-steps, warmup, device (cuda|cpu).
+steps, warmup, device (cuda|cpu), profile (0/1: after the timed steps, print bench/kernel_profile.py's
+report of 3 more steps).
 
 A build function returns (step, info): `step()` runs one optimizer step on random tokens, `info`
 holds version, options (the exact settings, one string), params (the peer's own count) and
@@ -22,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 
 MARK = "PEER_ROW "
 
@@ -59,6 +61,11 @@ def _timed(spec: dict, step, device) -> dict:
     dt = time.perf_counter() - t0
     gc.enable()
     out["tokens_per_s"] = round(spec["mb"] * spec["seq"] * spec["steps"] / dt)
+    if spec.get("profile"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/, for its kernel_profile
+        from kernel_profile import profile_text
+
+        print(profile_text(step, sync), flush=True)
     out["step_ms"] = round(1000 * dt / spec["steps"], 1)
     if device.type == "cuda":
         out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
