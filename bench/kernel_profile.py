@@ -44,7 +44,8 @@ def profile_text(step, sync, steps: int = 3, top: int = 40) -> str:
         sync()
         wall = (time.perf_counter() - t0) * 1000 / steps
     averages = prof.key_averages()
-    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    # GPU-side spans of record_function ("Optimizer.step#AdamW.step", FSDP's) cover kernels counted already
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     per_cat: dict[str, float] = {}
     for e in kernels:
         per_cat[category(e.key)] = per_cat.get(category(e.key), 0.0) + e.self_device_time_total / 1000 / steps
