@@ -48,3 +48,33 @@ def test_offload_refuses_several_processes_before_building():
                              "--model.max_seq_len=2048"])
     with pytest.raises(UserError, match="across GPUs split the sequence with parallel.cp"):
         engine_spec(cfg, Layout(0, 2, 0, torch.device("cpu")))
+
+
+def test_checkpointing_inside_the_compiled_block_keeps_only_its_input_and_the_same_gradients():
+    """trainer/engines/base.py checkpoint_in_forward: compiled, the recompute is part of the block's own
+    backward graph. Autograd keeps a fraction of the plain block's activations, and every gradient is the
+    plain model's."""
+    import torch
+
+    from cptrain.model.decoder import Decoder
+    from cptrain.model.presets import preset
+    from cptrain.trainer.engines.base import checkpoint_in_forward
+
+    def grads_and_saved_bytes(wrap):
+        torch.manual_seed(0)
+        model = Decoder(preset("tiny"))
+        model.init_weights()
+        for block in model.layers:
+            wrap(block)
+            block.compile(backend="aot_eager")
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = model(torch.randint(0, 512, (2, 256), generator=torch.Generator().manual_seed(1))).float().square().mean()
+        loss.backward()
+        return {k: p.grad for k, p in model.named_parameters()}, sum(saved)
+
+    plain, plain_bytes = grads_and_saved_bytes(lambda block: None)
+    checkpointed, bytes_ = grads_and_saved_bytes(checkpoint_in_forward)
+    assert bytes_ < 0.4 * plain_bytes
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -256,3 +256,20 @@ def test_training_reduces_loss():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(512), abs=0.3)  # small init: near-uniform predictions
     assert losses[-1] < 1.5, losses  # memorizing 128 tokens: measured 6.26 -> 0.65
+
+
+def test_the_residual_stream_runs_in_the_compute_dtype_under_autocast():
+    """Under bf16 autocast the fp32 embedding's output is cast to bf16, so every block reads and adds a
+    bf16 stream (as FSDP2's and DeepSpeed's bf16 weights give); without autocast it stays fp32."""
+    torch.manual_seed(0)
+    model = Decoder(preset("tiny"))
+    model.init_weights()
+    seen = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.hidden(tokens)
+    model.hidden(tokens)
+    n = len(model.layers)
+    assert seen == [torch.bfloat16] * n + [torch.float32] * n

@@ -188,7 +188,7 @@ def test_moe_layer_is_the_same_under_activation_checkpointing_and_compile():
     """The router statistics are block outputs: recomputed with the block (activation checkpointing)
     and traced with it (torch.compile), the losses and every gradient stay those of the plain block. In
     bf16 the grouped path has static shapes: the whole block is one graph."""
-    from torch.distributed._composable import checkpoint
+    from cptrain.trainer.engines.base import checkpoint_in_forward as checkpoint
 
     cfg = preset("tiny-qwen3-moe")
     torch.manual_seed(0)
