@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh STAGE      STAGE: peers | peers2 | perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
 #                                      engines3 | offload8b | ckpt1b | longctx | cp1 |
 #                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4* | moe |
-#                                      stash | longctx2 | extend | peers3 | peers4 | peers5 | moe1 | peers6 | peers7 | peers8 | peers9
+#                                      stash | longctx2 | extend | peers3 | peers4 | peers5 | moe1 | peers6 | peers7 | peers8 | peers9 | peers9b
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
 set -uo pipefail
@@ -339,7 +339,8 @@ peers6)  # after `stash` (FA4's compiler library), carrying .carry/fa4b and .car
   timeout 60 python3 bench/bench_mfu.py --model 1B --steps 8 --warmup 3 --out "$OUT/mfu.jsonl" \
     --run ours:mb=16,ce=8192,attn=flash_attn,doc=0 2>&1 | grep -v -i "warn\|exe_args" | tail -2 ;;
 peers7)  # after peers6 on the same machine: the 8B shape (bf16 parameters, full activation checkpointing) against both
-  # peers, ours with checkpointing by hooks (as before) and inside the compiled block (CPTRAIN_AC_FORM=graph); profiled
+  # peers, ours with checkpointing by hooks (as before) and inside the compiled block (CPTRAIN_AC_FORM=graph: the tree
+  # this ran from read it; since 153e4bc checkpointing inside the block's forward is the only form); profiled
   P="python3 bench/bench_peers.py --steps 6 --warmup 2 --budget-s ${PEERS_BUDGET:-360} --out $OUT/peers.jsonl --profile-dir $OUT/profiles $TT_SITES"
   $P --run ours:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=100 --run torchtitan:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=120 \
     --run olmo-core:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=120 2>&1 | grep -v -i "warn" | tail -5
@@ -362,5 +363,12 @@ peers9)  # after `stash`, carrying .carry/fa4b and .carry/peers: with the loss i
     --run olmo-core:model=1B,mb=16,fp8=tensorwise,limit=65 --run olmo-core:model=8B,mb=2,ac=1,bf16=1,limit=90 \
     2>&1 | grep -v -i "warn" | tail -12
   cd "$OUT/profiles" && tar czf ../profiles9.tgz . && cd - >/dev/null && rm -rf "$OUT/profiles" ;;
+peers9b)  # right after peers9 on the same warm machine (FA4 and the peers installed there), with the device time left:
+  # the 1.35B shape, bf16 against both peers, then FP8 every block against OLMo-core (the better peer at 1.35B FP8 in peers8)
+  P="python3 bench/bench_peers.py --out $OUT/peers.jsonl --torchtitan-site 0.2.2=/tmp/site-torchtitan-0.2.2"
+  timeout 175 $P --steps 8 --warmup 3 --budget-s 165 --run ours:model=1.3B,mb=12,limit=55 --run olmo-core:model=1.3B,mb=12,limit=55 \
+    --run torchtitan:model=1.3B,mb=12,limit=50 2>&1 | grep -v -i warn | tail -5
+  timeout 108 $P --steps 6 --warmup 3 --budget-s 105 --run ours:model=1.3B,mb=12,fp8=tensorwise,keep_ends=0,limit=55 \
+    --run olmo-core:model=1.3B,mb=12,fp8=tensorwise,limit=50 2>&1 | grep -v -i warn | tail -4 ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ import time
 # loss, optimizer and FP8 scaling before the compiled (triton_) kernels they may be fused into.
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("loss", ("logsumexp", "cross_entropy", "nll_loss", "log_softmax")),
+    ("loss", ("logsumexp", "cross_entropy", "nll_loss", "log_softmax", "prepare_softmax")),
     ("optimizer/clipping", ("adam", "multi_tensor", "muon")),
     ("fp8 scaling", ("amax", "float8", "fp8")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "triton_tem")),
