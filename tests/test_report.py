@@ -6,7 +6,8 @@ import math
 import pytest
 
 from cptrain.errors import UserError
-from cptrain.trainer.analysis.report import main, plot_loss, read_metrics, summarize
+from cptrain.trainer.analysis.metrics_log import read_metrics
+from cptrain.trainer.analysis.report import main, plot_loss, summarize
 
 pytestmark = pytest.mark.schedules
 

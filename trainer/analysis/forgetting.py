@@ -9,7 +9,8 @@ import math
 from pathlib import Path
 
 from ...errors import UserError
-from .report import PASSKEY_PREFIX, _save, passkey_grid, passkey_rows, plot_passkey, plt, read_metrics
+from .metrics_log import read_metrics
+from .report import PASSKEY_PREFIX, _save, passkey_grid, passkey_rows, plot_passkey, plt
 
 
 def _curve(metrics: list, key: str) -> list[tuple[int, float]]:

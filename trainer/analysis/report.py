@@ -11,30 +11,7 @@ matplotlib.use("Agg")  # files only: works on headless nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ...errors import UserError  # noqa: E402
-
-VAL_PREFIX, TRAIN_PREFIX = "val/", "train/"
-
-
-def read_metrics(path) -> list:
-    """One dict per line of metrics.jsonl; blank lines are skipped, anything else must be a JSON object."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no metrics file; pass a run directory written by `cptrain train`")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"{path}: no metrics logged yet; run training for at least one logged step")
-    return rows
-
+from .metrics_log import TRAIN_PREFIX, VAL_PREFIX, domains, read_metrics  # noqa: E402
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -44,12 +21,6 @@ def series(metrics: list, key: str, x: str = "tokens") -> tuple:
     """(xs, ys) of the rows that have a finite `key` (and `x`)."""
     pts = [(r[x], r[key]) for r in metrics if _number(r.get(key)) and _number(r.get(x))]
     return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def domains(metrics: list, prefix: str = VAL_PREFIX) -> list:
-    """Domain names of the `<prefix><domain>` keys logged anywhere in the run (not the position
-    buckets, `<prefix><domain>/pos<lo>-<hi>`)."""
-    return sorted({k[len(prefix):] for r in metrics for k in r if k.startswith(prefix) and "/" not in k[len(prefix):]})
 
 
 def _save(fig, ax, path, ylabel: str, title: str, xlabel: str = "tokens") -> Path:

@@ -19,8 +19,9 @@ import numpy as np
 
 from ....errors import UserError
 from ...checkpoint import LATEST, step_of
+from ..metrics_log import read_metrics
 from . import cpt as K
-from .inputs import load_fit, read_metrics
+from .inputs import load_fit
 from .laws import HUBER_DELTA
 
 

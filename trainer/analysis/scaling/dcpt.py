@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from ....errors import UserError
+from ..metrics_log import read_metrics
+from .inputs import _float, _read_csv
 from .laws import HUBER_DELTA, batched_lbfgs, huber, polish
-from .inputs import _float, _read_csv, read_metrics
 
 NAMES = ("E", "A", "B", "C", "alpha", "beta", "eta", "gamma", "eps")
 THETA = ("e", "a", "b", "c", "alpha", "beta", "eta", "gamma", "log_eps")  # fit space

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ....errors import UserError
+from ..metrics_log import VAL_PREFIX, domains, read_metrics
 from .curves import Curve
 
 FINAL_WINDOW = 5
@@ -91,27 +92,13 @@ def load_fit(path: str) -> dict:
     return res
 
 
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run}: no metrics.jsonl; pass a run directory written by `cptrain train`")
-    out = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {i + 1}: not JSON; remove the truncated line") from None
-    return out
-
-
 def final_loss(rows: list[dict], run: Path, loss_key: str = "loss") -> float:
     """See the module docstring for the choice."""
     if loss_key == "loss":
-        evals = [r for r in rows if any(k.startswith("val/") for k in r)]
-        if evals:  # the domains' means, not their position buckets (val/<domain>/pos<lo>-<hi>)
+        evals = [r for r in rows if domains([r])]
+        if evals:  # the domains' means, not their position buckets
             last = evals[-1]
-            return float(np.mean([_float(v, f"{run} {k}") for k, v in last.items() if k.startswith("val/") and k.count("/") == 1]))
+            return float(np.mean([_float(last[VAL_PREFIX + d], f"{run} {VAL_PREFIX}{d}") for d in domains([last])]))
     losses = [_float(r[loss_key], f"{run} {loss_key}") for r in rows if r.get(loss_key) is not None]
     if not losses:
         raise UserError(f"{run}: metrics.jsonl logs no '{loss_key}'; train longer than one logging "
