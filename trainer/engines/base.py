@@ -171,8 +171,8 @@ def build_optimizer(groups: list[dict], optim, device: torch.device) -> torch.op
 def wrap_blocks(model: Decoder, spec: EngineSpec, compile_blocks: bool | None = None, regions: bool = False) -> None:
     """Per-block activation checkpointing (its input offloaded to the host, the MLP tiled along the
     sequence: trainer/engines/memory.py) and torch.compile, applied in place before sharding, after a
-    mixture of experts' dispatch and kernel are set (trainer/engines/experts.py). Both are hook-based,
-    so parameter names (and checkpoints) stay those of the plain model.
+    mixture of experts' dispatch and kernel are set (trainer/engines/experts.py). Both wrap the block's
+    forward in place, so parameter names (and checkpoints) stay those of the plain model.
     regions: compile each block's parameter-free regions (norm, RoPE + attention, the MLP gate)
     instead of the block, for an engine whose hooks on every module (ZeRO-3's gathers) a compiled
     block would trace into and recompile on. compile_blocks: spec.compile unless the engine compiles

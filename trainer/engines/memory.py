@@ -105,7 +105,7 @@ class _OffloadedBlock(torch.autograd.Function):
 
 
 def offload_checkpoints(model, device: torch.device, compile_blocks: bool) -> None:
-    """Checkpoint every block with its input parked on the host (instead of the composable checkpoint);
+    """Checkpoint every block with its input parked on the host (instead of base.py's checkpoint_in_forward);
     compiled blocks are compiled inside the wrapper. A block returns (hidden, router statistics); a dense
     one's statistics are None, and config load keeps mixtures of experts off this path."""
     stash = HostStash(device)
