@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh STAGE      STAGE: peers | peers2 | perf | scale | science (FP8, engines, Muon; after fa4stage) | profile | engines2 |
 #                                      engines3 | offload8b | ckpt1b | longctx | cp1 |
 #                                      sweep374 | sweep | parity | loop | loader | engines | tests | fa4* | moe |
-#                                      stash | longctx2 | extend | peers3 | peers4 | peers5 | moe1 | peers6 | peers7 | peers8 | peers9 | peers9b
+#                                      stash | longctx2 | extend | peers3 | peers4 | peers5 | moe1 | peers6 | peers7 | peers8 | peers9 | peers9b |
+#                                      moepeers
 # Wheels for packages missing from the GPU image (deepspeed, mosaicml-streaming) are carried in
 # .carry/ (bench/README.md says how to build them) and installed into /tmp/site.
 set -uo pipefail
@@ -370,5 +371,13 @@ peers9b)  # right after peers9 on the same warm machine (FA4 and the peers insta
     --run torchtitan:model=1.3B,mb=12,limit=50 2>&1 | grep -v -i warn | tail -5
   timeout 108 $P --steps 6 --warmup 3 --budget-s 105 --run ours:model=1.3B,mb=12,fp8=tensorwise,keep_ends=0,limit=55 \
     --run olmo-core:model=1.3B,mb=12,fp8=tensorwise,limit=50 2>&1 | grep -v -i warn | tail -4 ;;
+moepeers)  # carrying .carry/peers: a mixture of experts against torchtitan 0.2.2's own MoE (its Qwen3 model, grouped_mm experts,
+  # dropless, balancing off on both sides), bf16 parameters, micro-batch 4, seq 2048: Qwen3-30B-A3B cut to 8 of its 48 layers
+  # (5.6B parameters; torchtitan builds it exactly), then OLMoE-1B-7B (its q/k norm per head, OLMoE's over the whole
+  # projection: params_match false). OLMo-core runs no MoE row (bench_peers.py says why). Rows by priority (~560 s in all)
+  P="python3 bench/bench_peers.py --steps 8 --warmup 3 --budget-s ${PEERS_BUDGET:-500} --out $OUT/peers.jsonl --torchtitan-site 0.2.2=/tmp/site-torchtitan-0.2.2"
+  timeout 530 $P --run ours:model=qwen3-30b-a3b,layers=8,mb=4,bf16=1,limit=110 --run torchtitan:model=qwen3-30b-a3b,layers=8,mb=4,bf16=1,limit=150 \
+    --run ours:model=olmoe-1b-7b,mb=4,bf16=1,limit=100 --run torchtitan:model=olmoe-1b-7b,mb=4,bf16=1,limit=130 \
+    2>&1 | grep -v -i warn | tail -8 ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

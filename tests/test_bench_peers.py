@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cptrain.errors import UserError
-from cptrain.model.config import flops_per_token
+from cptrain.model.config import flops_per_token, param_counts
 from cptrain.model.presets import preset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,3 +75,47 @@ def test_a_missing_peer_is_a_row_and_ours_still_runs(tmp_path):
     assert skipped["error"].startswith("skipped")  # a row with under 30 s to run is not started
     report = (tmp_path / "prof" / "ours-tiny-seq64-mb2-bf16-ac0.txt").read_text()  # the profiled row's report
     assert "GPU busy" in report and "top kernels" in report
+
+
+def test_moe_runs_carry_the_expert_numbers_and_refuse_what_no_peer_builds():
+    """An MoE preset (cut by layers=) gives the peers its expert numbers; params_expected and MFU count the
+    cut model; what no peer builds (OLMo-core's MoE, dense layers, a dense preset cut) is refused before any run."""
+    bp = _bench_peers()
+    s = bp.shape("qwen3-30b-a3b", 8)
+    assert (s["n_layers"], s["experts"], s["top_k"], s["expert_dim"], s["head_dim"], s["qk_norm"], s["norm_topk"],
+            s["router"]) == (8, 128, 8, 768, 128, "head", True, "softmax")
+    olmoe = bp.shape("olmoe-1b-7b")
+    assert (olmoe["n_layers"], olmoe["experts"], olmoe["expert_dim"], olmoe["qk_norm"], olmoe["norm_topk"]) == \
+        (16, 64, 1024, "full", False)
+    cut = bp.architecture("qwen3-30b-a3b", 8)
+    assert bp.mfu(50_000, "qwen3-30b-a3b", 2048, 989.0, 8) == round(50_000 * flops_per_token(cut, 2048) / 989e12, 4)
+    assert bp.mfu(50_000, "qwen3-30b-a3b", 2048, 989.0, 8) < bp.mfu(50_000, "qwen3-30b-a3b", 2048, 989.0)
+    run = bp.parse_run("torchtitan:model=tiny-qwen3-moe,layers=1,experts=loop")
+    assert (run["layers"], run["experts"]) == (1, "loop")
+    with pytest.raises(UserError, match="olmo-core runs no mixture of experts"):
+        bp.parse_run("olmo-core:model=olmoe-1b-7b")
+    with pytest.raises(UserError, match=r"dense layers \[1\]"):
+        bp.parse_run("torchtitan:model=tiny-qwen3-moe")  # layer 1 keeps its dense MLP
+    with pytest.raises(UserError, match="'1B' is dense"):
+        bp.parse_run("ours:model=1B,layers=4")
+    with pytest.raises(UserError, match="experts= is grouped or loop"):
+        bp.parse_run("torchtitan:model=olmoe-1b-7b,experts=gmm")
+
+
+def test_an_moe_row_of_ours_and_of_torchtitan_at_a_cut_depth(tmp_path):
+    """CPU, tiny-mixtral cut to one layer: ours through bench_mfu's MoE keys; torchtitan's row is its error
+    (not installed) or its own MoE model with our parameter count."""
+    out = tmp_path / "moe.jsonl"
+    r = subprocess.run([sys.executable, "bench/bench_peers.py", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                        "--out", str(out), "--run", "ours:model=tiny-mixtral,layers=1,seq=64,mb=2,compile=0,attn=sdpa",
+                        "--run", "torchtitan:model=tiny-mixtral,layers=1,seq=64,mb=2,compile=0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ours, titan = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = param_counts(_bench_peers().architecture("tiny-mixtral", 1))[0]
+    assert expected < param_counts(preset("tiny-mixtral"))[0]
+    assert ours["tokens_per_s"] > 0 and "layers=1,experts=auto" in ours["options"] and ours["params_expected"] == expected
+    if importlib.util.find_spec("torchtitan") is None:
+        assert "torchtitan" in titan["error"] and titan["params_expected"] == expected  # its package metadata, first
+    else:
+        assert titan["params"] == expected and titan["params_match"]

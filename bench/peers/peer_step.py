@@ -5,9 +5,11 @@ out-of-memory or the SIGTERM of a time limit becomes the same line with "error" 
 so the caller always gets a row.
 
 The spec (JSON, argv[1]) is what bench_peers.py writes: model (preset name), shape (vocab_size, dim,
-n_layers, n_heads, n_kv_heads, ffn_dim, norm_eps, rope_theta, rope_scaling, tie_embeddings), seq,
-mb, fp8 (off|tensorwise|rowwise), ac (full activation checkpointing 0/1), bf16 (bf16 parameters
-and optimizer state 0/1), compile (0/1), loss and attn (the peer's own names; "" = its default),
+n_layers, n_heads, n_kv_heads, ffn_dim, norm_eps, rope_theta, rope_scaling, tie_embeddings; of a
+mixture of experts also head_dim, qk_norm (none|head|full), experts, top_k, expert_dim, norm_topk,
+router (softmax|sigmoid)), seq, mb, fp8 (off|tensorwise|rowwise), ac (full activation checkpointing
+0/1), bf16 (bf16 parameters and optimizer state 0/1), compile (0/1), loss and attn (the peer's own
+names; "" = its default), layers (the depth cut, already in shape's n_layers), experts (grouped|loop|""),
 steps, warmup, device (cuda|cpu), profile (0/1: after the timed steps, print bench/kernel_profile.py's
 report of 3 more steps).
 

@@ -22,6 +22,23 @@ Settings, torchtitan's defaults and the fast settings of its Llama 3 recipes and
 - fp8: 0.3 `Float8LinearConverter` rowwise (its only float8 recipes are rowwise), 0.2
   `model.converters=["quantize.linear.float8"]` tensorwise (its default recipe); the LM head stays bf16 in both.
 - CUDA graphs of the forward/backward: 0.3's default (on); 0.2 has none.
+
+Mixtures of experts (0.2 only): its Qwen3 model with `moe_enabled` (models/qwen3, models/moe), the
+model of its 30B-A3B flavor, at the preset's numbers (dim, layers cut by `layers`, heads, head width,
+experts, top-k, expert width, RoPE base, norm eps):
+- router: `TokenChoiceTopKRouter`, the preset's score (softmax, or sigmoid) in fp32, top-k weights
+  renormalized where the preset's are (`route_norm` = norm_topk_prob; OLMoE's are not), applied to
+  the experts' outputs as ours (`score_before_experts=False`); no shared expert.
+- experts: `GroupedExperts` through `torch._grouped_mm` (bf16; its token groups padded to 8 rows by
+  its Triton permutation kernel, compiled with the blocks by `apply_compile`), dropless; on a CPU its
+  loop over experts (`use_grouped_mm=False`: the Triton kernel has no CPU path).
+- balancing: off, as in ours' timed step (bench_mfu.py adds the router losses at weight 0):
+  `load_balance_coeff=None` (no expert-bias updates); 0.2 has no auxiliary loss.
+- q/k norm: per head (RMSNorm over head_dim, Qwen3's) or none. OLMoE normalizes q and k over the whole
+  projection, which its Qwen3 cannot: the olmoe-1b-7b row builds per-head norms, says so in its
+  options, and its params_match is false (2 x 16 x (2048 - 128) fewer norm weights at 16 layers).
+- every layer is MoE (no dense layers: presets with them are cut below the first by `layers`).
+0.3's MoE (models/common/moe.py) is not wired here: its rows fail over to a 0.2 release.
 """
 from __future__ import annotations
 
@@ -46,14 +63,24 @@ def cpu_device_module() -> types.SimpleNamespace:
 
 def _on_device(device) -> None:
     """On a CPU, make torchtitan's device probe (torch._utils, read when torchtitan is first imported)
-    answer "cpu" with the stand-in above; on a GPU nothing changes."""
+    answer "cpu" with the stand-in above, and let torch.histc count integers (its MoE router counts the
+    tokens per expert with histc over int64 expert ids, which only CUDA implements; the counts through a
+    float copy are the same); on a GPU nothing changes."""
     if device.type != "cpu":
         return
+    import torch
     import torch._utils
 
     shim, probe = cpu_device_module(), torch._utils._get_device_module
     torch._utils._get_available_device_type = lambda: "cpu"
     torch._utils._get_device_module = lambda kind=None: shim if kind == "cpu" else probe(kind)
+    histc = torch.histc
+
+    def histc_any(x, *args, **kwargs):
+        if x.is_floating_point():
+            return histc(x, *args, **kwargs)
+        return histc(x.float(), *args, **kwargs).to(x.dtype)
+    torch.histc = histc_any
 
 
 def random_loader_class(base, spec: dict, positions: bool):
@@ -195,6 +222,8 @@ def _trainer_v03(spec: dict, device):
     from torchtitan.protocols.model_spec import ModelSpec
     from torchtitan.trainer import Trainer
 
+    if "experts" in spec["shape"]:
+        raise ValueError("mixtures of experts are wired for torchtitan 0.2 (models/qwen3 with models/moe); run a 0.2 release")
     model, (loader, tokenizer) = _model_config_v03(spec), _data_v03(spec)
     compiled = bool(spec["compile"])
     if spec["fp8"] != "off":
@@ -224,16 +253,10 @@ def _trainer_v03(spec: dict, device):
     return Trainer(config), "; ".join(options)
 
 
-def _trainer_v02(spec: dict, device):
-    from torchtitan.components.dataloader import BaseDataLoader
-    from torchtitan.components.optimizer import build_optimizers
-    from torchtitan.config import ConfigManager
-    from torchtitan.models.llama3 import get_train_spec, llama3_args
+def _llama_v02(spec: dict, device):
+    """(train spec, model args at our shape, the model's words for the options) of 0.2's Llama 3."""
+    from torchtitan.models.llama3 import get_train_spec
     from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
-    from torchtitan.protocols.train_spec import register_train_spec
-    from torchtitan.train import Trainer
-
-    import dataclasses
 
     s = spec["shape"]
     scaling = s.get("rope_scaling") or {}
@@ -242,16 +265,63 @@ def _trainer_v02(spec: dict, device):
                                 vocab_size=s["vocab_size"], multiple_of=s["ffn_dim"], norm_eps=s["norm_eps"],
                                 rope_theta=s["rope_theta"], attn_type=spec["attn"] or "sdpa",
                                 rope_scaling_args=RoPEScalingArgs(scaling_factor=scaling.get("factor", 8.0)))
+    return get_train_spec(), args, ["tied head" if s["tie_embeddings"] else "untied head"]
+
+
+def _moe_v02(spec: dict, device):
+    """(train spec, model args, the model's words) of 0.2's Qwen3 with every layer a mixture of experts,
+    set as its 30B-A3B flavor is but at our numbers: softmax (or sigmoid) router, top-k weights
+    renormalized where ours are, applied to the experts' outputs (score_before_experts off), no shared
+    expert, dropless; load balancing off as in ours' timed step (no expert-bias updates; 0.2 has no
+    auxiliary loss); q/k norm per head, or none."""
+    from torchtitan.models.moe import MoEArgs
+    from torchtitan.models.qwen3 import get_train_spec
+    from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
+
+    s = spec["shape"]
+    kernel = spec["experts"] or ("grouped" if device.type == "cuda" else "loop")  # its permute kernel is Triton
+    moe = MoEArgs(num_experts=s["experts"], num_shared_experts=0, top_k=s["top_k"], score_func=s["router"],
+                  route_norm=s["norm_topk"], route_scale=1.0, score_before_experts=False,
+                  use_grouped_mm=kernel == "grouped", load_balance_coeff=None)
+    args = Qwen3ModelArgs(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                          vocab_size=s["vocab_size"], head_dim=s["head_dim"], hidden_dim=s["ffn_dim"],
+                          norm_eps=s["norm_eps"], rope_theta=s["rope_theta"], qk_norm=s["qk_norm"] != "none",
+                          max_seq_len=spec["seq"], attn_type=spec["attn"] or "sdpa",
+                          enable_weight_tying=s["tie_embeddings"], moe_enabled=True, moe_inter_dim=s["expert_dim"],
+                          moe_args=moe)
+    qk = {"none": "no q/k norm", "head": "q/k norm per head",
+          "full": "q/k norm per head (NOT as the preset: over the whole projection; its Qwen3 has no such norm)"}
+    words = [f"model=Qwen3 MoE, {s['experts']} experts top-{s['top_k']} width {s['expert_dim']}, every layer",
+             f"experts={'torch._grouped_mm' if kernel == 'grouped' else 'loop over experts'}",
+             f"router={s['router']}, top-k {'renormalized' if s['norm_topk'] else 'not renormalized'}, "
+             "weights on expert outputs", "dropless", "no shared expert",
+             "balancing off (load_balance_coeff None, no aux loss)", qk[s["qk_norm"]],
+             "tied head" if s["tie_embeddings"] else "untied head"]
+    return get_train_spec(), args, words
+
+
+def _trainer_v02(spec: dict, device):
+    from torchtitan.components.dataloader import BaseDataLoader
+    from torchtitan.components.optimizer import build_optimizers
+    from torchtitan.config import ConfigManager
+    from torchtitan.protocols.train_spec import register_train_spec
+    from torchtitan.train import Trainer
+
+    import dataclasses
+
+    s = spec["shape"]
+    moe = "experts" in s
+    train_spec, args, model_words = (_moe_v02 if moe else _llama_v02)(spec, device)
     RandomTokens = random_loader_class(BaseDataLoader, spec, positions=False)
 
     def optimizers_tied(model_parts, *a, **k):
-        if s["tie_embeddings"]:  # 0.2's Llama has no tying switch: share the weights before the optimizer sees them
+        if s["tie_embeddings"] and not moe:  # 0.2's Llama has no tying switch: share the weights before the optimizer sees them
             model_parts[0].output.weight = model_parts[0].tok_embeddings.weight
         return build_optimizers(model_parts, *a, **k)
 
-    name = "llama3_random_tokens"
+    name = ("qwen3_moe" if moe else "llama3") + "_random_tokens"
     register_train_spec(name, dataclasses.replace(
-        get_train_spec(), model_args={**llama3_args, spec["model"]: args}, build_tokenizer_fn=None,
+        train_spec, model_args={**train_spec.model_args, spec["model"]: args}, build_tokenizer_fn=None,
         build_dataloader_fn=lambda **kw: RandomTokens(), build_optimizers_fn=optimizers_tied, build_validator_fn=None))
     cli = [f"--job.dump_folder={DUMP}", f"--model.name={name}", f"--model.flavor={spec['model']}",
            f"--training.local_batch_size={spec['mb']}", f"--training.seq_len={spec['seq']}", "--training.steps=1000000000",
@@ -268,7 +338,7 @@ def _trainer_v02(spec: dict, device):
     options = [f"attn={args.attn_type} causal", "loss=cross_entropy_loss" + (" compiled" if spec["compile"] else ""),
                f"compile={'model+loss' if spec['compile'] else 'off'}",
                f"params {'bf16' if spec['bf16'] else 'fp32, bf16 autocast'}", "AdamW fused lr1e-4 b(0.9,0.95) wd0.1 clip1.0",
-               f"ac={'full' if spec['ac'] else 'off'}", "tied head" if s["tie_embeddings"] else "untied head"]
+               f"ac={'full' if spec['ac'] else 'off'}", *model_words]
     if spec["fp8"] != "off":
         options.append(f"fp8=quantize.linear.float8 {spec['fp8']}, output bf16")
     return Trainer(ConfigManager().parse_args(cli)), "; ".join(options)
