@@ -48,7 +48,7 @@ import torch
 
 from cptrain.model.config import flops_per_token, hardware_flops_per_token, param_counts
 from cptrain.model.hf_config import to_hf_config
-from cptrain.model.presets import preset
+from cptrain.model.presets import first_layers, preset
 
 DEFAULTS = {"mb": 8, "compile": 1, "attn": "sdpa", "doc": 0, "sdpa": "auto", "ce": 0, "ac": 0, "bf16": 0, "fa4": 1,
             "fp8": "off", "offload": 0, "tile": 0, "layers": 0, "experts": "auto", "opt": "adamw",
@@ -92,13 +92,8 @@ def random_batch(mb: int, vocab: int, device, gen: torch.Generator, mean_doc: in
 
 def shape(model_name: str, run: dict):
     """The preset, with `layers` blocks when given (an MoE shape cut down to one GPU keeps its layers' shape)."""
-    import dataclasses
-
     arch = preset(model_name)
-    if run["layers"]:
-        arch = dataclasses.replace(arch, n_layers=run["layers"], layer_types=arch.layer_types[:run["layers"]],
-                                   moe_dense_layers=[i for i in arch.moe_dense_layers if i < run["layers"]])
-    return arch
+    return first_layers(arch, run["layers"]) if run["layers"] else arch
 
 
 def build_ours(model_name: str, run: dict, device):

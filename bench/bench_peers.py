@@ -43,7 +43,6 @@ torch grouped_mm MoE is the separate OLMoDDP fused stack (its own model, train m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -55,7 +54,7 @@ from pathlib import Path
 
 from cptrain.errors import UserError
 from cptrain.model.config import flops_per_token, param_counts
-from cptrain.model.presets import preset
+from cptrain.model.presets import first_layers, preset
 
 HERE = Path(__file__).resolve().parent
 IMPLS = ("ours", "olmo-core", "torchtitan")
@@ -100,8 +99,7 @@ def architecture(model: str, layers: int = 0):
         raise UserError(f"layers={layers}: cuts a mixture of experts' depth to fit one GPU; {model!r} is dense (drop the key)")
     if not 0 < layers <= a.n_layers:
         raise UserError(f"layers={layers}: {model!r} has {a.n_layers} layers; pick 1..{a.n_layers} (0: all)")
-    return dataclasses.replace(a, n_layers=layers, layer_types=a.layer_types[:layers],
-                               moe_dense_layers=[i for i in a.moe_dense_layers if i < layers])
+    return first_layers(a, layers)
 
 
 def shape(model: str, layers: int = 0) -> dict:

@@ -340,13 +340,13 @@ peers6)  # after `stash` (FA4's compiler library), carrying .carry/fa4b and .car
   timeout 60 python3 bench/bench_mfu.py --model 1B --steps 8 --warmup 3 --out "$OUT/mfu.jsonl" \
     --run ours:mb=16,ce=8192,attn=flash_attn,doc=0 2>&1 | grep -v -i "warn\|exe_args" | tail -2 ;;
 peers7)  # after peers6 on the same machine: the 8B shape (bf16 parameters, full activation checkpointing) against both
-  # peers, ours with checkpointing by hooks (as before) and inside the compiled block (CPTRAIN_AC_FORM=graph: the tree
-  # this ran from read it; since 153e4bc checkpointing inside the block's forward is the only form); profiled
+  # peers, profiled. When it ran (2026-12-06), ours' first row checkpointed by module hooks and the bench_mfu row inside the
+  # compiled block (an environment switch of that tree); since 153e4bc the second is the only form, so both rows run it
   P="python3 bench/bench_peers.py --steps 6 --warmup 2 --budget-s ${PEERS_BUDGET:-360} --out $OUT/peers.jsonl --profile-dir $OUT/profiles $TT_SITES"
   $P --run ours:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=100 --run torchtitan:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=120 \
     --run olmo-core:model=8B,mb=2,ac=1,bf16=1,profile=1,limit=120 2>&1 | grep -v -i "warn" | tail -5
   mkdir -p "$OUT/profiles"
-  CPTRAIN_AC_FORM=graph timeout 110 python3 bench/bench_mfu.py --model 8B --steps 6 --warmup 2 --out "$OUT/mfu.jsonl" --profile \
+  timeout 110 python3 bench/bench_mfu.py --model 8B --steps 6 --warmup 2 --out "$OUT/mfu.jsonl" --profile \
     --run ours:mb=2,ac=1,bf16=1,ce=4096,attn=flash_attn,doc=0 > "$OUT/profiles/ours-8B-acgraph.txt" 2>&1
   tail -2 "$OUT/profiles/ours-8B-acgraph.txt" ;;
 peers8)  # after peers7 on the same machine: the 1.35B shape, bf16 and FP8 (every block), against both peers

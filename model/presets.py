@@ -5,6 +5,7 @@ against their model cards in tests/test_families.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from ..errors import UserError
 from .config import ModelConfig, swiglu_width
@@ -126,3 +127,10 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise UserError(f"model preset {name!r} is unknown; valid presets: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+def first_layers(cfg: ModelConfig, layers: int) -> ModelConfig:
+    """cfg cut to its first `layers` blocks, each keeping its kind and whether it is dense (a benchmark's
+    shape of a model too deep for one GPU)."""
+    return dataclasses.replace(cfg, n_layers=layers, layer_types=cfg.layer_types[:layers],
+                               moe_dense_layers=[i for i in cfg.moe_dense_layers if i < layers])
